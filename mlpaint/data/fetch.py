@@ -1,0 +1,319 @@
+"""Sources, the mirror chain, and verified fetching into the content-addressed cache.
+
+A source URI names a folder of the four IDX files, a pickled archive (`*.pkl.gz`), or a CSV
+(`*.csv[.gz]`, one split, named by `train` / `test` / `t10k` in its file name). Sources are
+tried in order; each split is taken from the first source that yields it intact.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import re
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from urllib.parse import urlsplit
+
+from mlpaint.data.catalog import (
+    DEFAULT_MIRRORS,
+    MNIST_IDX_FILES,
+    PICKLE_ARCHIVE_SHA256,
+    IdxFile,
+    Part,
+    Split,
+)
+from mlpaint.data.formats import DataFormatError, load_pickle_archive, write_idx
+from mlpaint.data.integrity import BlobCache, IntegrityError, Pins, scratch_path, sha256_file
+from mlpaint.data.transports import (
+    FetchError,
+    NotFoundError,
+    ProgressCallback,
+    RetryPolicy,
+    TransientFetchError,
+    download_to_path,
+    join_uri,
+    transport_for,
+)
+
+logger = logging.getLogger(__name__)
+
+ProgressFactory = Callable[[str], ProgressCallback]
+"""Given a description of what is being downloaded, return a progress callback for it."""
+
+_CHUNK = 1 << 20
+
+
+def _no_progress(_: str) -> ProgressCallback:
+    return lambda done, total: None
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    """Where one split's verified files lie in the cache, and where they came from."""
+
+    split: Split
+    origin: str
+    verified: bool
+    sha256: dict[str, str]  # name -> hash of the cached (decompressed) blob
+    images: Path | None = None  # IDX images, when the source is IDX or a pickle
+    labels: Path | None = None  # IDX labels
+    csv: Path | None = None  # a CSV holding both
+
+
+@dataclass(frozen=True)
+class FetchContext:
+    pins: Pins
+    cache: BlobCache
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    progress: ProgressFactory = _no_progress
+
+
+@dataclass(frozen=True)
+class FetchedObject:
+    path: Path  # in the cache, decompressed
+    sha256: str
+    verified: bool
+
+
+def _hash_and_decompress(raw: Path, decompressed: Path, name: str) -> tuple[str, str]:
+    """Return (sha256 of raw bytes, sha256 of decompressed bytes), writing the latter."""
+    raw_hash = hashlib.sha256()
+    with raw.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            raw_hash.update(chunk)
+    plain_hash = hashlib.sha256()
+    try:
+        with gzip.open(raw, "rb") as source, decompressed.open("wb") as out:
+            for chunk in iter(lambda: source.read(_CHUNK), b""):
+                plain_hash.update(chunk)
+                out.write(chunk)
+    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError
+        raise DataFormatError(name, f"corrupt or truncated gzip: {exc}") from exc
+    return raw_hash.hexdigest(), plain_hash.hexdigest()
+
+
+def fetch_object(uri: str, context: FetchContext, *, decompressed_sha256: str | None = None
+                 ) -> FetchedObject:
+    """Fetch one object, verify it against its pins, and cache its decompressed bytes.
+
+    Pins by name: `x.gz` pins the bytes as fetched, `x` the decompressed bytes. When the
+    decompressed hash is known in advance and cached, nothing is downloaded.
+    """
+    name = PurePosixPath(urlsplit(uri).path).name or uri
+    is_gzip = name.endswith(".gz")
+    plain_name = name.removesuffix(".gz")
+    pin_plain = decompressed_sha256 or context.pins.for_name(plain_name)
+    pin_raw = context.pins.for_name(name) if is_gzip else None
+    if pin_plain and (cached := context.cache.lookup(pin_plain)):
+        logger.info("%s: cached (sha256 %s…)", name, pin_plain[:12])
+        return FetchedObject(cached, pin_plain, verified=True)
+
+    scratch = context.cache.scratch_dir()
+    with scratch_path(scratch, name) as raw, scratch_path(scratch, plain_name) as plain:
+        download_to_path(transport_for(uri), raw, context.progress(uri), context.retry)
+        if is_gzip:
+            raw_sha, plain_sha = _hash_and_decompress(raw, plain, uri)
+        else:
+            shutil.copyfile(raw, plain)
+            raw_sha = plain_sha = sha256_file(plain)
+        if pin_raw and raw_sha != pin_raw:
+            raise IntegrityError(f"{uri}: sha256 {raw_sha} does not match the pinned {pin_raw}")
+        if pin_plain and plain_sha != pin_plain:
+            raise IntegrityError(f"{uri}: decompressed sha256 {plain_sha} does not match "
+                                 f"the pinned {pin_plain}")
+        verified = bool(pin_raw or pin_plain)
+        if not verified:
+            logger.warning(
+                "UNVERIFIED DATA: %s has no pinned hash; its bytes (sha256 %s) are used as "
+                "they came. Pin it with --sha256 %s=%s to verify future fetches.",
+                uri, plain_sha, plain_name, plain_sha)
+        stored = context.cache.store(plain, plain_sha)
+    return FetchedObject(stored, plain_sha, verified)
+
+
+# --- source layouts ------------------------------------------------------------------------
+
+class Source:
+    """One entry of the chain. Subclasses say which splits they can yield and fetch them."""
+
+    uri: str
+
+    def splits(self) -> frozenset[Split]:
+        raise NotImplementedError
+
+    def fetch(self, wanted: frozenset[Split], context: FetchContext) -> dict[Split, SplitFiles]:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class IdxFolderSource(Source):
+    uri: str
+
+    def splits(self) -> frozenset[Split]:
+        return frozenset(Split)
+
+    def _fetch_idx(self, idx: IdxFile, context: FetchContext) -> FetchedObject:
+        """Try `name.gz`, then the raw `name`."""
+        try:
+            return fetch_object(join_uri(self.uri, idx.name + ".gz"), context)
+        except NotFoundError as gz_missing:
+            try:
+                return fetch_object(join_uri(self.uri, idx.name), context)
+            except NotFoundError as raw_missing:
+                raise NotFoundError(f"{gz_missing}; {raw_missing}") from raw_missing
+
+    def fetch(self, wanted: frozenset[Split], context: FetchContext) -> dict[Split, SplitFiles]:
+        fetched: dict[Split, SplitFiles] = {}
+        for split in sorted(wanted):
+            parts = {idx.part: (idx, self._fetch_idx(idx, context))
+                     for idx in MNIST_IDX_FILES if idx.split == split}
+            (images_idx, images), (labels_idx, labels) = parts[Part.IMAGES], parts[Part.LABELS]
+            fetched[split] = SplitFiles(
+                split, origin=self.uri, verified=images.verified and labels.verified,
+                sha256={images_idx.name: images.sha256, labels_idx.name: labels.sha256},
+                images=images.path, labels=labels.path)
+        return fetched
+
+
+@dataclass(frozen=True)
+class PickleArchiveSource(Source):
+    """MLDB's `mnist.pkl.gz`: converted once into the official IDX files, which are then
+    checked against the IDX pins, proving the archive yields the published bytes."""
+
+    uri: str
+
+    def splits(self) -> frozenset[Split]:
+        return frozenset(Split)
+
+    def _canonical(self, context: FetchContext) -> bool:
+        name = PurePosixPath(urlsplit(self.uri).path).name
+        return context.pins.for_name(name) == PICKLE_ARCHIVE_SHA256
+
+    def fetch(self, wanted: frozenset[Split], context: FetchContext) -> dict[Split, SplitFiles]:
+        canonical = self._canonical(context)
+        if canonical:  # the archive's content is known: its IDX output may be cached already
+            cached = {idx: context.cache.lookup(idx.sha256) for idx in MNIST_IDX_FILES
+                      if idx.split in wanted}
+            if all(cached.values()):
+                logger.info("%s: IDX files derived from it are cached", self.uri)
+                return _split_files_from_idx(cached, origin=self.uri, verified=True)
+
+        archive = fetch_object(self.uri, context)
+        with archive.path.open("rb") as stream:
+            arrays = load_pickle_archive(stream, self.uri)
+        stored: dict[IdxFile, Path] = {}
+        for idx in MNIST_IDX_FILES:
+            if idx.split not in wanted:
+                continue
+            images, labels = arrays[idx.split]
+            array = images if idx.part == Part.IMAGES else labels
+            stored[idx] = _store_derived_idx(array, idx, context, check_pin=canonical)
+        # The decompressed pickle (220 MB of float32) is of no further use once converted.
+        archive.path.unlink(missing_ok=True)
+        return _split_files_from_idx(stored, origin=self.uri,
+                                     verified=archive.verified)
+
+
+def _store_derived_idx(array, idx: IdxFile, context: FetchContext, *, check_pin: bool) -> Path:
+    scratch = context.cache.scratch_dir()
+    with scratch_path(scratch, idx.name) as tmp:
+        with tmp.open("wb") as out:
+            write_idx(array, out)
+        actual = sha256_file(tmp)
+        if check_pin and actual != idx.sha256:
+            raise IntegrityError(f"{idx.name} derived from the pickled archive has sha256 "
+                                 f"{actual}, not the published {idx.sha256}")
+        return context.cache.store(tmp, actual)
+
+
+def _split_files_from_idx(paths: dict[IdxFile, Path], *, origin: str, verified: bool
+                          ) -> dict[Split, SplitFiles]:
+    result: dict[Split, SplitFiles] = {}
+    for split in sorted({idx.split for idx in paths}):
+        by_part = {idx.part: (idx, path) for idx, path in paths.items() if idx.split == split}
+        (images_idx, images), (labels_idx, labels) = by_part[Part.IMAGES], by_part[Part.LABELS]
+        result[split] = SplitFiles(split, origin=origin, verified=verified,
+                                   sha256={images_idx.name: images.name,
+                                           labels_idx.name: labels.name},
+                                   images=images, labels=labels)
+    return result
+
+
+@dataclass(frozen=True)
+class CsvSource(Source):
+    uri: str
+    split: Split
+
+    def splits(self) -> frozenset[Split]:
+        return frozenset({self.split})
+
+    def fetch(self, wanted: frozenset[Split], context: FetchContext) -> dict[Split, SplitFiles]:
+        fetched = fetch_object(self.uri, context)
+        name = PurePosixPath(urlsplit(self.uri).path).name.removesuffix(".gz")
+        return {self.split: SplitFiles(self.split, origin=self.uri, verified=fetched.verified,
+                                       sha256={name: fetched.sha256}, csv=fetched.path)}
+
+
+_TEST_WORDS = re.compile(r"(test|t10k)", re.IGNORECASE)
+_TRAIN_WORDS = re.compile(r"train", re.IGNORECASE)
+
+
+def parse_source(uri: str) -> Source:
+    """Infer the layout from the URI's last path component."""
+    transport_for(uri)  # rejects an unsupported scheme now, not after other sources ran
+    name = PurePosixPath(urlsplit(uri).path).name if "://" in uri else Path(uri).name
+    lowered = name.lower()
+    if lowered.endswith((".pkl.gz", ".pkl")):
+        return PickleArchiveSource(uri)
+    if lowered.endswith((".csv", ".csv.gz")):
+        if _TEST_WORDS.search(name):
+            return CsvSource(uri, Split.TEST)
+        if _TRAIN_WORDS.search(name):
+            return CsvSource(uri, Split.TRAIN)
+        raise ValueError(f"{uri}: cannot tell the split of a CSV from its name; "
+                         "put 'train' or 'test' in the file name")
+    if re.search(r"-idx\d-ubyte(\.gz)?$", lowered):
+        raise ValueError(f"{uri}: name the folder holding the four IDX files, not one file")
+    return IdxFolderSource(uri)
+
+
+class SourcesExhaustedError(FetchError):
+    """No source in the chain yielded every split. `transient` is true when some source
+    failed only for passing reasons (timeouts, 5xx, resets), so a later retry may succeed."""
+
+    def __init__(self, message: str, *, transient: bool) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+def fetch_dataset(sources: Sequence[str] | None, context: FetchContext
+                  ) -> dict[Split, SplitFiles]:
+    """Walk the chain (the default mirrors when `sources` is empty) until every split is
+    fetched and verified. A hard failure of one source moves on to the next."""
+    chain = [parse_source(uri) for uri in (sources or DEFAULT_MIRRORS)]
+    needed = frozenset(Split)
+    fetched: dict[Split, SplitFiles] = {}
+    failures: list[str] = []
+    any_transient = False
+    for source in chain:
+        wanted = source.splits() & needed
+        if not wanted:
+            continue
+        try:
+            got = source.fetch(wanted, context)
+        except (FetchError, IntegrityError, DataFormatError) as exc:
+            failures.append(f"{source.uri}: {exc}")
+            any_transient |= isinstance(exc, TransientFetchError)
+            logger.warning("source %s failed (%s); trying the next one", source.uri, exc)
+            continue
+        fetched.update(got)
+        needed = needed - got.keys()
+        if not needed:
+            return fetched
+    missing = ", ".join(sorted(s.value for s in needed))
+    raise SourcesExhaustedError(f"no source yielded the {missing} split(s): "
+                                + " | ".join(failures or ["no source provides them"]),
+                                transient=any_transient)

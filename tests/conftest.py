@@ -1,0 +1,178 @@
+"""Shared fixtures: real services started as their own processes on loopback.
+
+- `http_server`: tests/servers/fault_http.py (static files plus injected faults)
+- `moto_s3`: the moto S3 server, reached through boto3 with AWS_ENDPOINT_URL
+- `prefect_api`: `prefect server start`, so CLI subprocesses share one real API
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from mlpaint.data.formats import write_idx
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = Path(os.environ.get("MLPAINT_SHARED_MNIST", REPO.parent / "shared/data/mnist"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"service for {url} exited with {process.returncode}")
+        try:
+            if requests.get(url, timeout=2).status_code < 500:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
+
+
+def start_service(command: list[str], health_url: str, env: dict | None = None,
+                  log: Path | None = None, timeout_s: float = 60) -> subprocess.Popen:
+    """Start a service in its own session, so stopping it ends its children too."""
+    out = log.open("wb") if log else subprocess.DEVNULL
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(health_url, process, timeout_s)
+    except Exception:
+        stop_service(process)
+        raise
+    return process
+
+
+def stop_service(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=15)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def shared_mnist() -> Path:
+    """The four official MNIST files. CI sets MLPAINT_REQUIRE_SHARED=1, so there a missing
+    copy fails instead of skipping."""
+    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        if os.environ.get("MLPAINT_REQUIRE_SHARED") == "1":
+            pytest.fail(f"MNIST copy missing at {SHARED_MNIST}")
+        pytest.skip(f"no MNIST copy at {SHARED_MNIST}")
+    return SHARED_MNIST
+
+
+def make_tiny_mnist(folder: Path, *, train_rows: int = 60, test_rows: int = 20, seed: int = 0,
+                    compress: bool = True) -> dict[str, bytes]:
+    """Write the four IDX files (random pixels, every digit present) and return their
+    decompressed bytes by canonical name."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, bytes] = {}
+    for prefix, rows in (("train", train_rows), ("t10k", test_rows)):
+        images = rng.integers(0, 256, size=(rows, 28, 28), dtype=np.uint8)
+        labels = (np.arange(rows) % 10).astype(np.uint8)
+        for kind, array, ndim in (("images", images, 3), ("labels", labels, 1)):
+            name = f"{prefix}-{kind}-idx{ndim}-ubyte"
+            path = folder / (name + ".gz" if compress else name)
+            with (gzip.open(path, "wb") if compress else path.open("wb")) as out:
+                write_idx(array, out)
+            written[name] = (gzip.decompress(path.read_bytes()) if compress
+                             else path.read_bytes())
+    return written
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    folder = tmp_path / "tiny"
+    return folder, make_tiny_mnist(folder)
+
+
+@pytest.fixture(scope="session")
+def http_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("http-root")
+
+
+@pytest.fixture(scope="session")
+def http_server(http_root: Path, tmp_path_factory) -> Iterator[str]:
+    port = free_port()
+    process = start_service(
+        [sys.executable, "-m", "tests.servers.fault_http", str(http_root), str(port)],
+        f"http://127.0.0.1:{port}/__requests",
+        log=tmp_path_factory.mktemp("logs") / "http.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_service(process)
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory) -> Iterator[str]:
+    port = free_port()
+    moto = shutil.which("moto_server", path=str(Path(sys.executable).parent))
+    assert moto, "moto_server is installed with the dev extras"
+    process = start_service([moto, "-H", "127.0.0.1", "-p", str(port)],
+                            f"http://127.0.0.1:{port}/moto-api/",
+                            log=tmp_path_factory.mktemp("logs") / "moto.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_service(process)
+
+
+@pytest.fixture
+def s3_env(moto_s3: str, monkeypatch) -> dict[str, str]:
+    """Point boto3 (in this process and in subprocesses) at the moto server."""
+    values = {"AWS_ENDPOINT_URL": moto_s3, "AWS_ACCESS_KEY_ID": "testing",
+              "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return values
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """A real `prefect server start`; CLI subprocesses talk to it instead of each starting
+    a temporary server of their own."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    prefect = str(Path(sys.executable).parent / "prefect")
+    process = start_service([prefect, "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], f"http://127.0.0.1:{port}/api/health", env=env,
+                            log=home / "server.log", timeout_s=120)
+    yield f"http://127.0.0.1:{port}/api"
+    stop_service(process)
+
+
+@pytest.fixture
+def cli_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_api,
+            "PREFECT_HOME": str(tmp_path / "prefect-client"),
+            "MLPAINT_CACHE_DIR": str(tmp_path / "cache")}
+
+
+def run_cli(args: list[str], env: dict[str, str], timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+    mlpaint = str(Path(sys.executable).parent / "mlpaint")
+    return subprocess.run([mlpaint, *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)

