@@ -1,0 +1,1 @@
+"""Training experiments: fold rules, feature stages, algorithms and their evaluation."""
