@@ -7,8 +7,9 @@ body shorter than announced) or `FetchError` (a hard failure: move on to the nex
 
 from __future__ import annotations
 
+import functools
 import logging
-import shutil
+import os
 import socket
 import subprocess
 import sys
@@ -129,6 +130,17 @@ class HttpObject:
 
 
 def make_s3_client(*, unsigned: bool):
+    """A boto3 S3 client, shared by every object of a fetch: building one loads botocore's
+    service models, which costs more than downloading MNIST's label files.
+
+    The cache is keyed by the environment boto3 reads, so a changed endpoint or credential
+    variable gets a fresh client."""
+    relevant = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    return _cached_s3_client(unsigned, relevant)
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_s3_client(unsigned: bool, _environment: tuple[tuple[str, str], ...]):
     """A boto3 S3 client. `AWS_ENDPOINT_URL` (MinIO, moto, other S3-compatible stores) and the
     standard credential chain are honoured by boto3 itself; with no credentials anywhere the
     client falls back to unsigned requests, which public buckets accept."""
@@ -300,6 +312,3 @@ def join_uri(base: str, name: str) -> str:
         return parts._replace(path=path + name).geturl()
     return str(Path(base).expanduser() / name)
 
-
-def copy_file(source: Path, destination: Path) -> None:
-    shutil.copyfile(source, destination)
