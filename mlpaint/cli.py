@@ -78,6 +78,88 @@ def _run_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_train_command(subcommands) -> None:
+    train = subcommands.add_parser(
+        "train", help="cross-fold LightGBM experiment tracked in MLflow",
+        description="Runs the train-mnist flow locally (no Prefect server needed). Options "
+                    "left out take their value from the spec (--spec, default the packaged "
+                    "experiment.yaml).")
+    train.add_argument("--spec", metavar="YAML", help="an experiment spec to start from")
+    train.add_argument("--algorithms", metavar="YAML",
+                       help="named algorithm configurations (default: the packaged set)")
+    train.add_argument("--source", action="append", default=None, metavar="URI",
+                       help="MNIST source, repeatable (default: the mirror chain)")
+    train.add_argument("--algorithm", metavar="NAME", help="lgbm (default) or bbdt_d5")
+    train.add_argument("--features", choices=["raw", "deskew"])
+    train.add_argument("--folds", metavar="mldb|K",
+                       help="mldb: rowHash() %% 5 split; K: K-fold on the row hash")
+    train.add_argument("--limit", type=int, metavar="N", help="first N rows of each split")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--experiment", metavar="NAME", help="MLflow experiment name")
+    train.add_argument("--eval-train", action="store_true", default=None,
+                       help="also score each model on its training rows")
+    train.add_argument("--no-final-fit", dest="final_fit", action="store_false", default=None,
+                       help="skip the final model on all training rows")
+    train.add_argument("--cache-dir", metavar="DIR")
+    dask = train.add_mutually_exclusive_group()
+    dask.add_argument("--dask-address", metavar="ADDR",
+                      help="run folds on an existing Dask scheduler (tcp://host:8786)")
+    dask.add_argument("--dask-workers", type=int, metavar="N",
+                      help="start a local Dask cluster of N worker processes for the folds")
+    train.add_argument("--json", action="store_true",
+                       help="print one JSON object: run id, fold, aggregated and test "
+                            "statistics, registered model version")
+    train.set_defaults(handler=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlpaint.training.algorithms import load_algorithms
+    from mlpaint.training.spec import load_spec, parse_folds_option
+
+    folds = parse_folds_option(args.folds).model_dump() if args.folds else None
+    overrides = {"algorithm": args.algorithm, "features": args.features,
+                 "sources": args.source, "limit": args.limit, "seed": args.seed,
+                 "experiment": args.experiment, "eval_train": args.eval_train,
+                 "final_fit": args.final_fit, "folds": folds}
+    # Validate everything before Prefect or any data is touched.
+    load_spec(Path(args.spec) if args.spec else None, overrides,
+              known_algorithms=frozenset(load_algorithms(
+                  Path(args.algorithms) if args.algorithms else None)))
+    if args.dask_workers is not None and args.dask_workers < 1:
+        raise ValueError("--dask-workers must be at least 1")
+
+    from flows.train import train_mnist
+
+    flow = train_mnist
+    if args.dask_address or args.dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        runner = (DaskTaskRunner(address=args.dask_address) if args.dask_address else
+                  DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers,
+                                                 "threads_per_worker": 1,
+                                                 "processes": True}))
+        flow = train_mnist.with_options(task_runner=runner)
+    summary = flow(algorithm=args.algorithm, features=args.features, folds=args.folds,
+                   sources=args.source, limit=args.limit, seed=args.seed,
+                   experiment=args.experiment, eval_train=args.eval_train,
+                   final_fit=args.final_fit, spec_path=args.spec,
+                   algorithms_path=args.algorithms, cache_dir=args.cache_dir)
+    report = summary.to_json()
+    if args.json:
+        print(json.dumps(report))
+    else:
+        accuracy = report["aggregated"]["accuracy"]
+        print(f"MLflow run {report['mlflow_run_id']}: fold accuracy mean "
+              f"{accuracy['mean']:.4f} (min {accuracy['min']:.4f}, max {accuracy['max']:.4f})")
+        if report["test"]:
+            print(f"official test set: accuracy {report['test']['statistics']['accuracy']:.4f}")
+        if report["registered_model"]:
+            print(f"registered {report['registered_model']['model_uri']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlpaint",
@@ -85,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     subcommands = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(subcommands)
+    _add_train_command(subcommands)
     return parser
 
 

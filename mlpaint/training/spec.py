@@ -1,0 +1,190 @@
+"""The experiment specification: a typed, validated configuration.
+
+Loaded from YAML (the packaged default, or a user's file) and overridden by flow parameters.
+Everything wrong with a spec — an unknown algorithm, a fold rule that selects nothing, k < 2 —
+is reported before any data is read or any model trained, naming the field.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mlpaint.features import FeatureStage
+
+_RULE = re.compile(r"^\s*rowHash\(\)\s*%\s*(\d+)\s*(==|=|!=|<>|<=|>=|<|>)\s*(\d+)\s*$",
+                   re.IGNORECASE)
+_OPS: dict[str, Callable[[Any, Any], Any]] = {
+    "=": operator.eq, "==": operator.eq, "!=": operator.ne, "<>": operator.ne,
+    "<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge,
+}
+
+
+class SpecError(ValueError):
+    """An invalid experiment specification; the message names the field."""
+
+
+@dataclass(frozen=True)
+class RowHashRule:
+    """MLDB's `rowHash() % M <op> V`, evaluated on our stable 64-bit row hashes."""
+
+    modulus: int
+    op: str
+    value: int
+
+    @classmethod
+    def parse(cls, text: str, field: str) -> RowHashRule:
+        match = _RULE.match(text)
+        if not match:
+            raise SpecError(f"{field}: {text!r} is not of the form 'rowHash() % M <op> V' "
+                            "(op one of = != < <= > >=)")
+        modulus, op, value = int(match[1]), match[2], int(match[3])
+        if modulus < 2:
+            raise SpecError(f"{field}: the modulus must be at least 2, got {modulus}")
+        rule = cls(modulus, op, value)
+        if not rule.residues():
+            raise SpecError(f"{field}: {text!r} selects no rows (no residue modulo "
+                            f"{modulus} satisfies it)")
+        return rule
+
+    def residues(self) -> frozenset[int]:
+        compare = _OPS[self.op]
+        return frozenset(r for r in range(self.modulus) if compare(r, self.value))
+
+    def mask(self, row_hash: np.ndarray) -> np.ndarray:
+        return _OPS[self.op](row_hash % np.uint64(self.modulus), np.uint64(self.value))
+
+
+class MldbFolds(BaseModel):
+    """One fold split by row-hash rules, as in MLDB's `trainingWhere` / `testingWhere`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["mldb"] = "mldb"
+    training_where: str = "rowHash() % 5 != 0"
+    testing_where: str = "rowHash() % 5 = 0"
+
+    def rules(self) -> tuple[RowHashRule, RowHashRule]:
+        return (RowHashRule.parse(self.training_where, "folds.training_where"),
+                RowHashRule.parse(self.testing_where, "folds.testing_where"))
+
+
+class KFolds(BaseModel):
+    """k folds: fold i tests on rows with row_hash % k == i and trains on the rest."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["kfold"] = "kfold"
+    k: int
+
+    @field_validator("k")
+    @classmethod
+    def _at_least_two(cls, k: int) -> int:
+        if k < 2:
+            raise ValueError(f"k must be at least 2, got {k}")
+        return k
+
+
+FoldSpec = Annotated[MldbFolds | KFolds, Field(discriminator="kind")]
+
+
+class ExperimentSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experiment: str = Field("mnist-digits", min_length=1)
+    algorithm: str = "lgbm"
+    features: FeatureStage = FeatureStage.DESKEW
+    folds: FoldSpec = Field(default_factory=MldbFolds)
+    eval_train: bool = False
+    sources: list[str] | None = None
+    limit: int | None = Field(None, ge=100)
+    seed: int = 0
+    final_fit: bool = True
+
+    def flat_params(self) -> dict[str, str]:
+        """The whole spec as flat `a.b` keys, for MLflow params."""
+        flat: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, Mapping):
+                for key, inner in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), inner)
+            else:
+                flat[prefix] = "null" if value is None else str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return flat
+
+
+def parse_folds_option(value: str) -> MldbFolds | KFolds:
+    """`mldb` or an integer k, as `--folds` takes it."""
+    if value.strip().lower() == "mldb":
+        return MldbFolds()
+    try:
+        return KFolds(k=int(value))
+    except ValueError as exc:
+        raise SpecError(f"folds: expected 'mldb' or an integer k >= 2, got {value!r}") from exc
+
+
+def default_spec_text() -> str:
+    return resources.files("mlpaint.configs").joinpath("experiment.yaml").read_text()
+
+
+def load_spec(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+              *, known_algorithms: frozenset[str] | None = None) -> ExperimentSpec:
+    """Read a spec (the packaged default when `path` is None), apply overrides whose value is
+    not None, validate it, and check every rule and the algorithm name."""
+    text = path.read_text() if path else default_spec_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path or 'default spec'}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SpecError(f"{path or 'default spec'}: expected a mapping of fields")
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}"
+                             for e in exc.errors())
+        raise SpecError(problems) from exc
+    if isinstance(spec.folds, MldbFolds):
+        spec.folds.rules()  # raises SpecError naming the rule's field
+    if known_algorithms is not None and spec.algorithm not in known_algorithms:
+        raise SpecError(f"algorithm: unknown {spec.algorithm!r}; known: "
+                        f"{', '.join(sorted(known_algorithms))}")
+    return spec
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    index: int
+    train_rows: np.ndarray  # row positions in the training table
+    test_rows: np.ndarray
+
+
+def plan_folds(folds: MldbFolds | KFolds, row_hash: np.ndarray) -> list[FoldPlan]:
+    """Row positions per fold; a side left empty by the data is an error naming the fold."""
+    plans = []
+    if isinstance(folds, MldbFolds):
+        train_rule, test_rule = folds.rules()
+        plans.append(FoldPlan(0, np.flatnonzero(train_rule.mask(row_hash)),
+                              np.flatnonzero(test_rule.mask(row_hash))))
+    else:
+        residue = row_hash % np.uint64(folds.k)
+        for i in range(folds.k):
+            test = residue == np.uint64(i)
+            plans.append(FoldPlan(i, np.flatnonzero(~test), np.flatnonzero(test)))
+    for plan in plans:
+        for side, rows in (("training", plan.train_rows), ("testing", plan.test_rows)):
+            if rows.size == 0:
+                raise SpecError(f"folds: fold {plan.index} has no {side} rows "
+                                f"among {row_hash.size}")
+    return plans

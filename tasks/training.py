@@ -1,0 +1,324 @@
+"""Prefect tasks for training experiments.
+
+Compute tasks (features, fits) take and return file references and carry no retries: a fit
+that failed will fail again. Tasks that talk to the MLflow tracking store retry, since that
+is I/O that can fail and is safe to repeat.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.logging import get_run_logger
+
+from mlpaint.data.dataset import load_table
+from mlpaint.features import FeatureStage, apply_feature_stage
+from mlpaint.tracking import (
+    REGISTERED_MODEL_NAME,
+    ensure_experiment,
+    write_evaluation_artifacts,
+)
+from mlpaint.training.algorithms import (
+    BaggedBoostingConfig,
+    DigitModel,
+    GbdtConfig,
+    train_model,
+)
+from mlpaint.training.evaluation import Aggregate, Evaluation, evaluate
+from mlpaint.training.spec import ExperimentSpec, plan_folds
+
+_MLFLOW_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 20]}
+
+
+@dataclass(frozen=True)
+class FeatureMatrix:
+    """A reference to features on disk: `features.npy` (float32), `labels.npy`,
+    `row_hash.npy`."""
+
+    folder: str
+    rows: int
+    stage: str
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        folder = Path(self.folder)
+        return (np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
+                np.load(folder / "row_hash.npy"))
+
+
+@task(name="prepare-features")
+def prepare_features(table_dir: str, stage: FeatureStage, limit: int | None,
+                     cache_dir: Path) -> FeatureMatrix:
+    """Apply the feature stage to a split (its first `limit` rows), cached by table, stage
+    and limit."""
+    table_path = Path(table_dir)
+    key = f"{table_path.parent.name}-{table_path.name}-{stage.value}-{limit or 'all'}"
+    folder = cache_dir / "features" / key
+    table = load_table(table_path)
+    rows = min(limit, table.meta.rows) if limit else table.meta.rows
+    if (folder / "features.npy").is_file():
+        return FeatureMatrix(str(folder), rows, stage.value)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside its final place and renamed: a killed run leaves no half-written matrix.
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+    np.save(staging / "features.npy", apply_feature_stage(stage, table.pixels[:rows]))
+    np.save(staging / "labels.npy", np.asarray(table.labels[:rows]))
+    np.save(staging / "row_hash.npy", np.asarray(table.row_hash[:rows]))
+    staging.rename(folder)
+    get_run_logger().info("%s features of %d %s rows in %s", stage.value, rows,
+                          table.meta.split, folder)
+    return FeatureMatrix(str(folder), rows, stage.value)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    name: str  # "fold-0", …, or "final"
+    model_dir: str
+    evaluation: Evaluation
+    train_evaluation: Evaluation | None
+    train_rows: int
+    test_rows: int
+    seconds: float
+    worker: str  # host:pid that ran the fit (a Dask worker, or the flow's own process)
+
+
+def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
+                      train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                      *, seed: int, threads: int, eval_train: bool, work_dir: Path) -> FitResult:
+    logger = get_run_logger()
+    logger.info("%s: training %s on %d rows with %d thread(s)", name, algorithm,
+                len(train[1]), threads)
+    start = time.perf_counter()
+    model = train_model(algorithm, config, train[0], train[1], seed=seed, num_threads=threads)
+    seconds = time.perf_counter() - start
+    evaluation = evaluate(test[1], model.predict_proba(test[0]))
+    train_evaluation = (evaluate(train[1], model.predict_proba(train[0])) if eval_train
+                        else None)
+    model_dir = model.save(work_dir / name / "model")
+    logger.info("%s: accuracy %.4f on %d rows (fit %.1f s)", name, evaluation.accuracy,
+                evaluation.rows, seconds)
+    return FitResult(name, str(model_dir), evaluation, train_evaluation, len(train[1]),
+                     len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}")
+
+
+@task(name="train-fold")
+def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
+               config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
+               work_dir: Path) -> FitResult:
+    """One model on one fold's training rows, evaluated on its testing rows."""
+    features, labels, row_hash = matrix.load()
+    plan = plan_folds(spec.folds, row_hash)[fold_index]
+    train = (np.asarray(features[plan.train_rows]), labels[plan.train_rows])
+    test = (np.asarray(features[plan.test_rows]), labels[plan.test_rows])
+    return _fit_and_evaluate(f"fold-{fold_index}", spec.algorithm, config, train, test,
+                             seed=spec.seed + fold_index, threads=threads,
+                             eval_train=spec.eval_train, work_dir=work_dir)
+
+
+@task(name="train-final-model")
+def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
+                config: GbdtConfig | BaggedBoostingConfig, threads: int,
+                work_dir: Path) -> FitResult:
+    """One model on every training row, scored on the official test set."""
+    features, labels, _ = train_matrix.load()
+    test_features, test_labels, _ = test_matrix.load()
+    return _fit_and_evaluate("final", spec.algorithm, config,
+                             (np.asarray(features), labels),
+                             (np.asarray(test_features), test_labels),
+                             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
+                             work_dir=work_dir)
+
+
+# --- MLflow ----------------------------------------------------------------------------------
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+def _metrics(prefix: str, evaluation: Evaluation) -> dict[str, float]:
+    return {f"{prefix}{name}": value for name, value in evaluation.scalar_metrics().items()}
+
+
+def _log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    for start in range(0, len(batch), 500):  # the REST API's batch limit is 1,000
+        client.log_batch(run_id, metrics=batch[start:start + 500])
+
+
+def _log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    batch = [Param(key, value[:6000]) for key, value in params.items()]
+    for start in range(0, len(batch), 90):  # the params batch limit is 100
+        client.log_batch(run_id, params=batch[start:start + 90])
+
+
+@task(name="start-experiment-run", **_MLFLOW_RETRIES)
+def start_experiment_run(spec: ExperimentSpec, algorithm_params: dict[str, str],
+                         dataset_fingerprint: str, tracking_uri: str, flow_run_id: str | None
+                         ) -> str:
+    """The parent run: the whole spec and the algorithm's parameters as params."""
+    client = _client(tracking_uri)
+    experiment_id = ensure_experiment(client, spec.experiment, tracking_uri)
+    tags = {"mlpaint.dataset_fingerprint": dataset_fingerprint,
+            "mlflow.runName": f"{spec.algorithm}-{spec.features.value}"}
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    run = client.create_run(experiment_id, tags=tags)
+    _log_params(client, run.info.run_id, {**spec.flat_params(), **algorithm_params})
+    return run.info.run_id
+
+
+def _write_fit_artifacts(result: FitResult, folder: Path, title: str) -> list[Path]:
+    paths = write_evaluation_artifacts(result.evaluation, folder, title)
+    statistics = folder / "statistics.json"
+    statistics.write_text(json.dumps({
+        "test": result.evaluation.to_json(),
+        "train": result.train_evaluation.to_json() if result.train_evaluation else None,
+        "train_rows": result.train_rows, "fit_seconds": result.seconds}, indent=1))
+    return [*paths, statistics]
+
+
+@task(name="log-fold-run", **_MLFLOW_RETRIES)
+def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> str:
+    """A nested run for one fold: its metrics, evaluation artifacts and model files."""
+    client = _client(tracking_uri)
+    parent = client.get_run(parent_run_id)
+    run = client.create_run(parent.info.experiment_id, tags={
+        "mlflow.parentRunId": parent_run_id, "mlflow.runName": result.name})
+    run_id = run.info.run_id
+    _log_params(client, run_id, {"fold": result.name, "train_rows": str(result.train_rows),
+                                 "test_rows": str(result.test_rows)})
+    metrics = _metrics("", result.evaluation)
+    if result.train_evaluation:
+        metrics.update(_metrics("train_", result.train_evaluation))
+    metrics["fit_seconds"] = result.seconds
+    _log_metrics(client, run_id, metrics)
+    with tempfile.TemporaryDirectory() as scratch:
+        for path in _write_fit_artifacts(result, Path(scratch), result.name):
+            client.log_artifact(run_id, str(path), "evaluation")
+    client.log_artifacts(run_id, result.model_dir, "model")
+    client.set_terminated(run_id)
+    return run_id
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    model_uri: str
+
+
+def _signature_and_example(test_matrix: FeatureMatrix, model: DigitModel):
+    from mlflow.models import infer_signature
+
+    features, _, _ = test_matrix.load()
+    example = np.asarray(features[:2], dtype=np.float32)
+    return infer_signature(example, model.predict_proba(example).astype(np.float32)), example
+
+
+@task(name="log-final-model", **_MLFLOW_RETRIES)
+def log_final_model(final: FitResult, test_matrix: FeatureMatrix, spec: ExperimentSpec,
+                    parent_run_id: str, tracking_uri: str) -> RegisteredModel:
+    """The final model in the parent run, with a signature and an input example, registered
+    as `mnist-digits`. One booster logs with the LightGBM flavour; a bagged ensemble as a
+    pyfunc whose artifacts are its boosters."""
+    import mlflow
+
+    model = DigitModel.load(Path(final.model_dir))
+    signature, example = _signature_and_example(test_matrix, model)
+    metadata = {"feature_stage": spec.features.value, "algorithm": spec.algorithm,
+                "labels": list(range(10)), "combine": "mean_raw_score"}
+    client = _client(tracking_uri)
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    with mlflow.start_run(run_id=parent_run_id):
+        if len(model.boosters) == 1:
+            info = mlflow.lightgbm.log_model(
+                model.boosters[0], name="model", signature=signature, input_example=example,
+                registered_model_name=REGISTERED_MODEL_NAME, metadata=metadata)
+        else:
+            from mlpaint.serving_model import DigitModelPyfunc
+
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=DigitModelPyfunc(),
+                artifacts={"digit_model": final.model_dir}, signature=signature,
+                input_example=example, registered_model_name=REGISTERED_MODEL_NAME,
+                metadata=metadata)
+    version = str(info.registered_model_version)
+    client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "feature_stage",
+                                 spec.features.value)
+    client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "mlflow_run_id",
+                                 parent_run_id)
+    return RegisteredModel(REGISTERED_MODEL_NAME, version,
+                           f"models:/{REGISTERED_MODEL_NAME}/{version}")
+
+
+@dataclass(frozen=True)
+class ExperimentSummary:
+    parent_run_id: str
+    folds: list[FitResult]
+    aggregated: dict[str, Aggregate]
+    final: FitResult | None
+    registered: RegisteredModel | None
+
+    def to_json(self) -> dict:
+        def fit_json(result: FitResult) -> dict:
+            return {"name": result.name, "train_rows": result.train_rows,
+                    "test_rows": result.test_rows, "fit_seconds": round(result.seconds, 3),
+                    "worker": result.worker,
+                    "statistics": result.evaluation.to_json(),
+                    "train_statistics": (result.train_evaluation.to_json()
+                                         if result.train_evaluation else None)}
+
+        return {
+            "mlflow_run_id": self.parent_run_id,
+            "folds": [fit_json(f) for f in self.folds],
+            "aggregated": {name: asdict(a) for name, a in self.aggregated.items()},
+            "test": fit_json(self.final) if self.final else None,
+            "registered_model": asdict(self.registered) if self.registered else None,
+        }
+
+
+@task(name="log-experiment-summary", **_MLFLOW_RETRIES)
+def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
+                           sample_grid: str | None, tracking_uri: str) -> None:
+    """Aggregates and test metrics on the parent run, its artifacts, and the end of the run."""
+    client = _client(tracking_uri)
+    run_id = summary.parent_run_id
+    metrics = {}
+    for name, stats in summary.aggregated.items():
+        metrics.update({f"folds_{name}_{k}": v for k, v in asdict(stats).items()})
+    if summary.final:
+        metrics.update(_metrics("test_", summary.final.evaluation))
+    _log_metrics(client, run_id, metrics)
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        if summary.final:
+            for path in _write_fit_artifacts(summary.final, folder / "test", "official test"):
+                client.log_artifact(run_id, str(path), "evaluation/test")
+        (folder / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
+        (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
+        client.log_artifact(run_id, str(folder / "spec.json"))
+        client.log_artifact(run_id, str(folder / "summary.json"))
+    if sample_grid:
+        client.log_artifact(run_id, sample_grid, "data")
+    client.set_terminated(run_id)
+
+
+def fit_threads(parallel_fits: int) -> int:
+    """LightGBM threads per fit, so concurrent fits share the cores rather than fight."""
+    return max(1, (os.cpu_count() or 1) // max(1, parallel_fits))
+

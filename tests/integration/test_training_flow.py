@@ -1,0 +1,152 @@
+"""The training flow on Prefect's test harness with a real SQLite MLflow store, on a small
+slice of the real MNIST (a few thousand rows, few rounds)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.train import train_mnist
+
+pytestmark = pytest.mark.integration
+
+TINY_ALGORITHMS = """
+lgbm:
+  kind: gbdt
+  rounds: 12
+  params: {learning_rate: 0.3, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}
+bbdt_d5:
+  kind: bagged_boosting
+  bags: 2
+  bag_train_fraction: 0.66
+  min_rounds: 2
+  max_rounds: 6
+  params: {learning_rate: 0.3, max_depth: 5, num_leaves: 31, feature_fraction: 0.3,
+           min_data_in_leaf: 10, max_bin: 31}
+"""
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def training_inputs(tmp_path_factory, shared_mnist):
+    root = tmp_path_factory.mktemp("training")
+    algorithms = root / "algorithms.yaml"
+    algorithms.write_text(TINY_ALGORITHMS)
+    return {"source": str(shared_mnist), "cache": str(root / "cache"),
+            "algorithms": str(algorithms), "root": root}
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _artifact_paths(client, run_id, path=None):
+    found = []
+    for item in client.list_artifacts(run_id, path):
+        found += _artifact_paths(client, run_id, item.path) if item.is_dir else [item.path]
+    return found
+
+
+def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_inputs,
+                                                             tracking):
+    summary = train_mnist(folds="3", limit=1500, sources=[training_inputs["source"]],
+                          algorithms_path=training_inputs["algorithms"],
+                          cache_dir=training_inputs["cache"], experiment="tiny-kfold",
+                          eval_train=True)
+    client = tracking
+    parent = client.get_run(summary.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["folds.kind"] == "kfold" and parent.data.params["folds.k"] == "3"
+    assert parent.data.params["lightgbm.num_leaves"] == "15"
+    aggregated = summary.aggregated["accuracy"]
+    assert parent.data.metrics["folds_accuracy_mean"] == pytest.approx(aggregated.mean)
+    assert parent.data.metrics["folds_accuracy_min"] <= aggregated.mean
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(
+        summary.final.evaluation.accuracy)
+    assert 0.7 < summary.final.evaluation.accuracy <= 1.0  # a real model, even a tiny one
+
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["mlflow.runName"] for r in children) == [
+        "fold-0", "fold-1", "fold-2"]
+    by_name = {r.data.tags["mlflow.runName"]: r for r in children}
+    for fold in summary.folds:
+        child = by_name[fold.name]
+        assert child.data.metrics["accuracy"] == pytest.approx(fold.evaluation.accuracy)
+        assert "train_accuracy" in child.data.metrics  # eval_train
+        paths = _artifact_paths(client, child.info.run_id)
+        assert {"evaluation/confusion_matrix.json", "evaluation/confusion_matrix.png",
+                "evaluation/label_statistics.csv", "model/model.json",
+                "model/booster-0.txt"} <= set(paths)
+    assert sum(f.test_rows for f in summary.folds) == 1500
+
+    parent_paths = set(_artifact_paths(client, parent.info.run_id))
+    assert {"evaluation/test/confusion_matrix.json", "evaluation/test/confusion_matrix.png",
+            "spec.json", "summary.json", "data/sample-grid-train.png"} <= parent_paths
+    local = client.download_artifacts(parent.info.run_id, "evaluation/test/confusion_matrix.json")
+    with open(local) as handle:
+        assert json.load(handle)["matrix"] == summary.final.evaluation.confusion
+
+    version = client.get_model_version("mnist-digits", summary.registered.version)
+    assert version.run_id == parent.info.run_id
+    assert version.tags["feature_stage"] == "deskew"
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(summary.registered.model_uri)
+    assert model.metadata.signature is not None
+
+
+def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
+    summary = train_mnist(algorithm="bbdt_d5", features="raw", limit=1000,
+                          sources=[training_inputs["source"]],
+                          algorithms_path=training_inputs["algorithms"],
+                          cache_dir=training_inputs["cache"], experiment="tiny-bbdt")
+    assert len(summary.folds) == 1  # MLDB's rowHash() % 5 split
+    import mlflow
+    import numpy as np
+
+    from mlpaint.features import apply_feature_stage
+
+    model = mlflow.pyfunc.load_model(summary.registered.model_uri)
+    probabilities = np.asarray(model.predict(apply_feature_stage("raw", np.zeros((2, 784)))))
+    assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(axis=1), 1)
+
+
+def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):
+    with pytest.raises(Exception, match="algorithm: unknown 'svm'"):
+        train_mnist(algorithm="svm", sources=[training_inputs["source"]],
+                    cache_dir=training_inputs["cache"])
+    assert tracking.search_experiments(filter_string="name = 'mnist-digits'") == []
+
+
+@pytest.mark.slow
+def test_cli_train_on_a_local_dask_cluster(training_inputs, cli_env, tmp_path):
+    env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
+    process = subprocess.Popen(
+        [mlpaint, "train", "--source", training_inputs["source"], "--folds", "2",
+         "--limit", "800", "--algorithms", training_inputs["algorithms"], "--features", "raw",
+         "--dask-workers", "2", "--no-final-fit", "--cache-dir", training_inputs["cache"],
+         "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-3000:]
+    report = json.loads(stdout)
+    assert [f["name"] for f in report["folds"]] == ["fold-0", "fold-1"]
+    assert report["test"] is None and report["registered_model"] is None
+    # the folds ran in Dask worker processes, not in the process running the flow
+    worker_pids = {int(f["worker"].rsplit(":", 1)[1]) for f in report["folds"]}
+    assert process.pid not in worker_pids
+    assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(report["mlflow_run_id"])

@@ -1,0 +1,86 @@
+import numpy as np
+import pytest
+
+from mlpaint.training.spec import (
+    KFolds,
+    MldbFolds,
+    RowHashRule,
+    SpecError,
+    load_spec,
+    parse_folds_option,
+    plan_folds,
+)
+
+KNOWN = frozenset({"lgbm", "bbdt_d5"})
+
+
+def test_packaged_default_is_mldbs_split():
+    spec = load_spec(known_algorithms=KNOWN)
+    assert spec.algorithm == "lgbm" and spec.features.value == "deskew"
+    assert spec.folds == MldbFolds(training_where="rowHash() % 5 != 0",
+                                   testing_where="rowHash() % 5 = 0")
+    flat = spec.flat_params()
+    assert flat["folds.training_where"] == "rowHash() % 5 != 0" and flat["limit"] == "null"
+
+
+def test_overrides_and_yaml_file(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("algorithm: bbdt_d5\nfolds: {kind: kfold, k: 4}\nseed: 7\n")
+    spec = load_spec(path, {"seed": 9, "limit": None}, known_algorithms=KNOWN)
+    assert (spec.algorithm, spec.folds, spec.seed) == ("bbdt_d5", KFolds(k=4), 9)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"algorithm": "svm"}, "algorithm: unknown 'svm'"),
+        ({"folds": {"kind": "kfold", "k": 1}}, "folds.kfold.k: Value error, k must be at least 2"),
+        ({"folds": {"kind": "mldb", "testing_where": "rowHash() % 5 = 7"}},
+         "folds.testing_where: .* selects no rows"),
+        ({"folds": {"kind": "mldb", "training_where": "rand() < 0.8"}},
+         "folds.training_where: .* is not of the form"),
+        ({"limit": 5}, "limit: Input should be greater than or equal to 100"),
+        ({"features": "blur"}, "features: Input should be 'raw' or 'deskew'"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_invalid_specs_name_the_field(overrides, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(None, overrides, known_algorithms=KNOWN)
+
+
+def test_folds_option():
+    assert parse_folds_option("mldb") == MldbFolds()
+    assert parse_folds_option("5") == KFolds(k=5)
+    for bad in ("1", "five"):
+        with pytest.raises(SpecError, match="folds"):
+            parse_folds_option(bad)
+
+
+def test_rule_semantics():
+    rule = RowHashRule.parse("rowHash() % 5 != 0", "f")
+    hashes = np.arange(10, dtype=np.uint64)
+    assert rule.mask(hashes).tolist() == [h % 5 != 0 for h in range(10)]
+    assert RowHashRule.parse("rowHash() % 4 <= 1", "f").residues() == {0, 1}
+
+
+def test_mldb_plan_partitions_rows():
+    hashes = np.arange(100, dtype=np.uint64) * np.uint64(7919)
+    (plan,) = plan_folds(MldbFolds(), hashes)
+    assert len(plan.train_rows) + len(plan.test_rows) == 100
+    assert not set(plan.train_rows) & set(plan.test_rows)
+    assert all(int(hashes[i]) % 5 == 0 for i in plan.test_rows)
+
+
+def test_kfold_plan_tests_each_row_once():
+    hashes = np.arange(50, dtype=np.uint64)
+    plans = plan_folds(KFolds(k=3), hashes)
+    tested = np.concatenate([p.test_rows for p in plans])
+    assert sorted(tested.tolist()) == list(range(50))
+    assert all(int(hashes[r]) % 3 == p.index for p in plans for r in p.test_rows)
+
+
+def test_a_fold_left_empty_by_the_data_is_an_error():
+    hashes = np.array([0, 5, 10], dtype=np.uint64)  # every row has hash % 5 == 0
+    with pytest.raises(SpecError, match="fold 0 has no training rows"):
+        plan_folds(MldbFolds(), hashes)
