@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint unit integration bench clean
+.PHONY: help setup run fetch test lint unit bench bench-train stack-up stack-down deploy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -17,7 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-run: setup ## the main job on embedded defaults: fetch MNIST (default mirror chain), verify, join, explore
+run: setup ## the main job on embedded defaults: fetch MNIST, train (MLDB's 80/20 split + final fit), register in a local MLflow store
+	$(BIN)/mlpaint train
+
+fetch: setup ## only fetch, verify, join and explore MNIST (the default mirror chain)
 	$(BIN)/mlpaint data fetch
 
 test: setup lint ## lint, then the whole suite (it starts its own HTTP, S3 and Prefect servers)
@@ -31,6 +34,18 @@ unit: setup ## the fast tests only: no services
 
 bench: setup ## the ingestion benchmark (needs ../shared/data/mnist); results go in BENCHMARKS.md
 	$(BIN)/python -m bench.ingest --runs 5
+
+bench-train: setup ## the training benchmark on full MNIST (long: about an hour on 2 cores)
+	$(BIN)/python -m bench.train
+
+stack-up: setup ## start Prefect server + work pool + worker, MLflow server; deploy prefect.yaml
+	infra/stack.sh up
+
+stack-down: ## stop the local stack
+	infra/stack.sh down
+
+deploy: setup ## (re)register the deployments in prefect.yaml with the running Prefect server
+	infra/stack.sh deploy
 
 clean: ## remove the virtualenv and build debris (not the data cache)
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -28,6 +28,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = Path(os.environ.get("MLPAINT_SHARED_MNIST", REPO.parent / "shared/data/mnist"))
 
 
+def pytest_configure(config) -> None:
+    # Prefect's temporary server races its telemetry heartbeat against its own SQLite writes
+    # and logs "database is locked" tracebacks; the tests need no telemetry.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -54,7 +54,8 @@ def load_algorithms(path: Path | None = None) -> dict[str, GbdtConfig | BaggedBo
     return _CATALOG.validate_python(yaml.safe_load(text))
 
 
-def _base_params(params: dict[str, Any], *, seed: int, num_threads: int) -> dict[str, Any]:
+def lightgbm_params(params: dict[str, Any], *, seed: int, num_threads: int) -> dict[str, Any]:
+    """LightGBM parameters for a multiclass digit model: ours first, the config's on top."""
     return {"objective": "multiclass", "num_class": N_CLASSES, "verbosity": -1,
             "seed": seed, "deterministic": True, "force_col_wise": True,
             "num_threads": num_threads, **params}
@@ -110,7 +111,7 @@ def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: 
                 labels: np.ndarray, *, seed: int, num_threads: int) -> DigitModel:
     import lightgbm as lgb
 
-    params = _base_params(config.params, seed=seed, num_threads=num_threads)
+    params = lightgbm_params(config.params, seed=seed, num_threads=num_threads)
     if isinstance(config, GbdtConfig):
         booster = lgb.train(params, lgb.Dataset(features, labels, params=params),
                             num_boost_round=config.rounds)

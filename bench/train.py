@@ -1,0 +1,173 @@
+"""Training benchmark on full MNIST, 2 cores.
+
+    .venv/bin/python -m bench.train --part accuracy   # lgbm raw, lgbm deskew, bbdt_d5
+    .venv/bin/python -m bench.train --part default    # `mlpaint train` as the README runs it
+    .venv/bin/python -m bench.train --part ratio      # flow vs bare LightGBM, 5 folds + final
+
+`accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
+on the official 10,000-row test set; wall time of the fit alone.
+`default`: the whole `mlpaint train` command on its defaults (MLDB's 80/20 split plus the
+final fit), data from a local folder, MLflow in a temporary SQLite store.
+`ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
+IDX files, the same feature stage, the same six fits with the same parameters, threads and
+concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
+The two alternate, `--runs` times each; medians are quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("bench.train")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _load(mnist: Path):
+    train_x = _read_idx(mnist / "train-images-idx3-ubyte.gz").reshape(-1, 784)
+    train_y = _read_idx(mnist / "train-labels-idx1-ubyte.gz")
+    test_x = _read_idx(mnist / "t10k-images-idx3-ubyte.gz").reshape(-1, 784)
+    test_y = _read_idx(mnist / "t10k-labels-idx1-ubyte.gz")
+    return train_x, train_y, test_x, test_y
+
+
+def part_accuracy(mnist: Path) -> list[dict]:
+    from mlpaint.features import apply_feature_stage
+    from mlpaint.training.algorithms import load_algorithms, train_model
+
+    algorithms = load_algorithms()
+    train_x, train_y, test_x, test_y = _load(mnist)
+    rows = []
+    for name, stage in (("lgbm", "raw"), ("lgbm", "deskew"), ("bbdt_d5", "raw"),
+                        ("bbdt_d5", "deskew")):
+        features, test_features = (apply_feature_stage(stage, train_x),
+                                   apply_feature_stage(stage, test_x))
+        start = time.perf_counter()
+        model = train_model(name, algorithms[name], features, train_y, seed=0,
+                            num_threads=os.cpu_count() or 1)
+        seconds = time.perf_counter() - start
+        accuracy = float((model.predict_proba(test_features).argmax(1) == test_y).mean())
+        rows.append({"algorithm": name, "features": stage, "fit_seconds": round(seconds, 1),
+                     "test_accuracy": accuracy, "rounds": model.rounds})
+        logger.info("%s", rows[-1])
+    return rows
+
+
+def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    command = [str(Path(sys.executable).parent / "mlpaint"), "train", *args,
+               "--cache-dir", str(workdir / "cache"), "--json"]
+    start = time.perf_counter()
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False,
+                               cwd=workdir)
+    seconds = time.perf_counter() - start
+    if completed.returncode != 0:
+        raise RuntimeError(completed.stderr[-3000:])
+    return seconds, json.loads(completed.stdout)
+
+
+def part_default(mnist: Path) -> dict:
+    with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
+        seconds, report = _mlpaint_train(["--source", str(mnist)], Path(workdir))
+    result = {"wall_seconds": round(seconds, 1),
+              "fold_accuracy": report["folds"][0]["statistics"]["accuracy"],
+              "test_accuracy": report["test"]["statistics"]["accuracy"],
+              "fit_seconds": [f["fit_seconds"] for f in report["folds"]]
+              + [report["test"]["fit_seconds"]]}
+    logger.info("%s", result)
+    return result
+
+
+def _bare(mnist: Path, folds: int, stage: str) -> float:
+    """The same fits as `mlpaint train --folds K --features STAGE`, with nothing around them."""
+    import lightgbm as lgb
+
+    from mlpaint.data.catalog import Split
+    from mlpaint.data.dataset import row_hashes, row_keys
+    from mlpaint.features import apply_feature_stage
+    from mlpaint.training.algorithms import lightgbm_params, load_algorithms
+    from tasks.training import fit_threads
+
+    start = time.perf_counter()
+    config = load_algorithms()["lgbm"]
+    train_x, train_y, test_x, test_y = _load(mnist)
+    features, test_features = apply_feature_stage(stage, train_x), apply_feature_stage(stage,
+                                                                                       test_x)
+    residue = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(folds)
+    n_fits = folds + 1
+    threads = fit_threads(min(n_fits, os.cpu_count() or 1))
+
+    def fit(fold: int) -> float:
+        if fold < folds:
+            train_rows = residue != np.uint64(fold)
+            x, y, tx, ty = (features[train_rows], train_y[train_rows], features[~train_rows],
+                            train_y[~train_rows])
+        else:
+            x, y, tx, ty = features, train_y, test_features, test_y
+        params = lightgbm_params(config.params, seed=fold if fold < folds else 0,
+                              num_threads=threads)
+        booster = lgb.train(params, lgb.Dataset(x, y, params=params),
+                            num_boost_round=config.rounds)
+        return float((booster.predict(tx).argmax(1) == ty).mean())
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        accuracies = list(pool.map(fit, range(n_fits)))
+    logger.info("bare accuracies %s", accuracies)
+    return time.perf_counter() - start
+
+
+def part_ratio(mnist: Path, runs: int, folds: int, stage: str) -> dict:
+    flow_times, bare_times = [], []
+    for run in range(runs):
+        with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
+            seconds, _ = _mlpaint_train(["--source", str(mnist), "--folds", str(folds),
+                                         "--features", stage], Path(workdir))
+        flow_times.append(seconds)
+        bare_times.append(_bare(mnist, folds, stage))
+        logger.info("run %d: flow %.1f s, bare %.1f s", run + 1, flow_times[-1], bare_times[-1])
+    result = {"runs": runs, "flow_seconds": flow_times, "bare_seconds": bare_times,
+              "ratio_of_medians": statistics.median(flow_times) / statistics.median(bare_times)}
+    logger.info("%s", result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["accuracy", "default", "ratio"], required=True)
+    parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--features", default="deskew")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.part == "accuracy":
+        result = part_accuracy(args.mnist)
+    elif args.part == "default":
+        result = part_default(args.mnist)
+    else:
+        result = part_ratio(args.mnist, args.runs, args.folds, args.features)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# The local mlpaint stack, started and stopped with one command each:
+#
+#   infra/stack.sh up       Prefect server, the mlpaint-process work pool and a process worker,
+#                           an MLflow tracking server (SQLite backend, local artifacts), and
+#                           the deployments of prefect.yaml
+#   infra/stack.sh down     stop all of it (each service's whole process group)
+#   infra/stack.sh status   what is running, and where
+#   infra/stack.sh deploy   (re)register the deployments of prefect.yaml
+#
+# Settings (environment): MLPAINT_STACK_DIR (state, logs, databases; default .mlpaint/stack),
+# PREFECT_PORT (4200), MLFLOW_PORT (5000), MLPAINT_BIN (the virtualenv's bin, default .venv/bin),
+# PREFECT_WORKER_QUERY_SECONDS (5: how often the worker polls for runs).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+STATE="${MLPAINT_STACK_DIR:-$REPO/.mlpaint/stack}"
+BIN="${MLPAINT_BIN:-$REPO/.venv/bin}"
+PREFECT_PORT="${PREFECT_PORT:-4200}"
+MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+POOL="mlpaint-process"
+export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
+export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
+export PREFECT_HOME="$STATE/prefect"
+export PREFECT_SERVER_ANALYTICS_ENABLED=false
+export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-mlpaint}"
+export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"
+
+log() { printf '%s stack: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+running() {  # running NAME: is the service's process group alive?
+  local pidfile="$STATE/$1.pid"
+  [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null
+}
+
+start() {  # start NAME COMMAND...: in its own session, so `down` can end the whole group
+  local name="$1"; shift
+  if running "$name"; then log "$name already running (pid $(cat "$STATE/$name.pid"))"; return; fi
+  setsid "$@" >"$STATE/$name.log" 2>&1 < /dev/null &
+  echo $! >"$STATE/$name.pid"
+  log "$name started (pid $!, log $STATE/$name.log)"
+}
+
+wait_for() {  # wait_for NAME URL SECONDS
+  local name="$1" url="$2" deadline=$((SECONDS + $3))
+  until curl -fsS -o /dev/null "$url" 2>/dev/null; do
+    if ! running "$name"; then log "$name exited; its log:"; tail -n 30 "$STATE/$name.log" >&2; exit 1; fi
+    if (( SECONDS > deadline )); then log "$name did not answer $url in $3 s"; exit 1; fi
+    sleep 0.5
+  done
+  log "$name answers at $url"
+}
+
+stop() {  # stop NAME: SIGTERM to the process group, SIGKILL after 15 s
+  local name="$1" pidfile="$STATE/$1.pid"
+  [[ -f "$pidfile" ]] || return 0
+  local pgid; pgid="$(cat "$pidfile")"
+  if kill -0 "$pgid" 2>/dev/null; then
+    kill -TERM -- "-$pgid" 2>/dev/null || true
+    for _ in $(seq 30); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 0.5; done
+    kill -KILL -- "-$pgid" 2>/dev/null || true
+    log "$name stopped"
+  fi
+  rm -f "$pidfile"
+}
+
+deploy() {
+  (cd "$REPO" && "$BIN/prefect" --no-prompt deploy --all)
+}
+
+up() {
+  mkdir -p "$STATE/prefect" "$STATE/mlflow/artifacts"
+  start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
+  wait_for prefect-server "$PREFECT_API_URL/health" 120
+  "$BIN/prefect" work-pool inspect "$POOL" >/dev/null 2>&1 \
+    || "$BIN/prefect" work-pool create "$POOL" --type process >/dev/null
+  log "work pool $POOL ready"
+  # mlflow server forks uvicorn workers and job consumers that outlive a SIGTERM to the
+  # parent; its own session lets `down` end the whole group.
+  start mlflow-server "$BIN/mlflow" server \
+    --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
+    --artifacts-destination "$STATE/mlflow/artifacts" \
+    --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
+  wait_for mlflow-server "$MLFLOW_TRACKING_URI/health" 120
+  start prefect-worker "$BIN/prefect" worker start --pool "$POOL" --type process
+  deploy
+  status
+}
+
+status() {
+  for name in prefect-server mlflow-server prefect-worker; do
+    if running "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; fi
+  done
+  echo "Prefect UI:  http://127.0.0.1:${PREFECT_PORT}"
+  echo "MLflow UI:   $MLFLOW_TRACKING_URI"
+}
+
+down() {
+  for name in prefect-worker mlflow-server prefect-server; do stop "$name"; done
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  deploy) deploy ;;
+  *) echo "usage: $0 up|down|status|deploy" >&2; exit 2 ;;
+esac

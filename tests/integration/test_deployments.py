@@ -1,0 +1,113 @@
+"""End to end on real services: `infra/stack.sh up` starts `prefect server start`, the process
+work pool and a worker, and `mlflow server`; `prefect deploy` registers prefect.yaml. A run is
+created through the API the way the UI's Run button does, the worker completes it, and the
+MLflow server's REST API shows the run and the registered model."""
+
+import contextlib
+import os
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests.conftest import REPO, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TINY_ALGORITHMS = """
+lgbm:
+  kind: gbdt
+  rounds: 10
+  params: {learning_rate: 0.3, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}
+"""
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    state = tmp_path_factory.mktemp("stack")
+    env = {**os.environ, "MLPAINT_STACK_DIR": str(state), "PREFECT_PORT": str(free_port()),
+           "MLFLOW_PORT": str(free_port()), "PREFECT_WORKER_QUERY_SECONDS": "2",
+           "MLPAINT_CACHE_DIR": str(state / "cache")}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = str(REPO / "infra" / "stack.sh")
+    up = subprocess.run([script, "up"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, up.stderr[-4000:]
+        yield {"prefect": f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
+               "mlflow": f"http://127.0.0.1:{env['MLFLOW_PORT']}", "state": state}
+    finally:
+        subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
+        for name in ("prefect-server", "mlflow-server", "prefect-worker"):
+            assert not (state / f"{name}.pid").exists()
+
+
+@contextlib.contextmanager
+def _prefect_client(api_url):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), \
+            get_client(sync_client=True) as client:
+        yield client
+
+
+def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
+    algorithms = tmp_path / "algorithms.yaml"
+    algorithms.write_text(TINY_ALGORITHMS)
+    with _prefect_client(stack["prefect"]) as client:
+        deployment = client.read_deployment_by_name("train-mnist/train")
+        # What the UI's "Custom run" does: a flow run from the deployment with edited params.
+        flow_run = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"sources": [str(shared_mnist)], "limit": 1200,
+                                       "folds": "2", "algorithms_path": str(algorithms),
+                                       "experiment": "e2e"})
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            state = client.read_flow_run(flow_run.id).state
+            if state.is_final():
+                break
+            time.sleep(2)
+        assert state.is_completed(), f"flow run ended {state.type}: {state.message}"
+
+        weekly = client.read_deployment_by_name("train-mnist/train-weekly")
+        assert weekly.schedules and weekly.schedules[0].schedule.cron == "0 3 * * 1"
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterId,
+            FlowRunFilter,
+            FlowRunFilterState,
+            FlowRunFilterStateType,
+        )
+        from prefect.client.schemas.objects import StateType
+
+        deadline = time.monotonic() + 90
+        upcoming = []
+        while not upcoming and time.monotonic() < deadline:
+            upcoming = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[weekly.id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
+            time.sleep(2)
+        assert upcoming, "the weekly schedule created no upcoming runs"
+        assert all(run.expected_start_time.weekday() == 0 for run in upcoming)  # Mondays
+
+    mlflow = stack["mlflow"]
+    experiment = requests.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
+                              params={"experiment_name": "e2e"}, timeout=10).json()
+    runs = requests.post(f"{mlflow}/api/2.0/mlflow/runs/search", timeout=10, json={
+        "experiment_ids": [experiment["experiment"]["experiment_id"]]}).json()["runs"]
+    names = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "mlflow.runName")
+                   for r in runs)
+    assert names == ["fold-0", "fold-1", "lgbm-deskew"]
+    parent = next(r for r in runs if not any(t["key"] == "mlflow.parentRunId"
+                                             for t in r["data"]["tags"]))
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert 0.7 < metrics["test_accuracy"] <= 1.0
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    assert tags["prefect.flow_run_id"] == str(flow_run.id)
+    model = requests.get(f"{mlflow}/api/2.0/mlflow/registered-models/get",
+                         params={"name": "mnist-digits"}, timeout=10).json()
+    versions = model["registered_model"]["latest_versions"]
+    assert any(v["run_id"] == parent["info"]["run_id"] for v in versions)
