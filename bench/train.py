@@ -7,7 +7,7 @@
 `accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
 on the official 10,000-row test set; wall time of the fit alone.
 `default`: the whole `mlpaint train` command on its defaults (MLDB's 80/20 split plus the
-final fit), data from a local folder, MLflow in a temporary SQLite store.
+final fit), MNIST read from a moto S3 server on loopback, MLflow in a temporary SQLite store.
 `ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
 IDX files, the same feature stage, the same six fits with the same parameters, threads and
 concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
@@ -50,7 +50,7 @@ def _load(mnist: Path):
     return train_x, train_y, test_x, test_y
 
 
-def part_accuracy(mnist: Path) -> list[dict]:
+def part_accuracy(mnist: Path, save_dir: Path | None) -> list[dict]:
     from mlpaint.features import apply_feature_stage
     from mlpaint.training.algorithms import load_algorithms, train_model
 
@@ -66,6 +66,8 @@ def part_accuracy(mnist: Path) -> list[dict]:
                             num_threads=os.cpu_count() or 1)
         seconds = time.perf_counter() - start
         accuracy = float((model.predict_proba(test_features).argmax(1) == test_y).mean())
+        if save_dir:
+            model.save(save_dir / f"{name}-{stage}")
         rows.append({"algorithm": name, "features": stage, "fit_seconds": round(seconds, 1),
                      "test_accuracy": accuracy, "rounds": model.rounds})
         logger.info("%s", rows[-1])
@@ -86,9 +88,27 @@ def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
     return seconds, json.loads(completed.stdout)
 
 
-def part_default(mnist: Path) -> dict:
+def part_default(mnist: Path, port: int) -> dict:
+    """`mlpaint train` on its defaults, reading MNIST from a moto S3 server on loopback."""
+    import boto3
+
+    from bench.ingest import _start_moto
+
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
     with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
-        seconds, report = _mlpaint_train(["--source", str(mnist)], Path(workdir))
+        moto = _start_moto(port, Path(workdir) / "moto.log")
+        try:
+            s3 = boto3.client("s3")
+            s3.create_bucket(Bucket="bench-mnist")
+            for path in sorted(mnist.glob("*.gz")):
+                s3.upload_file(str(path), "bench-mnist", f"mnist/{path.name}")
+            seconds, report = _mlpaint_train(["--source", "s3://bench-mnist/mnist/"],
+                                             Path(workdir))
+        finally:
+            moto.terminate()
+            moto.wait(10)
     result = {"wall_seconds": round(seconds, 1),
               "fold_accuracy": report["folds"][0]["statistics"]["accuracy"],
               "test_accuracy": report["test"]["statistics"]["accuracy"],
@@ -158,12 +178,15 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--features", default="deskew")
+    parser.add_argument("--save-models", type=Path, metavar="DIR",
+                        help="with --part accuracy: keep the trained models here")
+    parser.add_argument("--port", type=int, default=50124, help="the moto S3 server's port")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.part == "accuracy":
-        result = part_accuracy(args.mnist)
+        result = part_accuracy(args.mnist, args.save_models)
     elif args.part == "default":
-        result = part_default(args.mnist)
+        result = part_default(args.mnist, args.port)
     else:
         result = part_ratio(args.mnist, args.runs, args.folds, args.features)
     print(json.dumps(result, indent=1))
