@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def train_mnist(
     spec_path: str | None = None,
     algorithms_path: str | None = None,
     cache_dir: str | None = None,
+    publish_to: str | None = None,
 ) -> ExperimentSummary:
     """Cross-fold training: one LightGBM model per fold, aggregated statistics, a final model
     on all training rows scored on the official test set, all of it in MLflow.
@@ -71,6 +73,8 @@ def train_mnist(
         algorithms_path: a YAML file of named algorithm configurations (default the packaged
             algorithms.yaml).
         cache_dir: where data, features and models are kept (default ~/.cache/mlpaint).
+        publish_to: publish the final model (bundle, explanations, gate) to this folder or
+            s3://bucket/prefix in the same run.
     """
     algorithms = load_algorithms(Path(algorithms_path) if algorithms_path else None)
     spec = load_spec(
@@ -121,6 +125,12 @@ def train_mnist(
                                 registered)
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
+    if publish_to and registered:
+        from flows.publish import publish_model
+
+        report = publish_model(model_version=registered.version, to=publish_to,
+                               sources=spec.sources, cache_dir=str(cache))
+        summary = dataclasses.replace(summary, publication=report.to_json())
     return summary
 
 

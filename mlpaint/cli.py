@@ -106,10 +106,63 @@ def _add_train_command(subcommands) -> None:
                       help="run folds on an existing Dask scheduler (tcp://host:8786)")
     dask.add_argument("--dask-workers", type=int, metavar="N",
                       help="start a local Dask cluster of N worker processes for the folds")
+    train.add_argument("--publish-to", metavar="URI",
+                       help="publish the final model to this folder or s3://bucket/prefix "
+                            "in the same flow run")
     train.add_argument("--json", action="store_true",
                        help="print one JSON object: run id, fold, aggregated and test "
                             "statistics, registered model version")
     train.set_defaults(handler=_run_train)
+
+
+def _add_publish_command(subcommands) -> None:
+    publish = subcommands.add_parser(
+        "publish", help="bundle a registered model with SHAP explanations, gate it, publish it",
+        description="Builds a versioned bundle (model, feature stage, metrics, data "
+                    "fingerprint, exact TreeSHAP maps and a gallery of explained test digits, "
+                    "a manifest of SHA-256 hashes), scores it against the current champion on "
+                    "the official test set, and uploads it; LATEST moves only for a champion.")
+    which = publish.add_mutually_exclusive_group()
+    which.add_argument("--run-id", metavar="ID", help="the version registered from this run")
+    which.add_argument("--model-version", metavar="N", help="this version of mnist-digits")
+    publish.add_argument("--to", metavar="URI",
+                         help="folder or s3://bucket/prefix (default $MLPAINT_BUNDLE_DIR or "
+                              ".mlpaint/bundles)")
+    publish.add_argument("--force", action="store_true",
+                         help="promote to champion even if worse than the champion")
+    publish.add_argument("--margin", type=float, default=0.0,
+                         help="test accuracy the candidate may lose and still be promoted")
+    publish.add_argument("--retention", type=int, default=5, help="bundle versions to keep")
+    publish.add_argument("--gallery-per-digit", type=int, default=50, metavar="N")
+    publish.add_argument("--source", action="append", default=None, metavar="URI",
+                         help="MNIST source for the official test set")
+    publish.add_argument("--cache-dir", metavar="DIR")
+    publish.add_argument("--json", action="store_true")
+    publish.set_defaults(handler=_run_publish)
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    if args.retention < 1 or args.gallery_per_digit < 1 or args.margin < 0:
+        raise ValueError("--retention and --gallery-per-digit must be at least 1, --margin "
+                         "at least 0")
+    from flows.publish import publish_model
+
+    report = publish_model(run_id=args.run_id, model_version=args.model_version, to=args.to,
+                           force=args.force, margin=args.margin, retention=args.retention,
+                           gallery_per_digit=args.gallery_per_digit, sources=args.source,
+                           cache_dir=args.cache_dir)
+    _print_publish(report.to_json(), as_json=args.json)
+    return 0
+
+
+def _print_publish(report: dict, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"mnist-digits version {report['model_version']}: {report['gate']['alias']} "
+          f"({report['gate']['reason']})")
+    print(f"bundle {report['bundle']['version']} at {report['bundle']['uri']}; LATEST = "
+          f"{report['bundle']['latest']}")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -127,6 +180,8 @@ def _run_train(args: argparse.Namespace) -> int:
     load_spec(Path(args.spec) if args.spec else None, overrides,
               known_algorithms=frozenset(load_algorithms(
                   Path(args.algorithms) if args.algorithms else None)))
+    if args.publish_to is not None and args.final_fit is False:
+        raise ValueError("--publish-to needs the final model: drop --no-final-fit")
     if args.dask_workers is not None and args.dask_workers < 1:
         raise ValueError("--dask-workers must be at least 1")
 
@@ -145,7 +200,8 @@ def _run_train(args: argparse.Namespace) -> int:
                    sources=args.source, limit=args.limit, seed=args.seed,
                    experiment=args.experiment, eval_train=args.eval_train,
                    final_fit=args.final_fit, spec_path=args.spec,
-                   algorithms_path=args.algorithms, cache_dir=args.cache_dir)
+                   algorithms_path=args.algorithms, cache_dir=args.cache_dir,
+                   publish_to=args.publish_to)
     report = summary.to_json()
     if args.json:
         print(json.dumps(report))
@@ -157,6 +213,8 @@ def _run_train(args: argparse.Namespace) -> int:
             print(f"official test set: accuracy {report['test']['statistics']['accuracy']:.4f}")
         if report["registered_model"]:
             print(f"registered {report['registered_model']['model_uri']}")
+        if report.get("publication"):
+            _print_publish(report["publication"], as_json=False)
     return 0
 
 
@@ -168,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", required=True)
     _add_data_commands(subcommands)
     _add_train_command(subcommands)
+    _add_publish_command(subcommands)
     return parser
 
 

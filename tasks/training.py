@@ -273,6 +273,7 @@ class ExperimentSummary:
     aggregated: dict[str, Aggregate]
     final: FitResult | None
     registered: RegisteredModel | None
+    publication: dict | None = None  # the publish flow's report, when it ran
 
     def to_json(self) -> dict:
         def fit_json(result: FitResult) -> dict:
@@ -289,6 +290,7 @@ class ExperimentSummary:
             "aggregated": {name: asdict(a) for name, a in self.aggregated.items()},
             "test": fit_json(self.final) if self.final else None,
             "registered_model": asdict(self.registered) if self.registered else None,
+            "publication": self.publication,
         }
 
 

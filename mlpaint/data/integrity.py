@@ -94,6 +94,7 @@ def atomic_path(destination: Path) -> Iterator[Path]:
     with scratch_path(destination.parent, destination.name) as tmp_path:
         yield tmp_path
         _fsync(tmp_path)
+        tmp_path.chmod(0o644)  # mkstemp makes files private; what we publish is for reading
         tmp_path.replace(destination)
 
 

@@ -1,0 +1,99 @@
+"""The publish flow: bundle a registered model with exact explanations, gate it against the
+champion, and publish it atomically."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.ingest import ingest_mnist
+from mlpaint.bundle import PublishResult
+from mlpaint.data.integrity import default_cache_dir
+from mlpaint.publish import GateDecision
+from mlpaint.tracking import LOCAL_STORE_DIR, resolve_tracking_uri
+from tasks.publish import (
+    build_bundle,
+    gate,
+    record_publication,
+    resolve_candidate,
+    upload_bundle,
+)
+
+
+def default_bundle_destination() -> str:
+    """`$MLPAINT_BUNDLE_DIR`, else `.mlpaint/bundles` under the working directory."""
+    return os.environ.get("MLPAINT_BUNDLE_DIR") or str(Path.cwd() / LOCAL_STORE_DIR / "bundles")
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    model_version: str
+    run_id: str
+    bundle: PublishResult
+    decision: GateDecision
+    gallery_bytes: int
+
+    def to_json(self) -> dict:
+        return {"model_version": self.model_version, "mlflow_run_id": self.run_id,
+                "bundle": asdict(self.bundle), "gate": asdict(self.decision),
+                "gallery_bytes": self.gallery_bytes}
+
+
+@flow(name="publish-mnist-model")
+def publish_model(
+    run_id: str | None = None,
+    model_version: str | None = None,
+    to: str | None = None,
+    force: bool = False,
+    margin: float = 0.0,
+    retention: int = 5,
+    gallery_per_digit: int = 50,
+    sources: list[str] | None = None,
+    cache_dir: str | None = None,
+) -> PublishReport:
+    """Publish a registered `mnist-digits` version with precomputed SHAP explanations.
+
+    Args:
+        run_id: publish the version registered from this MLflow run.
+        model_version: or this version number (default: the newest version).
+        to: a folder or s3://bucket/prefix (default $MLPAINT_BUNDLE_DIR or .mlpaint/bundles).
+        force: promote to champion even if worse than the current champion.
+        margin: how much worse than the champion (test accuracy) still promotes.
+        retention: how many bundle versions to keep at the destination.
+        gallery_per_digit: explained test digits stored per digit.
+        sources: MNIST sources for the official test set (default: the mirror chain).
+        cache_dir: data cache (default ~/.cache/mlpaint).
+    """
+    destination = to or default_bundle_destination()
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    tracking_uri = resolve_tracking_uri()
+    candidate = resolve_candidate(run_id, model_version, tracking_uri)
+    dataset = ingest_mnist(sources=sources, cache_dir=str(cache))
+    work_dir = cache / "publish"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = {"dataset": dataset.fingerprint,
+                   "training_run_dataset": candidate.data_fingerprint}
+    built = build_bundle(candidate, dataset.tables["test"], fingerprint, gallery_per_digit,
+                         work_dir)
+    decision = gate(candidate, built.test_accuracy, dataset.tables["test"], margin, force,
+                    tracking_uri)
+    result = upload_bundle(built, destination, decision.promote, retention)
+    record_publication(candidate, built, decision, destination, tracking_uri)
+    create_markdown_artifact(
+        key="mnist-model-publication",
+        markdown="\n".join([
+            f"# mnist-digits version {candidate.version}: **{decision.alias}**", "",
+            f"- bundle `{built.info.version}` at `{result.uri}`",
+            f"- LATEST names `{result.latest}`",
+            f"- official test accuracy {built.test_accuracy:.4f}",
+            f"- gate: {decision.reason}",
+            f"- gallery: {built.info.gallery['rows']} digits, "
+            f"{built.info.gallery['bytes'] / 1e6:.1f} MB, additivity error "
+            f"{built.info.gallery['max_additivity_error']:.1e}"]),
+        description="Where the model was published, and why it was or was not promoted")
+    return PublishReport(candidate.version, candidate.run_id, result, decision,
+                         int(built.info.gallery["bytes"]))

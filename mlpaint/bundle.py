@@ -1,0 +1,372 @@
+"""The published bundle: a model plus everything serving needs, verifiable file by file.
+
+Layout under a destination root (a folder or `s3://bucket/prefix`):
+
+    LATEST                        the version serving should load (written last, atomically)
+    versions/<version>/
+        bundle.json               model version, run id, feature stage, preprocessing, labels,
+                                  metrics, data fingerprint, creation time, gallery sizes
+        model/model.json          the DigitModel: how its boosters combine
+        model/booster-<i>.txt     LightGBM boosters
+        explanations/mean_contributions.npy       (10, 784) float32
+        explanations/mean_abs_contributions.npy   (10, 784) float32
+        explanations/mean_contributions.png, mean_abs_contributions.png
+        gallery/gallery.npz       test digits with scores and full per-class contributions
+        manifest.json             SHA-256 and size of every other file (written last)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from mlpaint.data.integrity import atomic_path, sha256_file
+
+logger = logging.getLogger(__name__)
+
+BUNDLE_FORMAT_VERSION = 1
+LATEST = "LATEST"
+MANIFEST = "manifest.json"
+VERSIONS = "versions"
+#: Seconds to wait after uploading a bundle and before flipping LATEST. Zero in production;
+#: the atomicity test sets it to kill a publisher at exactly that point.
+PAUSE_BEFORE_POINTER_ENV = "MLPAINT_FAULT_PAUSE_BEFORE_POINTER"
+
+
+class BundleIntegrityError(Exception):
+    """A bundle file is missing, altered or incomplete; the message names it."""
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    version: str
+    model_name: str
+    model_version: str
+    mlflow_run_id: str
+    algorithm: str
+    feature_stage: str
+    preprocessing: dict
+    labels: list[str]
+    metrics: dict[str, float]
+    data_fingerprint: dict[str, str]
+    created_at: str
+    gallery: dict = field(default_factory=dict)
+    format_version: int = BUNDLE_FORMAT_VERSION
+
+
+def bundle_version_id(model_version: str, created: float) -> str:
+    """Sortable by time: `20261125T160000Z-v3`."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created)) + f"-v{model_version}"
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            yield path
+
+
+def write_manifest(folder: Path) -> dict:
+    files = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+             for p in _walk(folder) if p.name != MANIFEST}
+    manifest = {"format_version": BUNDLE_FORMAT_VERSION, "files": files}
+    with atomic_path(folder / MANIFEST) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    return manifest
+
+
+def verify_folder(folder: Path) -> dict:
+    """Check every file the manifest names; a missing or altered file raises, naming it."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleIntegrityError(f"{folder}: no {MANIFEST} (incomplete bundle)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        raise BundleIntegrityError(f"{manifest_path}: unreadable manifest: {exc}") from exc
+    for name, expected in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            raise BundleIntegrityError(f"{path}: missing from the bundle")
+        actual = sha256_file(path)
+        if actual != expected["sha256"]:
+            raise BundleIntegrityError(f"{path}: sha256 {actual} does not match the manifest "
+                                       f"({expected['sha256']})")
+    return manifest
+
+
+# --- stores ----------------------------------------------------------------------------------
+
+class BundleStore(Protocol):
+    def put_file(self, relative: str, local: Path) -> None: ...
+
+    def get_bytes(self, relative: str) -> bytes | None: ...
+
+    def put_text_atomic(self, relative: str, text: str) -> None: ...
+
+    def list_versions(self) -> list[str]: ...
+
+    def delete_version(self, version: str) -> None: ...
+
+    def describe(self, relative: str = "") -> str: ...
+
+
+@dataclass(frozen=True)
+class LocalStore:
+    root: Path
+
+    def describe(self, relative: str = "") -> str:
+        return str(self.root / relative)
+
+    def put_file(self, relative: str, local: Path) -> None:
+        with atomic_path(self.root / relative) as tmp:
+            shutil.copyfile(local, tmp)
+
+    def get_bytes(self, relative: str) -> bytes | None:
+        path = self.root / relative
+        return path.read_bytes() if path.is_file() else None
+
+    def put_text_atomic(self, relative: str, text: str) -> None:
+        with atomic_path(self.root / relative) as tmp:
+            tmp.write_text(text)
+
+    def list_versions(self) -> list[str]:
+        folder = self.root / VERSIONS
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def delete_version(self, version: str) -> None:
+        shutil.rmtree(self.root / VERSIONS / version, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class S3Store:
+    """boto3 against S3 or any S3-compatible store (`AWS_ENDPOINT_URL`). Each PUT replaces an
+    object whole, so the LATEST pointer is never seen half-written."""
+
+    bucket: str
+    prefix: str
+
+    def _key(self, relative: str) -> str:
+        return f"{self.prefix.strip('/')}/{relative}".lstrip("/")
+
+    def describe(self, relative: str = "") -> str:
+        return f"s3://{self.bucket}/{self._key(relative)}"
+
+    def _client(self):
+        from mlpaint.data.transports import make_s3_client
+
+        return make_s3_client(unsigned=False)
+
+    def put_file(self, relative: str, local: Path) -> None:
+        self._client().upload_file(str(local), self.bucket, self._key(relative))
+
+    def get_bytes(self, relative: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self._client().get_object(Bucket=self.bucket,
+                                             Key=self._key(relative))["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                return None
+            raise
+
+    def put_text_atomic(self, relative: str, text: str) -> None:
+        self._client().put_object(Bucket=self.bucket, Key=self._key(relative),
+                                  Body=text.encode())
+
+    def list_versions(self) -> list[str]:
+        paginator = self._client().get_paginator("list_objects_v2")
+        found = set()
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(VERSIONS) + "/",
+                                       Delimiter="/"):
+            for entry in page.get("CommonPrefixes", []):
+                found.add(entry["Prefix"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(found)
+
+    def delete_version(self, version: str) -> None:
+        client = self._client()
+        paginator = client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket,
+                                       Prefix=self._key(f"{VERSIONS}/{version}/")):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+
+def store_for(uri: str) -> BundleStore:
+    parts = urlsplit(uri)
+    if parts.scheme == "s3":
+        return S3Store(parts.netloc, parts.path.lstrip("/"))
+    if parts.scheme in {"", "file"}:
+        return LocalStore(Path(parts.path if parts.scheme else uri).expanduser())
+    raise ValueError(f"unsupported bundle destination {uri!r}: use a folder or s3://")
+
+
+def read_latest(store: BundleStore) -> str | None:
+    data = store.get_bytes(LATEST)
+    return data.decode().strip() if data else None
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    uri: str
+    version: str
+    latest: str | None  # what LATEST names after publishing
+    promoted: bool
+    pruned: list[str]
+
+
+def publish_bundle(staging: Path, store: BundleStore, version: str, *, promote: bool,
+                   retention: int) -> PublishResult:
+    """Upload a built bundle under `versions/<version>/`, verify every byte that landed, and
+    only then, if promoted, point LATEST at it. Readers that follow LATEST never see a
+    half-published bundle; a publisher killed mid-way leaves LATEST where it was."""
+    manifest = verify_folder(staging)
+    prefix = f"{VERSIONS}/{version}"
+    for name in sorted(manifest["files"]):
+        store.put_file(f"{prefix}/{name}", staging / name)
+    store.put_file(f"{prefix}/{MANIFEST}", staging / MANIFEST)  # last: marks the upload whole
+    for name, expected in manifest["files"].items():
+        landed = store.get_bytes(f"{prefix}/{name}")
+        if landed is None or hashlib.sha256(landed).hexdigest() != expected["sha256"]:
+            raise BundleIntegrityError(f"{store.describe(prefix + '/' + name)}: upload did not "
+                                       "land intact")
+    if pause := float(os.environ.get(PAUSE_BEFORE_POINTER_ENV, "0") or 0):
+        logger.warning("pausing %.1f s before flipping LATEST (%s is set)", pause,
+                       PAUSE_BEFORE_POINTER_ENV)
+        time.sleep(pause)
+    if promote:
+        store.put_text_atomic(LATEST, version + "\n")
+    latest = read_latest(store)
+    pruned = prune_versions(store, retention=retention, keep={latest, version} - {None})
+    return PublishResult(store.describe(), version, latest, promote, pruned)
+
+
+def prune_versions(store: BundleStore, *, retention: int, keep: set[str]) -> list[str]:
+    """Delete all but the newest `retention` versions, never one in `keep`."""
+    versions = store.list_versions()
+    doomed = [v for v in versions[:-retention] if v not in keep] if retention > 0 else []
+    for version in doomed:
+        store.delete_version(version)
+    return doomed
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    folder: Path
+    info: BundleInfo
+    manifest: dict
+
+    def model(self):
+        from mlpaint.training.algorithms import DigitModel
+
+        return DigitModel.load(self.folder / "model")
+
+    def array(self, relative: str) -> np.ndarray:
+        return np.load(self.folder / relative)
+
+    def gallery(self) -> dict[str, np.ndarray]:
+        with np.load(self.folder / "gallery" / "gallery.npz") as data:
+            return {key: data[key] for key in data.files}
+
+
+def _download_version(store: BundleStore, version: str, destination: Path) -> Path:
+    prefix = f"{VERSIONS}/{version}"
+    manifest_bytes = store.get_bytes(f"{prefix}/{MANIFEST}")
+    if manifest_bytes is None:
+        raise BundleIntegrityError(f"{store.describe(prefix)}: no {MANIFEST} (incomplete "
+                                   "bundle)")
+    manifest = json.loads(manifest_bytes)
+    staging = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    for name in manifest["files"]:
+        data = store.get_bytes(f"{prefix}/{name}")
+        if data is None:
+            raise BundleIntegrityError(f"{store.describe(prefix + '/' + name)}: missing from "
+                                       "the bundle")
+        (staging / name).parent.mkdir(parents=True, exist_ok=True)
+        (staging / name).write_bytes(data)
+    (staging / MANIFEST).write_bytes(manifest_bytes)
+    verify_folder(staging)
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.rename(destination)
+    return destination
+
+
+def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None = None
+                ) -> LoadedBundle:
+    """Load and verify a bundle: a folder (a destination root, following LATEST, or one
+    version's folder), `s3://bucket/prefix` (following LATEST), or `models:/name@alias` /
+    `models:/name/N` (the bundle the registry's model version was published to). Every file
+    is checked against the manifest before anything is returned."""
+    if uri.startswith("models:/"):
+        root, version = _bundle_of_registered_model(uri)
+        return load_bundle(root, version=version, cache_dir=cache_dir)
+    store = store_for(uri)
+    if isinstance(store, LocalStore) and (store.root / MANIFEST).is_file() and version is None:
+        folder = store.root
+    else:
+        version = version or read_latest(store)
+        if not version:
+            raise BundleIntegrityError(f"{store.describe(LATEST)}: no LATEST pointer")
+        if isinstance(store, LocalStore):
+            folder = store.root / VERSIONS / version
+        else:
+            from mlpaint.data.integrity import default_cache_dir
+
+            store_key = hashlib.sha256(store.describe().encode()).hexdigest()[:16]
+            destination = (cache_dir or default_cache_dir()) / "bundles" / store_key / version
+            folder = _download_version(store, version, destination)
+    manifest = verify_folder(folder)
+    info = BundleInfo(**json.loads((folder / "bundle.json").read_text()))
+    return LoadedBundle(folder, info, manifest)
+
+
+BUNDLE_ROOT_TAG = "mlpaint.bundle_root"
+BUNDLE_VERSION_TAG = "mlpaint.bundle_version"
+
+
+def _bundle_of_registered_model(uri: str) -> tuple[str, str]:
+    from mlflow import MlflowClient
+
+    from mlpaint.tracking import resolve_tracking_uri
+
+    reference = uri.removeprefix("models:/")
+    tracking_uri = resolve_tracking_uri()
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        model_version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, number = reference.rsplit("/", 1)
+        model_version = client.get_model_version(name, number)
+    tags = model_version.tags
+    if BUNDLE_ROOT_TAG not in tags:
+        raise BundleIntegrityError(f"{uri}: model version {model_version.version} has no "
+                                   "published bundle (run `mlpaint publish`)")
+    return tags[BUNDLE_ROOT_TAG], tags[BUNDLE_VERSION_TAG]
+
+
+def info_json(info: BundleInfo) -> str:
+    return json.dumps(asdict(info), indent=1, sort_keys=True)
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()

@@ -1,0 +1,150 @@
+"""Publishing, as plain functions: load a registered model, precompute its explanations, decide
+the gate, and build the bundle folder. Orchestration lives in tasks/publish.py."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlpaint.bundle import BundleInfo, bundle_version_id, info_json, write_manifest
+from mlpaint.data.catalog import N_CLASSES
+from mlpaint.explain import (
+    DigitMaps,
+    check_additivity,
+    contributions,
+    digit_maps,
+    gallery_rows,
+    render_digit_maps,
+)
+from mlpaint.training.algorithms import DigitModel, softmax
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def load_registered_model(model_uri: str) -> DigitModel:
+    """A registered model back as a DigitModel: a LightGBM-flavour booster, or our pyfunc."""
+    import mlflow
+
+    info = mlflow.models.get_model_info(model_uri)
+    metadata = info.metadata or {}
+    if "lightgbm" in info.flavors:
+        booster = mlflow.lightgbm.load_model(model_uri)
+        return DigitModel([booster], algorithm=str(metadata.get("algorithm", "lgbm")),
+                          rounds=[booster.current_iteration()])
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    promote: bool
+    alias: str
+    candidate_accuracy: float
+    champion_accuracy: float | None
+    champion_version: str | None
+    margin: float
+    forced: bool
+    reason: str
+
+
+def decide(candidate_accuracy: float, champion_accuracy: float | None,
+           champion_version: str | None, *, margin: float, force: bool) -> GateDecision:
+    """Promote unless the candidate is worse than the champion by more than `margin`
+    (accuracy on the official test set); `force` promotes regardless."""
+    if champion_accuracy is None:
+        promote, reason = True, "no champion yet"
+    elif candidate_accuracy >= champion_accuracy - margin:
+        promote = True
+        reason = (f"accuracy {candidate_accuracy:.4f} is within {margin:.4f} of or above the "
+                  f"champion's {champion_accuracy:.4f} (version {champion_version})")
+    else:
+        promote = False
+        reason = (f"accuracy {candidate_accuracy:.4f} is below the champion's "
+                  f"{champion_accuracy:.4f} (version {champion_version}) by more than the "
+                  f"margin {margin:.4f}")
+    forced = force and not promote
+    if forced:
+        promote, reason = True, f"forced by the operator; otherwise: {reason}"
+    return GateDecision(promote, CHAMPION if promote else CHALLENGER, candidate_accuracy,
+                        champion_accuracy, champion_version, margin, forced, reason)
+
+
+@dataclass(frozen=True)
+class Explanations:
+    maps: DigitMaps
+    gallery: dict[str, np.ndarray]
+    max_additivity_error: float
+    test_accuracy: float
+
+
+def explain_test_set(model: DigitModel, features: np.ndarray, pixels: np.ndarray,
+                     labels: np.ndarray, row_hash: np.ndarray, row_keys: list[str], *,
+                     per_digit: int) -> Explanations:
+    """Exact contributions over the whole test set: per-digit mean maps, and a gallery of
+    `per_digit` examples per digit with scores and full per-class contributions (float32),
+    each checked for additivity against the model's raw score."""
+    contrib = contributions(model, features)
+    raw = model.raw_scores(features)
+    check_additivity(contrib, raw)
+    maps = digit_maps(contrib, labels)
+    chosen = gallery_rows(labels, row_hash, per_digit)
+    order = np.concatenate([chosen[d] for d in range(N_CLASSES)])
+    stored = contrib[order].astype(np.float32)
+    # The check that matters: what serving will read back, after the float32 cast.
+    error = check_additivity(stored, raw[order])
+    gallery = {
+        "digit": labels[order].astype(np.uint8),
+        "row_key": np.asarray([row_keys[i] for i in order]),
+        "pixels": np.asarray(pixels[order], dtype=np.uint8),
+        "features": np.asarray(features[order], dtype=np.float32),
+        "raw_scores": raw[order],
+        "probabilities": softmax(raw[order]).astype(np.float32),
+        "contributions": stored,
+        "offsets": np.cumsum([0] + [len(chosen[d]) for d in range(N_CLASSES)]),
+    }
+    accuracy = float((raw.argmax(axis=1) == labels).mean())
+    return Explanations(maps, gallery, error, accuracy)
+
+
+def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanations, *,
+                        model_name: str, model_version: str, run_id: str, feature_stage: str,
+                        metrics: dict[str, float], data_fingerprint: dict[str, str]
+                        ) -> BundleInfo:
+    created = time.time()
+    model.save(staging / "model")
+    folder = staging / "explanations"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "mean_contributions.npy", explanations.maps.mean)
+    np.save(folder / "mean_abs_contributions.npy", explanations.maps.mean_abs)
+    render_digit_maps(explanations.maps.mean, folder / "mean_contributions.png",
+                      "mean contribution to each digit's score (green raises, red lowers)",
+                      signed=True)
+    render_digit_maps(explanations.maps.mean_abs, folder / "mean_abs_contributions.png",
+                      "mean |contribution| to each digit's score", signed=False)
+    gallery_path = staging / "gallery" / "gallery.npz"
+    gallery_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(gallery_path, **explanations.gallery)
+    info = BundleInfo(
+        version=bundle_version_id(model_version, created), model_name=model_name,
+        model_version=model_version, mlflow_run_id=run_id, algorithm=model.algorithm,
+        feature_stage=feature_stage,
+        preprocessing={"input": "28x28 uint8 grey levels, ink high (MNIST convention)",
+                       "feature_stage": feature_stage},
+        labels=[str(d) for d in range(N_CLASSES)], metrics=metrics,
+        data_fingerprint=data_fingerprint,
+        created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),
+        gallery={"per_digit": int(np.diff(explanations.gallery["offsets"]).min()),
+                 "rows": len(explanations.gallery["digit"]),
+                 "bytes": gallery_path.stat().st_size,
+                 "max_additivity_error": explanations.max_additivity_error})
+    (staging / "bundle.json").write_text(info_json(info))
+    write_manifest(staging)
+    return info
+
+
+def decision_json(decision: GateDecision) -> str:
+    return json.dumps(asdict(decision), indent=1)

@@ -1,0 +1,180 @@
+"""Prefect tasks for publishing: the registry and destinations are I/O and retry; building
+the bundle is compute and does not."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.logging import get_run_logger
+
+from mlpaint.bundle import (
+    BUNDLE_ROOT_TAG,
+    BUNDLE_VERSION_TAG,
+    BundleInfo,
+    PublishResult,
+    publish_bundle,
+    store_for,
+)
+from mlpaint.data.catalog import Split
+from mlpaint.data.dataset import load_table, row_keys
+from mlpaint.features import apply_feature_stage
+from mlpaint.publish import (
+    CHALLENGER,
+    CHAMPION,
+    GateDecision,
+    build_bundle_folder,
+    decide,
+    explain_test_set,
+    load_registered_model,
+)
+from mlpaint.tracking import REGISTERED_MODEL_NAME
+
+_IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 20]}
+
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+@dataclass(frozen=True)
+class CandidateRef:
+    name: str
+    version: str
+    run_id: str
+    feature_stage: str
+    data_fingerprint: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@task(name="resolve-model-version", **_IO_RETRIES)
+def resolve_candidate(run_id: str | None, model_version: str | None,
+                      tracking_uri: str) -> CandidateRef:
+    """The model version to publish: the one registered from `run_id`, the given version, or
+    the newest registered version."""
+    client = _client(tracking_uri)
+    if model_version:
+        version = client.get_model_version(REGISTERED_MODEL_NAME, str(model_version))
+    else:
+        query = f"name = '{REGISTERED_MODEL_NAME}'"
+        if run_id:
+            query += f" and run_id = '{run_id}'"
+        versions = client.search_model_versions(query)
+        if not versions:
+            raise LookupError(f"no registered version of {REGISTERED_MODEL_NAME}"
+                              + (f" from run {run_id}" if run_id else ""))
+        version = max(versions, key=lambda v: int(v.version))
+    run = client.get_run(version.run_id)
+    return CandidateRef(REGISTERED_MODEL_NAME, str(version.version), version.run_id,
+                        version.tags.get("feature_stage", "raw"),
+                        run.data.tags.get("mlpaint.dataset_fingerprint", ""))
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    staging: str
+    info: BundleInfo
+    test_accuracy: float
+
+
+@task(name="build-bundle")
+def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint: dict,
+                 per_digit: int, work_dir: Path) -> BuiltBundle:
+    """Load the candidate, explain the whole official test set exactly, build the bundle."""
+    logger = get_run_logger()
+    table = load_table(Path(test_table_dir))
+    model = load_registered_model(candidate.uri)
+    features = apply_feature_stage(candidate.feature_stage, table.pixels)
+    explanations = explain_test_set(model, features, table.pixels, table.labels,
+                                    table.row_hash, row_keys(Split.TEST, table.meta.rows),
+                                    per_digit=per_digit)
+    logger.info("explained %d test digits; accuracy %.4f; gallery additivity error %.2e",
+                table.meta.rows, explanations.test_accuracy,
+                explanations.max_additivity_error)
+    staging = Path(tempfile.mkdtemp(prefix=f"bundle-v{candidate.version}-", dir=work_dir))
+    info = build_bundle_folder(
+        staging, model, explanations, model_name=candidate.name,
+        model_version=candidate.version, run_id=candidate.run_id,
+        feature_stage=candidate.feature_stage,
+        metrics={"test_accuracy": explanations.test_accuracy,
+                 "test_rows": float(table.meta.rows)},
+        data_fingerprint={**data_fingerprint, **table.meta.inputs_sha256})
+    return BuiltBundle(str(staging), info, explanations.test_accuracy)
+
+
+@task(name="gate-against-champion", **_IO_RETRIES)
+def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str,
+         margin: float, force: bool, tracking_uri: str) -> GateDecision:
+    """Score the current champion on the same official test set and decide."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        champion = client.get_model_version_by_alias(REGISTERED_MODEL_NAME, CHAMPION)
+    except MlflowException:
+        champion = None
+    champion_accuracy = None
+    if champion is not None and str(champion.version) == candidate.version:
+        champion_accuracy = candidate_accuracy
+    elif champion is not None:
+        table = load_table(Path(test_table_dir))
+        model = load_registered_model(f"models:/{REGISTERED_MODEL_NAME}/{champion.version}")
+        features = apply_feature_stage(champion.tags.get("feature_stage", "raw"), table.pixels)
+        champion_accuracy = float((model.raw_scores(features).argmax(axis=1)
+                                   == table.labels).mean())
+    decision = decide(candidate_accuracy, champion_accuracy,
+                      str(champion.version) if champion else None, margin=margin, force=force)
+    get_run_logger().info("gate: %s — %s", decision.alias, decision.reason)
+    return decision
+
+
+@task(name="upload-bundle", **_IO_RETRIES)
+def upload_bundle(built: BuiltBundle, destination: str, promote: bool,
+                  retention: int) -> PublishResult:
+    result = publish_bundle(Path(built.staging), store_for(destination), built.info.version,
+                            promote=promote, retention=retention)
+    get_run_logger().info("bundle %s uploaded to %s; LATEST = %s; pruned %s",
+                          result.version, result.uri, result.latest, result.pruned or "none")
+    return result
+
+
+@task(name="record-publication", **_IO_RETRIES)
+def record_publication(candidate: CandidateRef, built: BuiltBundle, decision: GateDecision,
+                       destination: str, tracking_uri: str) -> None:
+    """Aliases and tags in the registry; explanation images, the gate's reason and the bundle
+    description in the candidate's MLflow run."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    client.set_registered_model_alias(candidate.name, decision.alias, candidate.version)
+    if decision.alias == CHAMPION:
+        # A promoted model is no longer the challenger; having no challenger is the usual case.
+        with contextlib.suppress(MlflowException):
+            challenger = client.get_model_version_by_alias(candidate.name, CHALLENGER)
+            if str(challenger.version) == candidate.version:
+                client.delete_registered_model_alias(candidate.name, CHALLENGER)
+    for key, value in {BUNDLE_ROOT_TAG: destination, BUNDLE_VERSION_TAG: built.info.version,
+                       "mlpaint.gate": decision.alias}.items():
+        client.set_model_version_tag(candidate.name, candidate.version, key, value)
+    staging = Path(built.staging)
+    for name in ("mean_contributions.png", "mean_abs_contributions.png",
+                 "mean_contributions.npy", "mean_abs_contributions.npy"):
+        client.log_artifact(candidate.run_id, str(staging / "explanations" / name),
+                            "explanations")
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "gate_decision.json"
+        report.write_text(json.dumps({**asdict(decision), "bundle": destination,
+                                      "bundle_version": built.info.version}, indent=1))
+        client.log_artifact(candidate.run_id, str(report), "publish")
+    client.set_tag(candidate.run_id, "mlpaint.gate", decision.alias)
+    client.set_tag(candidate.run_id, "mlpaint.gate_reason", decision.reason)
+

@@ -1,0 +1,161 @@
+"""Publishing on real services: a SQLite MLflow registry, Prefect's test harness, the moto S3
+server, and a publishing subprocess killed between upload and pointer flip."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import boto3
+import mlflow
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from prefect.testing.utilities import prefect_test_harness
+
+from flows.publish import publish_model
+from mlpaint.bundle import (
+    BundleIntegrityError,
+    S3Store,
+    load_bundle,
+    read_latest,
+)
+from mlpaint.data.dataset import table_from_files
+from mlpaint.data.fetch import FetchContext, fetch_dataset
+from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.training.algorithms import GbdtConfig, train_model
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, shared_mnist):
+    """A SQLite registry holding three versions of mnist-digits of known relative quality:
+    v1 good, v2 worse, v3 the same booster as v1 (equal)."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cache = root / "cache"
+    fetched = fetch_dataset([str(shared_mnist)], FetchContext(Pins(), BlobCache(cache)))
+    train = table_from_files(fetched[next(s for s in fetched if s.value == "train")])
+    features, labels = train.pixels[:3000].astype(np.float32), train.labels[:3000]
+    params = {"num_leaves": 15, "min_data_in_leaf": 10, "learning_rate": 0.3, "max_bin": 31}
+    good = train_model("lgbm", GbdtConfig(rounds=15, params=params), features, labels,
+                       seed=0, num_threads=2)
+    worse = train_model("lgbm", GbdtConfig(rounds=2, params=params), features[:300],
+                        labels[:300], seed=0, num_threads=2)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    client = MlflowClient(uri, uri)
+    for model in (good, worse, good):
+        with mlflow.start_run() as run:
+            info = mlflow.lightgbm.log_model(model.boosters[0], name="model",
+                                             registered_model_name="mnist-digits",
+                                             metadata={"algorithm": "lgbm"})
+        client.set_model_version_tag("mnist-digits", str(info.registered_model_version),
+                                     "feature_stage", "raw")
+        assert run.info.run_id
+    return {"uri": uri, "root": root, "cache": str(cache), "source": str(shared_mnist)}
+
+
+def _publish(registry, monkeypatch, **kwargs):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
+    return publish_model(sources=[registry["source"]], cache_dir=registry["cache"],
+                         gallery_per_digit=5, **kwargs)
+
+
+def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path):
+    client = MlflowClient(registry["uri"], registry["uri"])
+    dest = str(tmp_path / "bundles")
+
+    first = _publish(registry, monkeypatch, model_version="1", to=dest)
+    assert first.decision.alias == "champion" and first.decision.reason == "no champion yet"
+    assert str(client.get_model_version_by_alias("mnist-digits", "champion").version) == "1"
+    latest_after_first = read_latest(load_store(dest))
+    assert latest_after_first == first.bundle.version
+
+    worse = _publish(registry, monkeypatch, model_version="2", to=dest)
+    assert worse.decision.alias == "challenger" and not worse.decision.promote
+    assert worse.decision.champion_accuracy > worse.decision.candidate_accuracy
+    assert str(client.get_model_version_by_alias("mnist-digits", "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias("mnist-digits", "champion").version) == "1"
+    assert read_latest(load_store(dest)) == latest_after_first  # LATEST untouched
+    run = client.get_run(client.get_model_version("mnist-digits", "2").run_id)
+    assert "below the champion" in run.data.tags["mlpaint.gate_reason"]
+
+    equal = _publish(registry, monkeypatch, model_version="3", to=dest)
+    assert equal.decision.alias == "champion"
+    assert equal.decision.candidate_accuracy == pytest.approx(equal.decision.champion_accuracy)
+    assert read_latest(load_store(dest)) == equal.bundle.version
+
+    forced = _publish(registry, monkeypatch, model_version="2", to=dest, force=True)
+    assert forced.decision.alias == "champion" and forced.decision.forced
+    assert str(client.get_model_version_by_alias("mnist-digits", "champion").version) == "2"
+    # the champion alias resolves to the bundle it was published to
+    loaded = load_bundle("models:/mnist-digits@champion")
+    assert loaded.info.model_version == "2" and loaded.info.version == forced.bundle.version
+    artifacts = {a.path for a in client.list_artifacts(forced.run_id, "explanations")}
+    assert "explanations/mean_contributions.png" in artifacts
+
+
+def load_store(dest):
+    from mlpaint.bundle import store_for
+
+    return store_for(dest)
+
+
+def test_killed_publisher_leaves_the_previous_bundle(harness, registry, monkeypatch,
+                                                     tmp_path, prefect_api):
+    dest = tmp_path / "bundles"
+    first = _publish(registry, monkeypatch, model_version="1", to=str(dest), force=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PREFECT_API_URL": prefect_api,
+           "PREFECT_HOME": str(tmp_path / "prefect-client"),
+           "MLPAINT_FAULT_PAUSE_BEFORE_POINTER": "120"}
+    mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
+    process = subprocess.Popen(
+        [mlpaint, "publish", "--model-version", "3", "--to", str(dest), "--force",
+         "--gallery-per-digit", "5", "--source", registry["source"], "--cache-dir",
+         registry["cache"]], env=env, cwd=REPO, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        uploaded = []
+        while not uploaded and time.monotonic() < deadline:
+            uploaded = [p for p in (dest / "versions").glob("*-v3") if (p / "manifest.json")
+                        .exists()]
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            time.sleep(0.5)
+        assert uploaded, "the publisher never finished uploading"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert (dest / "LATEST").read_text().strip() == first.bundle.version
+    loaded = load_bundle(str(dest))
+    assert loaded.info.version == first.bundle.version and loaded.info.model_version == "1"
+
+
+def test_s3_destination(s3_env, tmp_path, registry, harness, monkeypatch):
+    boto3.client("s3").create_bucket(Bucket="bundles")
+    report = _publish(registry, monkeypatch, model_version="1", to="s3://bundles/mnist",
+                      force=True)
+    store = S3Store("bundles", "mnist")
+    assert read_latest(store) == report.bundle.version
+    loaded = load_bundle("s3://bundles/mnist", cache_dir=tmp_path / "cache")
+    assert loaded.info.version == report.bundle.version
+    assert loaded.model().raw_scores(np.zeros((1, 784), np.float32)).shape == (1, 10)
+    # a tampered object in the bucket is caught on load
+    key = f"mnist/versions/{report.bundle.version}/bundle.json"
+    s3 = boto3.client("s3")
+    body = json.loads(s3.get_object(Bucket="bundles", Key=key)["Body"].read())
+    body["metrics"]["test_accuracy"] = 1.0
+    s3.put_object(Bucket="bundles", Key=key, Body=json.dumps(body).encode())
+    with pytest.raises(BundleIntegrityError, match=r"bundle\.json: sha256"):
+        load_bundle("s3://bundles/mnist", cache_dir=tmp_path / "cache2")
