@@ -9,7 +9,9 @@ bias + sum of the 784 pixel contributions = the raw score of that class.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,74 @@ def contributions(model: DigitModel, features: np.ndarray, *, chunk_rows: int = 
     return out
 
 
+def _split_by_class(booster, n_classes: int) -> list:
+    """One single-output booster per class, holding only that class's trees.
+
+    A multiclass LightGBM model stores, per boosting round, one tree per class (tree i
+    belongs to class i % n_classes), and a class's raw score is the sum of its trees alone;
+    its TreeSHAP contributions likewise depend only on its trees. Explaining one class with
+    its own trees gives the same numbers as the full model's `pred_contrib` for that class
+    (the tests check equality), at a tenth of the cost: the serving path explains only the
+    digits it shows.
+    """
+    import lightgbm as lgb
+
+    text = booster.model_to_string()
+    head, body = text.split("\nTree=0\n", 1)
+    trees_text, tail = body.split("\nend of trees\n", 1)
+    blocks = ("Tree=0\n" + trees_text).strip("\n").split("\n\n")
+    header = []
+    for line in head.split("\n"):
+        if line.startswith("tree_sizes="):  # byte offsets of the full model's trees
+            continue
+        if line.startswith("num_class="):
+            line = "num_class=1"
+        elif line.startswith("num_tree_per_iteration="):
+            line = "num_tree_per_iteration=1"
+        elif line.startswith("objective="):
+            line = "objective=regression"  # identity link: prediction = sum of leaves
+        header.append(line)
+    boosters = []
+    for cls in range(n_classes):
+        mine = [re.sub(r"^Tree=\d+", f"Tree={k}", block)
+                for k, block in enumerate(blocks[cls::n_classes])]
+        model_text = ("\n".join(header) + "\n\n" + "\n\n".join(mine)
+                      + "\n\nend of trees\n" + tail)
+        boosters.append(lgb.Booster(model_str=model_text))
+    return boosters
+
+
+class ClassExplainer:
+    """Exact per-class contributions of a DigitModel, computing only the classes asked for."""
+
+    def __init__(self, model: DigitModel) -> None:
+        self.model = model
+
+    @cached_property
+    def _per_class(self) -> list[list]:
+        """[booster][class] single-class boosters, built on first use."""
+        return [_split_by_class(b, N_CLASSES) for b in self.model.boosters]
+
+    def explain(self, features: np.ndarray, classes: list[int]) -> np.ndarray:
+        """(rows, len(classes), 785): each asked class's 784 contributions, then its bias."""
+        features = np.asarray(features, dtype=np.float32)
+        out = np.zeros((features.shape[0], len(classes), N_FEATURES + 1), dtype=np.float64)
+        for per_class in self._per_class:
+            for slot, cls in enumerate(classes):
+                out[:, slot] += per_class[cls].predict(features, pred_contrib=True)
+        out /= len(self._per_class)
+        return out
+
+    def explain_own_class(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """(rows, 785): each row's contributions to the score of its own label."""
+        out = np.zeros((features.shape[0], N_FEATURES + 1), dtype=np.float64)
+        for digit in range(N_CLASSES):
+            rows = np.flatnonzero(labels == digit)
+            if rows.size:
+                out[rows] = self.explain(features[rows], [digit])[:, 0]
+        return out
+
+
 def check_additivity(contrib: np.ndarray, raw_scores: np.ndarray,
                      tolerance: float = ADDITIVITY_TOLERANCE) -> float:
     """The largest |bias + sum(contributions) - raw score|; raises past the tolerance."""
@@ -57,11 +127,12 @@ class DigitMaps:
     mean_abs: np.ndarray  # (10, 784)
 
 
-def digit_maps(contrib: np.ndarray, labels: np.ndarray) -> DigitMaps:
+def digit_maps(own_class: np.ndarray, labels: np.ndarray) -> DigitMaps:
+    """From each row's contributions to its own label (rows, 785)."""
     mean = np.zeros((N_CLASSES, N_FEATURES), dtype=np.float32)
     mean_abs = np.zeros((N_CLASSES, N_FEATURES), dtype=np.float32)
     for digit in range(N_CLASSES):
-        rows = contrib[labels == digit, digit, :N_FEATURES]
+        rows = own_class[labels == digit, :N_FEATURES]
         if len(rows):
             mean[digit] = rows.mean(axis=0)
             mean_abs[digit] = np.abs(rows).mean(axis=0)

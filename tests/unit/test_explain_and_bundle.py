@@ -168,3 +168,19 @@ def test_manifest_lists_every_file(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "b").write_text("y")
     assert sorted(write_manifest(tmp_path)["files"]) == ["a", "sub/b"]
+
+
+@pytest.mark.parametrize("kind", ["single", "bagged"])
+def test_class_explainer_equals_the_full_computation(models, digits, kind):
+    from mlpaint.explain import ClassExplainer
+
+    model = models[kind]
+    features = digits[0][:30].astype(np.float32)
+    full = contributions(model, features)
+    explainer = ClassExplainer(model)
+    some = explainer.explain(features, [7, 2])
+    assert np.allclose(some[:, 0], full[:, 7], atol=1e-12)
+    assert np.allclose(some[:, 1], full[:, 2], atol=1e-12)
+    labels = digits[1][:30]
+    own = explainer.explain_own_class(features, labels)
+    assert np.allclose(own, full[np.arange(30), labels], atol=1e-12)
