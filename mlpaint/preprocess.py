@@ -1,0 +1,74 @@
+"""From a drawing to an MNIST digit: the one preprocessing function serving and tests share.
+
+MNIST's recipe (LeCun et al.): the digit's bounding box is scaled so its longer side is 20
+pixels, keeping the aspect ratio, with anti-aliasing that leaves grey levels at the edges; the
+20-pixel box is placed in a 28x28 field so that its centre of mass sits at the centre. MLPaint
+binarised the canvas and stretched it to fill the frame; this keeps MNIST's geometry and grey
+levels, which is what the model was trained on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mlpaint.data.catalog import IMAGE_SIDE
+
+DIGIT_BOX = 20  # the longer side of the digit's box, in pixels, as in MNIST
+MASS_CENTRE = IMAGE_SIDE // 2
+INK_THRESHOLD = 0.05  # of the darkest ink: fainter pixels do not extend the bounding box
+
+
+def ink_from_image(image) -> np.ndarray:
+    """Ink intensity in [0, 1] from a PIL image: dark strokes on a light or transparent
+    background count as ink; transparency counts as background."""
+    rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255.0
+    luminance = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.clip((1.0 - luminance) * rgba[..., 3], 0.0, 1.0)
+
+
+def to_mnist(ink: np.ndarray) -> np.ndarray:
+    """A 2-D ink map of any size (values >= 0, ink high) to a 28x28 uint8 MNIST-like digit.
+    A blank drawing gives a blank digit."""
+    from PIL import Image
+
+    ink = np.asarray(ink, dtype=np.float32)
+    if ink.ndim != 2 or ink.size == 0:
+        raise ValueError(f"expected a 2-D image, got shape {ink.shape}")
+    peak = float(ink.max())
+    if not np.isfinite(peak) or peak <= 0:
+        return np.zeros((IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
+    rows = np.flatnonzero((ink >= INK_THRESHOLD * peak).any(axis=1))
+    cols = np.flatnonzero((ink >= INK_THRESHOLD * peak).any(axis=0))
+    cropped = ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] / peak
+    height, width = cropped.shape
+    scale = DIGIT_BOX / max(height, width)
+    new_h = max(1, round(height * scale))
+    new_w = max(1, round(width * scale))
+    # BOX averages every source pixel a target pixel covers: anti-aliasing for shrinking;
+    # for enlarging a tiny drawing it is plain nearest-neighbour, hence LANCZOS there.
+    resample = Image.Resampling.BOX if scale < 1 else Image.Resampling.LANCZOS
+    small = np.asarray(Image.fromarray(cropped, mode="F").resize((new_w, new_h), resample),
+                       dtype=np.float32)
+    small = np.clip(small, 0.0, None)
+    if small.max() > 0:
+        small /= small.max()
+    # Centre of mass to pixel (14, 14), where MNIST's digits have theirs (their mean over the
+    # test set is (13.99, 14.01)); an integer shift, as MNIST did.
+    mass = small.sum()
+    centre_r = (small.sum(axis=1) @ np.arange(new_h)) / mass
+    centre_c = (small.sum(axis=0) @ np.arange(new_w)) / mass
+    top = round(MASS_CENTRE - centre_r)
+    left = round(MASS_CENTRE - centre_c)
+    frame = np.zeros((IMAGE_SIDE, IMAGE_SIDE), dtype=np.float32)
+    src_r0, src_c0 = max(0, -top), max(0, -left)
+    dst_r0, dst_c0 = max(0, top), max(0, left)
+    span_r = min(new_h - src_r0, IMAGE_SIDE - dst_r0)
+    span_c = min(new_w - src_c0, IMAGE_SIDE - dst_c0)
+    frame[dst_r0:dst_r0 + span_r, dst_c0:dst_c0 + span_c] = \
+        small[src_r0:src_r0 + span_r, src_c0:src_c0 + span_c]
+    return np.rint(frame * 255.0).astype(np.uint8)
+
+
+def image_to_mnist(image) -> np.ndarray:
+    """A PIL image of a drawing (any size) to a 28x28 uint8 MNIST-like digit."""
+    return to_mnist(ink_from_image(image))
