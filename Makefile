@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run fetch test lint unit bench bench-train stack-up stack-down deploy clean
+.PHONY: help setup run fetch serve test browser lint unit bench bench-train stack-up stack-down deploy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -20,11 +20,17 @@ $(VENV)/.installed: pyproject.toml
 run: setup ## the main job on embedded defaults: fetch MNIST, train (MLDB's 80/20 split + final fit), register in a local MLflow store
 	$(BIN)/mlpaint train
 
+serve: setup ## serve the published bundle: the drawing page at http://127.0.0.1:8000
+	$(BIN)/mlpaint serve --bundle .mlpaint/bundles
+
 fetch: setup ## only fetch, verify, join and explore MNIST (the default mirror chain)
 	$(BIN)/mlpaint data fetch
 
-test: setup lint ## lint, then the whole suite (it starts its own HTTP, S3 and Prefect servers)
+test: setup browser lint ## lint, then the whole suite (it starts its own HTTP, S3, Prefect, MLflow and MLPaint servers)
 	$(BIN)/pytest
+
+browser: ## Debian's chromium for the browser tests (Playwright drives it; it cannot download one)
+	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 lint: setup ## ruff
 	$(BIN)/ruff check .

@@ -218,6 +218,35 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve_command(subcommands) -> None:
+    serve = subcommands.add_parser(
+        "serve", help="MLPaint: the drawing page and REST API, from a published bundle",
+        description="Loads and verifies the bundle once, then follows its LATEST pointer and "
+                    "swaps in newer bundles whole. The page is at /, the API under /v1, its "
+                    "OpenAPI page at /docs.")
+    serve.add_argument("--bundle", required=True, metavar="URI",
+                       help="a bundle folder, s3://bucket/prefix or models:/mnist-digits@champion")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--watch-seconds", type=float, default=5.0,
+                       help="how often to look for a newer bundle (0: never)")
+    serve.add_argument("--cache-dir", metavar="DIR", help="where S3 bundles are downloaded")
+    serve.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import uvicorn
+
+    from mlpaint.serving.app import create_app
+
+    app = create_app(args.bundle, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+                     watch_interval_s=args.watch_seconds)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlpaint",
@@ -227,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(subcommands)
     _add_train_command(subcommands)
     _add_publish_command(subcommands)
+    _add_serve_command(subcommands)
     return parser
 
 

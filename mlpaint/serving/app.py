@@ -1,0 +1,280 @@
+"""The MLPaint ASGI app: the REST API and the drawing page.
+
+Every input is validated by pydantic (visible on /docs); anything wrong with a request is a
+4xx saying what to fix.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mlpaint.data.catalog import N_CLASSES, N_FEATURES
+from mlpaint.preprocess import image_to_mnist
+from mlpaint.serving.model import ALL_LABELS, ModelHolder, ServedModel, top_labels
+
+logger = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 1 << 20
+MAX_BATCH = 256
+MAX_IMAGE_SIDE = 4096
+
+Pixel = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]
+
+
+class DigitInput(BaseModel):
+    """One digit: either 784 pixel values (28x28, row by row, 0-255, ink high as in MNIST),
+    or a drawing as a PNG/JPEG data URL of any size (dark ink on a light or transparent
+    background), which is cropped, scaled and centred like MNIST first."""
+
+    model_config = ConfigDict(extra="forbid")
+    pixels: list[Pixel] | None = Field(None, min_length=N_FEATURES, max_length=N_FEATURES)
+    image: str | None = Field(None, description="data:image/png;base64,…")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DigitInput:
+        if (self.pixels is None) == (self.image is None):
+            raise ValueError("give exactly one of 'pixels' (784 numbers) or 'image' (a data "
+                             "URL)")
+        return self
+
+
+class PredictRequest(DigitInput):
+    pixels: list[Pixel] | None = Field(None, min_length=N_FEATURES, max_length=N_FEATURES)
+    image: str | None = None
+    batch: list[DigitInput] | None = Field(None, min_length=1, max_length=MAX_BATCH)
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> PredictRequest:
+        given = sum(x is not None for x in (self.pixels, self.image, self.batch))
+        if given != 1:
+            raise ValueError("give exactly one of 'pixels', 'image' or 'batch'")
+        return self
+
+
+class ExplainRequest(DigitInput):
+    labels: list[Annotated[int, Field(ge=0, le=N_CLASSES - 1)]] | Literal["all"] | None = Field(
+        None, description="digits to explain: a list, 'all', or omitted for the top three")
+
+
+class Prediction(BaseModel):
+    digit: int
+    probabilities: list[float]
+    raw_scores: list[float]
+    model_version: str
+    bundle_version: str
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+
+
+class LabelExplanation(BaseModel):
+    label: int
+    probability: float
+    raw_score: float
+    bias: float
+    contributions: list[float] = Field(description="784 values, row by row, 28x28")
+
+
+class ExplainResponse(BaseModel):
+    digit: int
+    probabilities: list[float]
+    image: list[float] = Field(description="the preprocessed 28x28 input, row by row")
+    features: list[float] = Field(description="what the model saw (after its feature stage), "
+                                              "which the contributions refer to")
+    explanations: list[LabelExplanation]
+    model_version: str
+    bundle_version: str
+
+
+class ExampleResponse(BaseModel):
+    digit: int
+    offset: int
+    count: int
+    row_key: str
+    predicted: int
+    image: list[int]
+    features: list[float]
+    probabilities: list[float]
+    raw_scores: list[float]
+    contributions: list[list[float]] = Field(description="10 x 784")
+    bias: list[float]
+
+
+class ModelResponse(BaseModel):
+    model_name: str
+    model_version: str
+    bundle_version: str
+    alias: str | None
+    algorithm: str
+    feature_stage: str
+    metrics: dict[str, float]
+    data_fingerprint: dict[str, str]
+    trained_at: str
+    gallery_per_digit: int
+
+
+def _decode_image(data_url: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    header, sep, payload = data_url.partition(",")
+    if not sep or not header.startswith("data:image/") or ";base64" not in header:
+        raise HTTPException(400, "image must be a data URL: data:image/png;base64,<data>")
+    try:
+        raw = base64.b64decode(payload, validate=True)
+        with Image.open(io.BytesIO(raw)) as image:
+            if max(image.size) > MAX_IMAGE_SIDE:
+                raise HTTPException(400, f"image larger than {MAX_IMAGE_SIDE} px a side")
+            image.load()
+            return image_to_mnist(image)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPException(400, f"image is not valid base64: {exc}") from exc
+    except (UnidentifiedImageError, OSError) as exc:
+        raise HTTPException(400, "image could not be decoded as PNG, JPEG or another format "
+                                 "Pillow reads") from exc
+
+
+def _pixels_of(item: DigitInput) -> np.ndarray:
+    if item.pixels is not None:
+        return np.rint(np.asarray(item.pixels, dtype=np.float64)).astype(np.uint8)
+    return _decode_image(item.image).reshape(N_FEATURES)
+
+
+def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
+               watch_interval_s: float = 5.0) -> FastAPI:
+    holder = ModelHolder(bundle_uri, cache_dir=cache_dir)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        holder.load_initial()
+        if watch_interval_s > 0:
+            holder.watch(watch_interval_s)
+        yield
+        holder.stop()
+
+    app = FastAPI(title="MLPaint", version="1", lifespan=lifespan,
+                  description="Scores and exact per-pixel explanations of handwritten digits.")
+    app.state.holder = holder
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's default echoes each bad input back, and a NaN cannot be written as JSON
+        # (it would turn a 422 into a 500): say where and what, not the value.
+        return JSONResponse(status_code=422, content={"detail": [
+            {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""),
+             "type": error.get("type", "")} for error in exc.errors()]})
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
+        if request.method in {"POST", "PUT", "PATCH"} and length is None:
+            body = await request.body()  # chunked: measure what actually came
+            if len(body) > MAX_BODY_BYTES:
+                return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"},
+                                    413)
+        return await call_next(request)
+
+    def served() -> ServedModel:
+        current = holder.current
+        if current is None:
+            raise HTTPException(503, "no model loaded yet")
+        return current
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        current = holder.current
+        if current is None:
+            return JSONResponse({"ready": False, "error": holder.last_error}, 503)
+        return JSONResponse({"ready": True, "bundle_version": current.version,
+                             "last_refresh_error": holder.last_error})
+
+    @app.get("/v1/model", response_model=ModelResponse)
+    def model_info() -> ModelResponse:
+        info = served().bundle.info
+        return ModelResponse(
+            model_name=info.model_name, model_version=info.model_version,
+            bundle_version=info.version, alias="champion" if "@champion" in bundle_uri
+            else None, algorithm=info.algorithm, feature_stage=info.feature_stage,
+            metrics=info.metrics, data_fingerprint=info.data_fingerprint,
+            trained_at=info.created_at, gallery_per_digit=int(info.gallery.get("per_digit", 0)))
+
+    @app.post("/v1/predict", response_model=PredictResponse)
+    def predict(request: PredictRequest) -> PredictResponse:
+        current = served()
+        items = request.batch if request.batch is not None else [request]
+        pixels = np.stack([_pixels_of(item) for item in items])
+        raw, probabilities = current.score(pixels)
+        info = current.bundle.info
+        return PredictResponse(predictions=[
+            Prediction(digit=int(p.argmax()), probabilities=p.tolist(), raw_scores=r.tolist(),
+                       model_version=info.model_version, bundle_version=info.version)
+            for r, p in zip(raw, probabilities, strict=True)])
+
+    @app.post("/v1/explain", response_model=ExplainResponse)
+    def explain(request: ExplainRequest) -> ExplainResponse:
+        current = served()
+        pixels = _pixels_of(request)
+        raw, probabilities = current.score(pixels[None, :])
+        raw, probabilities = raw[0], probabilities[0]
+        if request.labels == "all":
+            labels = ALL_LABELS
+        elif request.labels is None:
+            labels = top_labels(probabilities, 3)
+        else:
+            labels = list(dict.fromkeys(request.labels))
+        contrib, features = current.explain(pixels, labels)
+        info = current.bundle.info
+        return ExplainResponse(
+            digit=int(probabilities.argmax()), probabilities=probabilities.tolist(),
+            image=pixels.astype(float).tolist(), features=features.ravel().tolist(),
+            explanations=[LabelExplanation(label=label, probability=float(probabilities[label]),
+                                           raw_score=float(raw[label]),
+                                           bias=float(contrib[i, -1]),
+                                           contributions=contrib[i, :-1].tolist())
+                          for i, label in enumerate(labels)],
+            model_version=info.model_version, bundle_version=info.version)
+
+    @app.get("/v1/examples", response_model=ExampleResponse)
+    def examples(digit: Annotated[int, Query(ge=0, le=N_CLASSES - 1)],
+                 offset: Annotated[int, Query(ge=0)] = 0) -> ExampleResponse:
+        current = served()
+        count = current.gallery_count(digit)
+        if offset >= count:
+            raise HTTPException(404, f"offset {offset} is past the gallery: digit {digit} has "
+                                     f"{count} examples (offsets 0..{count - 1})")
+        row = current.gallery_row(digit, offset)
+        g = current.gallery
+        contributions = g["contributions"][row]
+        return ExampleResponse(
+            digit=digit, offset=offset, count=count, row_key=str(g["row_key"][row]),
+            predicted=int(g["raw_scores"][row].argmax()), image=g["pixels"][row].tolist(),
+            features=g["features"][row].tolist(),
+            probabilities=g["probabilities"][row].tolist(),
+            raw_scores=g["raw_scores"][row].tolist(),
+            contributions=contributions[:, :-1].tolist(), bias=contributions[:, -1].tolist())
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> str:
+        return resources.files("mlpaint.serving").joinpath("static/index.html").read_text()
+
+    return app
+

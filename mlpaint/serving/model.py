@@ -1,0 +1,126 @@
+"""What the server holds: one verified bundle, ready to score and explain, swapped whole."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlpaint.bundle import LoadedBundle, load_bundle, read_latest, store_for
+from mlpaint.data.catalog import IMAGE_SIDE, N_CLASSES, N_FEATURES
+from mlpaint.explain import ClassExplainer
+from mlpaint.features import apply_feature_stage
+from mlpaint.training.algorithms import DigitModel, softmax
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    bundle: LoadedBundle
+    model: DigitModel
+    explainer: ClassExplainer
+    gallery: dict[str, np.ndarray]
+    pointer: str | None = None  # the LATEST value it was loaded for, if it followed LATEST
+
+    @classmethod
+    def load(cls, uri: str, *, version: str | None = None, cache_dir: Path | None = None
+             ) -> ServedModel:
+        bundle = load_bundle(uri, version=version, cache_dir=cache_dir)  # verifies hashes
+        model = bundle.model()
+        explainer = ClassExplainer(model)
+        explainer.explain(np.zeros((1, N_FEATURES), np.float32), [0])  # build before serving
+        return cls(bundle, model, explainer, bundle.gallery(), pointer=version)
+
+    @property
+    def version(self) -> str:
+        return self.bundle.info.version
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        return apply_feature_stage(self.bundle.info.feature_stage, pixels)
+
+    def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores and probabilities for uint8 rows of 784 pixels."""
+        raw = self.model.raw_scores(self.features(pixels))
+        return raw, softmax(raw)
+
+    def explain(self, pixels: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """For one row: (len(labels), 785) contributions with the bias last, and the feature
+        image (28x28) they refer to."""
+        features = self.features(pixels[None, :])
+        return self.explainer.explain(features, labels)[0], features[0].reshape(IMAGE_SIDE,
+                                                                                IMAGE_SIDE)
+
+    def gallery_count(self, digit: int) -> int:
+        offsets = self.gallery["offsets"]
+        return int(offsets[digit + 1] - offsets[digit])
+
+    def gallery_row(self, digit: int, offset: int) -> int:
+        return int(self.gallery["offsets"][digit] + offset)
+
+
+@dataclass
+class ModelHolder:
+    """The served model behind a lock-free reference: readers take `current` once per
+    request; a reload builds the new one completely and then swaps the reference, so no
+    request ever sees a half-loaded model."""
+
+    uri: str
+    cache_dir: Path | None = None
+    current: ServedModel | None = None
+    last_error: str | None = None
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def load_initial(self) -> None:
+        self.current = ServedModel.load(self.uri, version=self.latest_version(),
+                                        cache_dir=self.cache_dir)
+        logger.info("serving bundle %s (model version %s)", self.current.version,
+                    self.current.bundle.info.model_version)
+
+    def latest_version(self) -> str | None:
+        if self.uri.startswith("models:/"):
+            return None  # a registry alias is resolved once at start-up
+        store = store_for(self.uri)
+        from mlpaint.bundle import MANIFEST, LocalStore
+
+        if isinstance(store, LocalStore) and (store.root / MANIFEST).is_file():
+            return None  # a single version's folder has no LATEST to follow
+        return read_latest(store)
+
+    def refresh(self) -> bool:
+        """Swap in the bundle LATEST names, if it changed. Returns whether it swapped."""
+        try:
+            latest = self.latest_version()
+            if latest is None or (self.current and latest == self.current.pointer):
+                return False
+            candidate = ServedModel.load(self.uri, version=latest, cache_dir=self.cache_dir)
+        except Exception as exc:  # keep serving what we have; report it on /readyz
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            logger.warning("bundle refresh failed, still serving %s: %s",
+                           self.current.version if self.current else None, exc)
+            return False
+        self.current, self.last_error = candidate, None
+        logger.info("now serving bundle %s", candidate.version)
+        return True
+
+    def watch(self, interval_s: float) -> threading.Thread:
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                self.refresh()
+
+        thread = threading.Thread(target=loop, name="bundle-watcher", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def top_labels(probabilities: np.ndarray, k: int) -> list[int]:
+    return [int(i) for i in np.argsort(-probabilities, kind="stable")[:k]]
+
+
+ALL_LABELS = list(range(N_CLASSES))

@@ -1,0 +1,166 @@
+"""The REST API against the real app and a real small bundle."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from mlpaint.data.catalog import Split
+from mlpaint.serving.app import create_app
+from tests.serving.conftest import build_and_publish
+
+
+@pytest.fixture(scope="module")
+def client(bundle_root):
+    with TestClient(create_app(str(bundle_root / "bundles"), watch_interval_s=0)) as client:
+        yield client
+
+
+def _digits(mnist_tables, count=40):
+    test = mnist_tables[Split.TEST]
+    return np.asarray(test.pixels[:count]), test.labels[:count]
+
+
+def _data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _drawn(pixels: np.ndarray) -> str:
+    """A test digit as a person would draw it: black ink on white, 10x larger."""
+    big = Image.fromarray(pixels.reshape(28, 28)).resize((280, 280), Image.Resampling.BILINEAR)
+    return _data_url(Image.fromarray(255 - np.asarray(big)))
+
+
+def test_health_ready_and_model(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["bundle_version"].endswith("-v1")
+    model = client.get("/v1/model").json()
+    assert model["model_version"] == "1" and model["feature_stage"] == "deskew"
+    assert 0.9 < model["metrics"]["test_accuracy"] <= 1 and model["gallery_per_digit"] == 8
+
+
+def test_predict_pixels_and_batch(client, mnist_tables):
+    pixels, labels = _digits(mnist_tables)
+    single = client.post("/v1/predict", json={"pixels": pixels[0].tolist()}).json()
+    (prediction,) = single["predictions"]
+    assert prediction["digit"] == labels[0]
+    assert abs(sum(prediction["probabilities"]) - 1) < 1e-6
+    batch = client.post("/v1/predict", json={"batch": [{"pixels": p.tolist()}
+                                                       for p in pixels]}).json()
+    digits = [p["digit"] for p in batch["predictions"]]
+    assert np.mean(np.array(digits) == labels) > 0.9
+
+
+def test_drawn_images_score_like_their_pixels(client, mnist_tables):
+    pixels, labels = _digits(mnist_tables, 20)
+    agree = 0
+    for row, label in zip(pixels, labels, strict=True):
+        drawn = client.post("/v1/predict", json={"image": _drawn(row)}).json()
+        agree += drawn["predictions"][0]["digit"] == label
+    assert agree >= 17  # the round trip through a large drawing keeps the digit
+
+
+def test_explain_adds_up_and_picks_labels(client, mnist_tables):
+    pixels, _ = _digits(mnist_tables, 1)
+    body = {"pixels": pixels[0].tolist()}
+    raw = client.post("/v1/predict", json=body).json()["predictions"][0]["raw_scores"]
+    default = client.post("/v1/explain", json=body).json()
+    probabilities = default["probabilities"]
+    assert [e["label"] for e in default["explanations"]] == list(
+        np.argsort(probabilities)[::-1][:3])
+    for explanation in default["explanations"]:
+        total = explanation["bias"] + sum(explanation["contributions"])
+        assert abs(total - raw[explanation["label"]]) < 1e-6
+        assert len(explanation["contributions"]) == 784
+    assert len(default["image"]) == len(default["features"]) == 784
+    everything = client.post("/v1/explain", json={**body, "labels": "all"}).json()
+    assert [e["label"] for e in everything["explanations"]] == list(range(10))
+    chosen = client.post("/v1/explain", json={**body, "labels": [5, 5, 0]}).json()
+    assert [e["label"] for e in chosen["explanations"]] == [5, 0]
+
+
+def test_examples(client):
+    example = client.get("/v1/examples", params={"digit": 3, "offset": 2}).json()
+    assert example["digit"] == 3 and example["count"] == 8 and example["offset"] == 2
+    assert len(example["contributions"]) == 10 and len(example["contributions"][0]) == 784
+    for cls in range(10):
+        total = example["bias"][cls] + sum(example["contributions"][cls])
+        assert abs(total - example["raw_scores"][cls]) < 1e-4
+    past = client.get("/v1/examples", params={"digit": 3, "offset": 8})
+    assert past.status_code == 404 and "offsets 0..7" in past.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        ({"pixels": [0] * 783}, 422, "784"),
+        ({"pixels": [0] * 783 + [256]}, 422, "less than or equal to 255"),
+        ({"pixels": [0] * 783 + [-1]}, 422, "greater than or equal to 0"),
+        ({"pixels": [0] * 784, "image": "data:image/png;base64,AA=="}, 422, "exactly one"),
+        ({}, 422, "exactly one"),
+        ({"image": "data:image/png;base64,bm90IGFuIGltYWdl"}, 400, "could not be decoded"),
+        ({"image": "data:image/png;base64,@@@"}, 400, "not valid base64"),
+        ({"image": "http://example.org/x.png"}, 400, "data URL"),
+        ({"pixels": [0] * 784, "colour": 1}, 422, "Extra inputs"),
+    ],
+)
+def test_bad_predict_inputs(client, body, status, fragment):
+    response = client.post("/v1/predict", json=body)
+    assert response.status_code == status
+    assert fragment in json.dumps(response.json())
+
+
+def test_nan_unknown_label_and_oversized_body(client):
+    text = '{"pixels": [' + ",".join(["0"] * 783 + ["NaN"]) + "]}"
+    nan = client.post("/v1/predict", content=text, headers={"Content-Type": "application/json"})
+    assert nan.status_code == 422
+    label = client.post("/v1/explain", json={"pixels": [0] * 784, "labels": [11]})
+    assert label.status_code == 422 and "less than or equal to 9" in label.text
+    huge = client.post("/v1/predict", content=b"{" + b" " * (1 << 20) + b"}",
+                       headers={"Content-Type": "application/json"})
+    assert huge.status_code == 413
+    assert client.get("/v1/examples", params={"digit": 10}).status_code == 422
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(body=st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+    lambda children: st.lists(children, max_size=8) | st.dictionaries(
+        st.sampled_from(["pixels", "image", "batch", "labels", "x"]), children, max_size=4),
+    max_leaves=20))
+def test_fuzzed_bodies_never_5xx(client, body):
+    for path in ("/v1/predict", "/v1/explain"):
+        response = client.post(path, content=json.dumps(body, allow_nan=True),
+                               headers={"Content-Type": "application/json"})
+        assert response.status_code < 500, (path, body, response.text)
+
+
+def test_newer_bundle_is_swapped_in_whole(small_model, mnist_tables, tmp_path):
+    root = tmp_path
+    build_and_publish(small_model, mnist_tables, root, "1", rows=300)
+    app = create_app(str(root / "bundles"), watch_interval_s=0)
+    with TestClient(app) as client:
+        holder = app.state.holder
+        assert client.get("/v1/model").json()["model_version"] == "1"
+        # uploaded but not promoted: LATEST still names v1, nothing changes
+        build_and_publish(small_model, mnist_tables, root, "2", promote=False, rows=300)
+        assert holder.refresh() is False
+        assert client.get("/v1/model").json()["model_version"] == "1"
+        build_and_publish(small_model, mnist_tables, root, "3", rows=300)
+        assert holder.refresh() is True
+        assert client.get("/v1/model").json()["model_version"] == "3"
+        # a LATEST naming a broken bundle: keep serving, report it
+        (root / "bundles" / "LATEST").write_text("20260109T000000Z-v9\n")
+        assert holder.refresh() is False
+        assert client.get("/v1/model").json()["model_version"] == "3"
+        assert "no manifest.json" in client.get("/readyz").json()["last_refresh_error"]

@@ -1,0 +1,117 @@
+"""The page in Debian's headless chromium, driven by Playwright: draw a 3 with mouse strokes,
+wait for the live prediction, and check the explanation maps."""
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port, start_service, stop_service
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def server(bundle_root, tmp_path_factory):
+    port = free_port()
+    mlpaint = str(Path(sys.executable).parent / "mlpaint")
+    process = start_service([mlpaint, "serve", "--bundle", str(bundle_root / "bundles"),
+                             "--port", str(port)], f"http://127.0.0.1:{port}/readyz",
+                            log=tmp_path_factory.mktemp("logs") / "serve.log", timeout_s=120)
+    yield f"http://127.0.0.1:{port}"
+    stop_service(process)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"no {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+# A "3" as two arcs, in the 280x280 canvas's coordinates.
+THREE = [[(95, 70), (130, 48), (170, 52), (190, 80), (180, 112), (150, 132), (125, 138)],
+         [(150, 136), (185, 155), (198, 190), (180, 225), (140, 240), (100, 228)]]
+
+
+def _draw(page, strokes):
+    page.locator("#pad").scroll_into_view_if_needed()
+    box = page.locator("#pad").bounding_box()
+    sx, sy = box["width"] / 280, box["height"] / 280
+    for stroke in strokes:
+        x0, y0 = stroke[0]
+        page.mouse.move(box["x"] + x0 * sx, box["y"] + y0 * sy)
+        page.mouse.down()
+        for x, y in stroke[1:]:
+            page.mouse.move(box["x"] + x * sx, box["y"] + y * sy, steps=6)
+        page.mouse.up()
+
+
+def test_draw_a_three_and_see_why(server, browser, tmp_path):
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('v1')")
+    _draw(page, THREE)
+    page.wait_for_function("document.getElementById('winner').textContent === '3'",
+                           timeout=20_000)
+    maps = page.locator("#maps canvas")
+    assert maps.count() == 3  # the top three digits
+    first = maps.first
+    assert int(first.get_attribute("data-positive")) > 0
+    assert int(first.get_attribute("data-negative")) > 0
+    # green and red pixels are really on the rendered map
+    colours = page.evaluate("""() => {
+        const c = document.querySelector('#maps canvas'), d = c.getContext('2d')
+            .getImageData(0, 0, 28, 28).data;
+        let green = 0, red = 0;
+        for (let i = 0; i < d.length; i += 4) {
+            if (d[i + 1] > d[i] + 40) green++;
+            if (d[i] > d[i + 1] + 40) red++;
+        }
+        return {green, red};
+    }""")
+    assert colours["green"] > 0 and colours["red"] > 0
+    assert "3" in page.locator("#maps figcaption").first.text_content()
+    page.check("#all10")
+    page.wait_for_function("document.querySelectorAll('#maps canvas').length === 10")
+    shot = tmp_path / "mlpaint-three.png"
+    page.screenshot(path=str(shot), full_page=True)
+    if target := os.environ.get("MLPAINT_SCREENSHOT_DIR"):
+        Path(target).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(target) / shot.name)
+    assert shot.stat().st_size > 10_000
+    assert errors == []
+
+
+def test_clear_eraser_and_gallery(server, browser):
+    page = browser.new_page(viewport={"width": 390, "height": 844})  # phone width
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('g-info').textContent.includes('test-')")
+    assert page.locator("#g-maps canvas").count() == 3
+    page.select_option("#g-digit", "7")
+    page.wait_for_function("document.getElementById('g-info').textContent.includes('labelled 7')")
+    page.click("#g-next")
+    page.wait_for_function("document.getElementById('g-info').textContent.includes('example 2')")
+    _draw(page, THREE)
+    page.wait_for_function("document.getElementById('winner').textContent !== '?'")
+    page.click("#clear")
+    assert page.locator("#winner").text_content() == "?"
+    page.keyboard.press("Tab")  # controls are reachable from the keyboard
+    assert page.evaluate("document.activeElement.tagName") in {"CANVAS", "BUTTON", "SELECT",
+                                                               "INPUT"}
