@@ -17,8 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-run: setup ## the main job on embedded defaults: fetch MNIST, train (MLDB's 80/20 split + final fit), register in a local MLflow store
-	$(BIN)/mlpaint train
+run: setup ## the main job on embedded defaults: fetch MNIST, train, register, publish with explanations, then serve the drawing page
+	$(BIN)/mlpaint train --publish-to .mlpaint/bundles
+	@echo "MLPaint: open http://127.0.0.1:8000 and draw a digit (Ctrl-C stops the server)"
+	$(BIN)/mlpaint serve --bundle .mlpaint/bundles
 
 serve: setup ## serve the published bundle: the drawing page at http://127.0.0.1:8000
 	$(BIN)/mlpaint serve --bundle .mlpaint/bundles
