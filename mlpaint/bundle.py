@@ -18,7 +18,6 @@ Layout under a destination root (a folder or `s3://bucket/prefix`):
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -365,8 +364,3 @@ def _bundle_of_registered_model(uri: str) -> tuple[str, str]:
 def info_json(info: BundleInfo) -> str:
     return json.dumps(asdict(info), indent=1, sort_keys=True)
 
-
-def npz_bytes(**arrays: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    return buffer.getvalue()

@@ -3,9 +3,8 @@ the gate, and build the bundle folder. Orchestration lives in tasks/publish.py."
 
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +146,3 @@ def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanat
     write_manifest(staging)
     return info
 
-
-def decision_json(decision: GateDecision) -> str:
-    return json.dumps(asdict(decision), indent=1)

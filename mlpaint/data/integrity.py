@@ -22,7 +22,6 @@ from mlpaint.data.catalog import PINNED_SHA256
 logger = logging.getLogger(__name__)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_CHUNK = 1 << 20
 
 
 class IntegrityError(Exception):
