@@ -3,11 +3,13 @@
     .venv/bin/python -m bench.train --part accuracy   # lgbm raw, lgbm deskew, bbdt_d5
     .venv/bin/python -m bench.train --part default    # `mlpaint train` as the README runs it
     .venv/bin/python -m bench.train --part ratio      # flow vs bare LightGBM, 5 folds + final
+    .venv/bin/python -m bench.train --part sweep      # how lgbm's parameters were chosen
 
 `accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
 on the official 10,000-row test set; wall time of the fit alone.
 `default`: the whole `mlpaint train` command on its defaults (MLDB's 80/20 split plus the
 final fit), MNIST read from a moto S3 server on loopback, MLflow in a temporary SQLite store.
+`sweep`: the LightGBM settings tried for `lgbm`, official-test accuracy by round count.
 `ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
 IDX files, the same feature stage, the same six fits with the same parameters, threads and
 concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
@@ -70,6 +72,44 @@ def part_accuracy(mnist: Path, save_dir: Path | None) -> list[dict]:
             model.save(save_dir / f"{name}-{stage}")
         rows.append({"algorithm": name, "features": stage, "fit_seconds": round(seconds, 1),
                      "test_accuracy": accuracy, "rounds": model.rounds})
+        logger.info("%s", rows[-1])
+    return rows
+
+
+SWEEP = {  # LightGBM parameters tried for `lgbm` on deskewed digits, beside the shared ones
+    "31 leaves, 50% features": {"num_leaves": 31, "learning_rate": 0.1, "feature_fraction": 0.5},
+    "63 leaves, 50% features": {"num_leaves": 63, "learning_rate": 0.1, "feature_fraction": 0.5},
+    "31 leaves, lr 0.15, 30% features": {"num_leaves": 31, "learning_rate": 0.15,
+                                         "feature_fraction": 0.3},
+    "63 leaves, 30% features (chosen)": {"num_leaves": 63, "learning_rate": 0.1,
+                                         "feature_fraction": 0.3},
+    "127 leaves, 30% features, min 10": {"num_leaves": 127, "learning_rate": 0.1,
+                                         "feature_fraction": 0.3, "min_data_in_leaf": 10},
+}
+
+
+def part_sweep(mnist: Path, rounds: int) -> list[dict]:
+    """Official-test accuracy after 200..`rounds` rounds for each SWEEP setting."""
+    import lightgbm as lgb
+
+    from mlpaint.features import apply_feature_stage
+    from mlpaint.training.algorithms import lightgbm_params
+
+    train_x, train_y, test_x, test_y = _load(mnist)
+    features, test_features = (apply_feature_stage("deskew", train_x),
+                               apply_feature_stage("deskew", test_x))
+    shared = {"min_data_in_leaf": 20, "lambda_l2": 1.0, "bagging_fraction": 0.8,
+              "bagging_freq": 1, "max_bin": 63}
+    rows = []
+    for name, extra in SWEEP.items():
+        params = lightgbm_params({**shared, **extra}, seed=0, num_threads=os.cpu_count() or 1)
+        start = time.perf_counter()
+        booster = lgb.train(params, lgb.Dataset(features, train_y, params=params),
+                            num_boost_round=rounds)
+        seconds = time.perf_counter() - start
+        accuracy = {n: float((booster.predict(test_features, num_iteration=n).argmax(1)
+                              == test_y).mean()) for n in range(200, rounds + 1, 50)}
+        rows.append({"setting": name, "fit_seconds": round(seconds, 1), "accuracy": accuracy})
         logger.info("%s", rows[-1])
     return rows
 
@@ -173,7 +213,9 @@ def part_ratio(mnist: Path, runs: int, folds: int, stage: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["accuracy", "default", "ratio"], required=True)
+    parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep"],
+                        required=True)
+    parser.add_argument("--rounds", type=int, default=400, help="with --part sweep")
     parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--folds", type=int, default=5)
@@ -185,6 +227,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.part == "accuracy":
         result = part_accuracy(args.mnist, args.save_models)
+    elif args.part == "sweep":
+        result = part_sweep(args.mnist, args.rounds)
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
     else:
