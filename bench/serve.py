@@ -3,9 +3,11 @@ model call, for predict and for predict + explain (the page's request: top three
 
     .venv/bin/python -m bench.serve --bundle .mlpaint/bundles --seconds 20
 
-The server runs as its own process (uvicorn, one worker); the load comes from another process
-(this one), with C concurrent clients each sending its next request as soon as the last
-returns, for a fixed time. Requests use real test digits as 784 pixels.
+The server runs as its own process (uvicorn, one worker); the load comes from another
+process: `wrk` (Debian's package; C, so the load generator takes little of the 2 cores) with
+C connections each sending its next request as soon as the last returns, for a fixed time,
+or, without wrk, Python threads in this process. Requests are a real test digit as 784
+pixels. The in-process baseline is the same model call without HTTP.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -71,6 +76,34 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
             "throughput_rps": round(len(latencies) / wall, 1), **_percentiles(latencies)}
 
 
+def _wrk(url: str, body: dict, clients: int, seconds: float, workdir: Path) -> dict:
+    """Run wrk with a POST body; parse its latency distribution and counts."""
+    script = workdir / "post.lua"
+    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                      f"wrk.body = [[{json.dumps(body)}]]\n")
+    completed = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(clients), "-d", f"{int(seconds)}s", "--latency",
+         "-s", str(script), url], capture_output=True, text=True, check=True)
+    text = completed.stdout
+
+    def number(pattern: str, default: float = 0.0) -> float:
+        match = re.search(pattern, text)
+        return float(match.group(1)) if match else default
+
+    def millis(label: str) -> float:
+        match = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", text)
+        if not match:
+            return float("nan")
+        value, unit = float(match.group(1)), match.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    socket_errors = re.findall(r"(?:connect|read|write|timeout) (\d+)", text)
+    errors = int(number(r"Non-2xx or 3xx responses: (\d+)")) + sum(map(int, socket_errors))
+    return {"clients": clients, "requests": int(number(r"(\d+) requests in")),
+            "errors": errors, "throughput_rps": number(r"Requests/sec:\s+([\d.]+)"),
+            "p50_ms": round(millis(" 50%"), 2), "p99_ms": round(millis(" 99%"), 2)}
+
+
 def _in_process(bundle: str, digits: list[list[int]], repeats: int) -> dict:
     from mlpaint.serving.model import ModelHolder, top_labels
 
@@ -115,12 +148,18 @@ def main() -> None:
             except requests.RequestException:
                 time.sleep(0.2)
         results = []
-        for path, extra in (("/v1/predict", {}), ("/v1/explain", {})):
-            bodies = [{"pixels": d, **extra} for d in digits]
-            for clients in (1, 16):
-                row = {"endpoint": path, **_load(base + path, bodies, clients, args.seconds)}
-                print(row, flush=True)
-                results.append(row)
+        use_wrk = shutil.which("wrk") is not None
+        with tempfile.TemporaryDirectory() as workdir:
+            for path in ("/v1/predict", "/v1/explain"):
+                bodies = [{"pixels": d} for d in digits]
+                for clients in (1, 16):
+                    measured = (_wrk(base + path, bodies[0], clients, args.seconds,
+                                     Path(workdir)) if use_wrk
+                                else _load(base + path, bodies, clients, args.seconds))
+                    row = {"endpoint": path, "load": "wrk" if use_wrk else "python",
+                           **measured}
+                    print(row, flush=True)
+                    results.append(row)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)

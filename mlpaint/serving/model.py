@@ -31,7 +31,9 @@ class ServedModel:
              ) -> ServedModel:
         bundle = load_bundle(uri, version=version, cache_dir=cache_dir)  # verifies hashes
         model = bundle.model()
-        explainer = ClassExplainer(model)
+        # One thread per request: uvicorn runs requests concurrently, and LightGBM's default of
+        # a thread per core for each one-row call would oversubscribe the cores.
+        explainer = ClassExplainer(model, num_threads=1)
         explainer.explain(np.zeros((1, N_FEATURES), np.float32), [0])  # build before serving
         return cls(bundle, model, explainer, bundle.gallery(), pointer=version)
 
@@ -44,7 +46,7 @@ class ServedModel:
 
     def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores and probabilities for uint8 rows of 784 pixels."""
-        raw = self.model.raw_scores(self.features(pixels))
+        raw = self.model.raw_scores(self.features(pixels), num_threads=1)
         return raw, softmax(raw)
 
     def explain(self, pixels: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:

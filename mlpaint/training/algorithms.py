@@ -77,14 +77,17 @@ class DigitModel:
         self.algorithm = algorithm
         self.rounds = rounds
 
-    def raw_scores(self, features: np.ndarray) -> np.ndarray:
+    def raw_scores(self, features: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
+        """Mean raw score of the boosters. `num_threads=0` lets LightGBM use every core; a
+        server answering many one-row requests at once passes 1, so concurrent requests do
+        not each start a thread per core."""
         total = np.zeros((features.shape[0], N_CLASSES), dtype=np.float64)
         for booster in self.boosters:
-            total += booster.predict(features, raw_score=True)
+            total += booster.predict(features, raw_score=True, num_threads=num_threads)
         return total / len(self.boosters)
 
-    def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        return softmax(self.raw_scores(features))
+    def predict_proba(self, features: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
+        return softmax(self.raw_scores(features, num_threads=num_threads))
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
