@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import time
+from datetime import UTC, datetime
 
 import pytest
 import requests
@@ -93,6 +94,32 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
         assert upcoming, "the weekly schedule created no upcoming runs"
         assert all(run.expected_start_time.weekday() == 0 for run in upcoming)  # Mondays
 
+        # The run the schedule created, brought forward to now (and made small): the worker
+        # runs it like any other.
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+        from prefect.states import Scheduled
+
+        scheduled = min(upcoming, key=lambda run: run.expected_start_time)
+        client.update_flow_run(scheduled.id, parameters={
+            "sources": [str(shared_mnist)], "limit": 1000, "folds": "2",
+            "algorithms_path": str(algorithms), "experiment": "e2e-scheduled"})
+        client.set_flow_run_state(scheduled.id, Scheduled(scheduled_time=datetime.now(UTC)),
+                                  force=True)
+        deadline = time.monotonic() + 420
+        while time.monotonic() < deadline:
+            scheduled_state = client.read_flow_run(scheduled.id).state
+            if scheduled_state.is_final():
+                break
+            time.sleep(2)
+        assert scheduled_state.is_completed(), scheduled_state.message
+
+        summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["mnist-training-summary"])))
+        assert {flow_run.id, scheduled.id} <= {a.flow_run_id for a in summaries}
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["mnist-confusion-matrix"])))
+        assert flow_run.id in {a.flow_run_id for a in tables}
+
     mlflow = stack["mlflow"]
     experiment = requests.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
                               params={"experiment_name": "e2e"}, timeout=10).json()
@@ -107,7 +134,12 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
     assert 0.7 < metrics["test_accuracy"] <= 1.0
     tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
     assert tags["prefect.flow_run_id"] == str(flow_run.id)
-    model = requests.get(f"{mlflow}/api/2.0/mlflow/registered-models/get",
-                         params={"name": "mnist-digits"}, timeout=10).json()
-    versions = model["registered_model"]["latest_versions"]
+    versions = requests.get(f"{mlflow}/api/2.0/mlflow/model-versions/search",
+                            params={"filter": "name='mnist-digits'"},
+                            timeout=10).json()["model_versions"]
     assert any(v["run_id"] == parent["info"]["run_id"] for v in versions)
+    assert len(versions) == 2  # the UI-style run's and the scheduled run's final models
+    scheduled_experiment = requests.get(
+        f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
+        params={"experiment_name": "e2e-scheduled"}, timeout=10).json()
+    assert scheduled_experiment["experiment"]["name"] == "e2e-scheduled"
