@@ -54,6 +54,15 @@ def _prefect_client(api_url):
         yield client
 
 
+def _wait_until_final(client, flow_run_id, timeout_s: float = 420):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = client.read_flow_run(flow_run_id).state
+        if state.is_final() or time.monotonic() > deadline:
+            return state
+        time.sleep(2)
+
+
 def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
     algorithms = tmp_path / "algorithms.yaml"
     algorithms.write_text(TINY_ALGORITHMS)
@@ -64,12 +73,7 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
             deployment.id, parameters={"sources": [str(shared_mnist)], "limit": 1200,
                                        "folds": "2", "algorithms_path": str(algorithms),
                                        "experiment": "e2e"})
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline:
-            state = client.read_flow_run(flow_run.id).state
-            if state.is_final():
-                break
-            time.sleep(2)
+        state = _wait_until_final(client, flow_run.id)
         assert state.is_completed(), f"flow run ended {state.type}: {state.message}"
 
         weekly = client.read_deployment_by_name("train-mnist/train-weekly")
@@ -105,12 +109,7 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
             "algorithms_path": str(algorithms), "experiment": "e2e-scheduled"})
         client.set_flow_run_state(scheduled.id, Scheduled(scheduled_time=datetime.now(UTC)),
                                   force=True)
-        deadline = time.monotonic() + 420
-        while time.monotonic() < deadline:
-            scheduled_state = client.read_flow_run(scheduled.id).state
-            if scheduled_state.is_final():
-                break
-            time.sleep(2)
+        scheduled_state = _wait_until_final(client, scheduled.id)
         assert scheduled_state.is_completed(), scheduled_state.message
 
         summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
