@@ -307,6 +307,20 @@ def _download_version(store: BundleStore, version: str, destination: Path) -> Pa
     return destination
 
 
+def _is_version_folder(store: BundleStore) -> bool:
+    """A local folder holding one version's files (its own manifest), not a destination root."""
+    return isinstance(store, LocalStore) and (store.root / MANIFEST).is_file()
+
+
+def current_pointer(uri: str) -> str | None:
+    """The version LATEST names at `uri`; None where there is no pointer to follow: a
+    registry reference (resolved once, when loaded) or one version's folder."""
+    if uri.startswith("models:/"):
+        return None
+    store = store_for(uri)
+    return None if _is_version_folder(store) else read_latest(store)
+
+
 def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None = None
                 ) -> LoadedBundle:
     """Load and verify a bundle: a folder (a destination root, following LATEST, or one
@@ -317,7 +331,7 @@ def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None 
         root, version = _bundle_of_registered_model(uri)
         return load_bundle(root, version=version, cache_dir=cache_dir)
     store = store_for(uri)
-    if isinstance(store, LocalStore) and (store.root / MANIFEST).is_file() and version is None:
+    if _is_version_folder(store) and version is None:
         folder = store.root
     else:
         version = version or read_latest(store)
@@ -341,13 +355,10 @@ BUNDLE_VERSION_TAG = "mlpaint.bundle_version"
 
 
 def _bundle_of_registered_model(uri: str) -> tuple[str, str]:
-    from mlflow import MlflowClient
-
-    from mlpaint.tracking import resolve_tracking_uri
+    from mlpaint.tracking import resolve_tracking_uri, tracking_client
 
     reference = uri.removeprefix("models:/")
-    tracking_uri = resolve_tracking_uri()
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client = tracking_client(resolve_tracking_uri())
     if "@" in reference:
         name, alias = reference.split("@", 1)
         model_version = client.get_model_version_by_alias(name, alias)

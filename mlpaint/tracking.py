@@ -26,6 +26,13 @@ def resolve_tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+def tracking_client(tracking_uri: str):
+    """An MlflowClient whose tracking store is also its model registry."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
 def ensure_experiment(client, name: str, tracking_uri: str) -> str:
     """The experiment's id, creating it if needed. For the local SQLite store its artifacts go
     to `.mlpaint/artifacts`, not to an `mlruns/` folder wherever the command happened to run."""

@@ -32,15 +32,10 @@ from mlpaint.publish import (
     explain_test_set,
     load_registered_model,
 )
-from mlpaint.tracking import REGISTERED_MODEL_NAME
+from mlpaint.tracking import REGISTERED_MODEL_NAME, tracking_client
 
 _IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 20]}
 
-
-def _client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
 
 @dataclass(frozen=True)
@@ -61,7 +56,7 @@ def resolve_candidate(run_id: str | None, model_version: str | None,
                       tracking_uri: str) -> CandidateRef:
     """The model version to publish: the one registered from `run_id`, the given version, or
     the newest registered version."""
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     if model_version:
         version = client.get_model_version(REGISTERED_MODEL_NAME, str(model_version))
     else:
@@ -117,7 +112,7 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
     """Score the current champion on the same official test set and decide."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     try:
         champion = client.get_model_version_by_alias(REGISTERED_MODEL_NAME, CHAMPION)
     except MlflowException:
@@ -154,7 +149,7 @@ def record_publication(candidate: CandidateRef, built: BuiltBundle, decision: Ga
     description in the candidate's MLflow run."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     client.set_registered_model_alias(candidate.name, decision.alias, candidate.version)
     if decision.alias == CHAMPION:
         # A promoted model is no longer the challenger; having no challenger is the usual case.

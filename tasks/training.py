@@ -24,6 +24,7 @@ from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.tracking import (
     REGISTERED_MODEL_NAME,
     ensure_experiment,
+    tracking_client,
     write_evaluation_artifacts,
 )
 from mlpaint.training.algorithms import (
@@ -138,11 +139,6 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
 
 # --- MLflow ----------------------------------------------------------------------------------
 
-def _client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
 
 def _metrics(prefix: str, evaluation: Evaluation) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in evaluation.scalar_metrics().items()}
@@ -170,7 +166,7 @@ def start_experiment_run(spec: ExperimentSpec, algorithm_params: dict[str, str],
                          dataset_fingerprint: str, tracking_uri: str, flow_run_id: str | None
                          ) -> str:
     """The parent run: the whole spec and the algorithm's parameters as params."""
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     experiment_id = ensure_experiment(client, spec.experiment, tracking_uri)
     tags = {"mlpaint.dataset_fingerprint": dataset_fingerprint,
             "mlflow.runName": f"{spec.algorithm}-{spec.features.value}"}
@@ -194,7 +190,7 @@ def _write_fit_artifacts(result: FitResult, folder: Path, title: str) -> list[Pa
 @task(name="log-fold-run", **_MLFLOW_RETRIES)
 def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> str:
     """A nested run for one fold: its metrics, evaluation artifacts and model files."""
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     parent = client.get_run(parent_run_id)
     run = client.create_run(parent.info.experiment_id, tags={
         "mlflow.parentRunId": parent_run_id, "mlflow.runName": result.name})
@@ -241,7 +237,7 @@ def log_final_model(final: FitResult, test_matrix: FeatureMatrix, spec: Experime
     signature, example = _signature_and_example(test_matrix, model)
     metadata = {"feature_stage": spec.features.value, "algorithm": spec.algorithm,
                 "labels": list(range(10)), "combine": "mean_raw_score"}
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     with mlflow.start_run(run_id=parent_run_id):
@@ -298,7 +294,7 @@ class ExperimentSummary:
 def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
                            sample_grid: str | None, tracking_uri: str) -> None:
     """Aggregates and test metrics on the parent run, its artifacts, and the end of the run."""
-    client = _client(tracking_uri)
+    client = tracking_client(tracking_uri)
     run_id = summary.parent_run_id
     metrics = {}
     for name, stats in summary.aggregated.items():

@@ -222,7 +222,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         current = served()
         items = request.batch if request.batch is not None else [request]
         pixels = np.stack([_pixels_of(item) for item in items])
-        raw, probabilities = current.score(pixels)
+        raw, probabilities = current.score(current.features(pixels))
         info = current.bundle.info
         return PredictResponse(predictions=[
             Prediction(digit=int(p.argmax()), probabilities=p.tolist(), raw_scores=r.tolist(),
@@ -233,7 +233,8 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
     def explain(request: ExplainRequest) -> ExplainResponse:
         current = served()
         pixels = _pixels_of(request)
-        raw, probabilities = current.score(pixels[None, :])
+        features = current.features(pixels[None, :])[0]  # once: scores and contributions
+        raw, probabilities = current.score(features[None, :])
         raw, probabilities = raw[0], probabilities[0]
         if request.labels == "all":
             labels = ALL_LABELS
@@ -241,11 +242,11 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             labels = top_labels(probabilities, 3)
         else:
             labels = list(dict.fromkeys(request.labels))
-        contrib, features = current.explain(pixels, labels)
+        contrib = current.explain(features, labels)
         info = current.bundle.info
         return ExplainResponse(
             digit=int(probabilities.argmax()), probabilities=probabilities.tolist(),
-            image=pixels.astype(float).tolist(), features=features.ravel().tolist(),
+            image=pixels.astype(float).tolist(), features=features.tolist(),
             explanations=[LabelExplanation(label=label, probability=float(probabilities[label]),
                                            raw_score=float(raw[label]),
                                            bias=float(contrib[i, -1]),

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.bundle import LoadedBundle, load_bundle, read_latest, store_for
-from mlpaint.data.catalog import IMAGE_SIDE, N_CLASSES, N_FEATURES
+from mlpaint.bundle import LoadedBundle, current_pointer, load_bundle
+from mlpaint.data.catalog import N_CLASSES, N_FEATURES
 from mlpaint.explain import ClassExplainer
 from mlpaint.features import apply_feature_stage
 from mlpaint.training.algorithms import DigitModel, softmax
@@ -44,17 +44,14 @@ class ServedModel:
     def features(self, pixels: np.ndarray) -> np.ndarray:
         return apply_feature_stage(self.bundle.info.feature_stage, pixels)
 
-    def score(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Raw scores and probabilities for uint8 rows of 784 pixels."""
-        raw = self.model.raw_scores(self.features(pixels), num_threads=1)
+    def score(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Raw scores and probabilities for rows of features (see `features`)."""
+        raw = self.model.raw_scores(features, num_threads=1)
         return raw, softmax(raw)
 
-    def explain(self, pixels: np.ndarray, labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """For one row: (len(labels), 785) contributions with the bias last, and the feature
-        image (28x28) they refer to."""
-        features = self.features(pixels[None, :])
-        return self.explainer.explain(features, labels)[0], features[0].reshape(IMAGE_SIDE,
-                                                                                IMAGE_SIDE)
+    def explain(self, features: np.ndarray, labels: list[int]) -> np.ndarray:
+        """For one row of features: (len(labels), 785) contributions, the bias last."""
+        return self.explainer.explain(features[None, :], labels)[0]
 
     def gallery_count(self, digit: int) -> int:
         offsets = self.gallery["offsets"]
@@ -83,14 +80,7 @@ class ModelHolder:
                     self.current.bundle.info.model_version)
 
     def latest_version(self) -> str | None:
-        if self.uri.startswith("models:/"):
-            return None  # a registry alias is resolved once at start-up
-        store = store_for(self.uri)
-        from mlpaint.bundle import MANIFEST, LocalStore
-
-        if isinstance(store, LocalStore) and (store.root / MANIFEST).is_file():
-            return None  # a single version's folder has no LATEST to follow
-        return read_latest(store)
+        return current_pointer(self.uri)
 
     def refresh(self) -> bool:
         """Swap in the bundle LATEST names, if it changed. Returns whether it swapped."""
