@@ -3,11 +3,11 @@ model call, for predict and for predict + explain (the page's request: top three
 
     .venv/bin/python -m bench.serve --bundle .mlpaint/bundles --seconds 20
 
-The server runs as its own process (uvicorn, one worker); the load comes from another
-process: `wrk` (Debian's package; C, so the load generator takes little of the 2 cores) with
-C connections each sending its next request as soon as the last returns, for a fixed time,
-or, without wrk, Python threads in this process. Requests are a real test digit as 784
-pixels. The in-process baseline is the same model call without HTTP.
+The server runs as its own process (`mlpaint serve`, each `--workers` count in turn); the
+load comes from another process: `wrk` (Debian's package; C, so the load generator takes
+little of the 2 cores) with C connections each sending its next request as soon as the last
+returns, for a fixed time, or, without wrk, Python threads in this process. Requests are a
+real test digit as 784 pixels. The in-process baseline is the same model call without HTTP.
 """
 
 from __future__ import annotations
@@ -126,21 +126,15 @@ def _in_process(bundle: str, digits: list[list[int]], repeats: int) -> dict:
     return results
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", required=True)
-    parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
-    parser.add_argument("--seconds", type=float, default=20)
-    parser.add_argument("--port", type=int, default=8791)
-    args = parser.parse_args()
-    digits = _digits(args.mnist, 200)
-    baseline = _in_process(args.bundle, digits, 200)
-    print("in-process", baseline, flush=True)
+def _serve_and_load(args: argparse.Namespace, workers: int, digits: list[list[int]]
+                    ) -> list[dict]:
+    """Start `mlpaint serve --workers N`, load each endpoint at 1 and 16 clients, stop it."""
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "mlpaint"), "serve", "--bundle", args.bundle,
-         "--port", str(args.port), "--watch-seconds", "0"],
+         "--port", str(args.port), "--watch-seconds", "0", "--workers", str(workers)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     base = f"http://127.0.0.1:{args.port}"
+    results = []
     try:
         for _ in range(300):
             try:
@@ -148,7 +142,7 @@ def main() -> None:
                     break
             except requests.RequestException:
                 time.sleep(0.2)
-        results = []
+        time.sleep(3)  # let every worker finish loading, not just the first to answer
         use_wrk = shutil.which("wrk") is not None
         with tempfile.TemporaryDirectory() as workdir:
             for path in ("/v1/predict", "/v1/explain"):
@@ -157,13 +151,31 @@ def main() -> None:
                     measured = (_wrk(base + path, bodies[0], clients, args.seconds,
                                      Path(workdir)) if use_wrk
                                 else _load(base + path, bodies, clients, args.seconds))
-                    row = {"endpoint": path, "load": "wrk" if use_wrk else "python",
-                           **measured}
+                    row = {"workers": workers, "endpoint": path,
+                           "load": "wrk" if use_wrk else "python", **measured}
                     print(row, flush=True)
                     results.append(row)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=20)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", required=True)
+    parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--port", type=int, default=8791)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
+                        help="server process counts to measure, one after the other")
+    args = parser.parse_args()
+    digits = _digits(args.mnist, 200)
+    baseline = _in_process(args.bundle, digits, 200)
+    print("in-process", baseline, flush=True)
+    results = []
+    for workers in args.workers:
+        results += _serve_and_load(args, workers, digits)
     print(json.dumps({"in_process": baseline, "http": results}, indent=1))
 
 

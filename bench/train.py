@@ -4,12 +4,17 @@
     .venv/bin/python -m bench.train --part default    # `mlpaint train` as the README runs it
     .venv/bin/python -m bench.train --part ratio      # flow vs bare LightGBM, 5 folds + final
     .venv/bin/python -m bench.train --part sweep      # how lgbm's parameters were chosen
+    .venv/bin/python -m bench.train --part size       # accuracy vs explanation cost
 
 `accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
 on the official 10,000-row test set; wall time of the fit alone.
 `default`: the whole `mlpaint train` command on its defaults (MLDB's 80/20 split plus the
 final fit), MNIST read from a moto S3 server on loopback, MLflow in a temporary SQLite store.
 `sweep`: the LightGBM settings tried for `lgbm`, official-test accuracy by round count.
+`size`: smaller tree shapes for `lgbm`, trained on MLDB's 80% split of the training rows;
+accuracy on the 20% held out by round count, and the cost of exactly explaining one digit
+(TreeSHAP grows with trees x leaves x depth squared), to pick a model that explains fast
+without losing accuracy. The official test set is kept for `accuracy`.
 `ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
 IDX files, the same feature stage, the same six fits with the same parameters, threads and
 concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
@@ -114,6 +119,69 @@ def part_sweep(mnist: Path, rounds: int) -> list[dict]:
     return rows
 
 
+SIZES = {  # tree shapes tried for `lgbm`, beside the shared settings; (params, max rounds)
+    "63 leaves, lr 0.1 (the first default)": ({"num_leaves": 63, "learning_rate": 0.1}, 400),
+    "31 leaves, lr 0.1": ({"num_leaves": 31, "learning_rate": 0.1}, 600),
+    "depth 6, 63 leaves, lr 0.1": ({"max_depth": 6, "num_leaves": 63,
+                                    "learning_rate": 0.1}, 600),
+    "depth 5, 31 leaves, lr 0.15": ({"max_depth": 5, "num_leaves": 31,
+                                     "learning_rate": 0.15}, 800),
+    "15 leaves, lr 0.2": ({"num_leaves": 15, "learning_rate": 0.2}, 800),
+    "15 leaves, lr 0.3": ({"num_leaves": 15, "learning_rate": 0.3}, 400),
+    "7 leaves, lr 0.3": ({"num_leaves": 7, "learning_rate": 0.3}, 600),
+}
+
+
+def _one_row_latency_ms(booster, row: np.ndarray, classes: list[int], repeats: int) -> float:
+    """Median time to explain one row for `classes` through the serving path."""
+    from mlpaint.explain import ClassExplainer
+    from mlpaint.training.algorithms import DigitModel
+
+    explainer = ClassExplainer(DigitModel([booster], algorithm="lgbm", rounds=[0]),
+                               num_threads=1)
+    explainer.explain(row, classes)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        explainer.explain(row, classes)
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times) * 1000, 2)
+
+
+def part_size(mnist: Path, repeats: int) -> list[dict]:
+    """Held-out accuracy and one-row explanation latency by round count, per SIZES shape."""
+    import lightgbm as lgb
+
+    from mlpaint.data.catalog import Split
+    from mlpaint.data.dataset import row_hashes, row_keys
+    from mlpaint.features import apply_feature_stage
+    from mlpaint.training.algorithms import lightgbm_params
+
+    train_x, train_y, _, _ = _load(mnist)
+    features = apply_feature_stage("deskew", train_x)
+    held_out = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(5) == 0
+    x, y, vx, vy = features[~held_out], train_y[~held_out], features[held_out], train_y[held_out]
+    shared = {"min_data_in_leaf": 20, "lambda_l2": 1.0, "bagging_fraction": 0.8,
+              "bagging_freq": 1, "max_bin": 63, "feature_fraction": 0.3}
+    rows = []
+    for name, (extra, rounds) in SIZES.items():
+        params = lightgbm_params({**shared, **extra}, seed=0, num_threads=os.cpu_count() or 1)
+        start = time.perf_counter()
+        booster = lgb.train(params, lgb.Dataset(x, y, params=params), num_boost_round=rounds)
+        seconds = time.perf_counter() - start
+        by_rounds = {}
+        for n in range(100, rounds + 1, 100):
+            cut = lgb.Booster(model_str=booster.model_to_string(num_iteration=n))
+            by_rounds[n] = {
+                "held_out_accuracy": float((cut.predict(vx).argmax(1) == vy).mean()),
+                "explain_10_digits_ms": _one_row_latency_ms(cut, vx[:1], list(range(10)),
+                                                            repeats),
+                "explain_3_digits_ms": _one_row_latency_ms(cut, vx[:1], [0, 1, 2], repeats)}
+        rows.append({"setting": name, "fit_seconds": round(seconds, 1), "by_rounds": by_rounds})
+        logger.info("%s", rows[-1])
+    return rows
+
+
 def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -213,11 +281,13 @@ def part_ratio(mnist: Path, runs: int, folds: int, stage: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep"],
+    parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size"],
                         required=True)
     parser.add_argument("--rounds", type=int, default=400, help="with --part sweep")
     parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=30,
+                        help="with --part size: one-row explanations timed per point")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--features", default="deskew")
     parser.add_argument("--save-models", type=Path, metavar="DIR",
@@ -229,6 +299,8 @@ def main() -> None:
         result = part_accuracy(args.mnist, args.save_models)
     elif args.part == "sweep":
         result = part_sweep(args.mnist, args.rounds)
+    elif args.part == "size":
+        result = part_size(args.mnist, args.repeats)
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
     else:

@@ -231,19 +231,42 @@ def _add_serve_command(subcommands) -> None:
     serve.add_argument("--watch-seconds", type=float, default=5.0,
                        help="how often to look for a newer bundle (0: never)")
     serve.add_argument("--cache-dir", metavar="DIR", help="where S3 bundles are downloaded")
+    serve.add_argument("--workers", type=_at_least_one, default=_default_workers(),
+                       metavar="N",
+                       help="server processes, each holding the model and watching LATEST "
+                            "(default: one per available core, at most 4, here "
+                            "%(default)s); a request runs on one core, so more processes "
+                            "serve more at once")
+    serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
+                       help="log a line per request (default: off; at thousands of requests "
+                            "a second it costs a fifth of the throughput)")
     serve.set_defaults(handler=_run_serve)
 
 
-def _run_serve(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _default_workers() -> int:
+    # Each worker holds its own copy of the model and gallery (tens of MB), hence the cap.
+    available = getattr(os, "process_cpu_count", os.cpu_count)() or 1  # 3.13+: affinity-aware
+    return max(1, min(4, available))
 
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from mlpaint.serving.app import create_app
+    from mlpaint.serving.app import ServeSettings
 
-    app = create_app(args.bundle, cache_dir=Path(args.cache_dir) if args.cache_dir else None,
-                     watch_interval_s=args.watch_seconds)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    settings = ServeSettings(bundle=args.bundle, cache_dir=args.cache_dir,
+                             watch_seconds=args.watch_seconds)
+    os.environ.update(settings.to_environment())  # read back by each worker's app factory
+    uvicorn.run("mlpaint.serving.app:app_from_environment", factory=True, host=args.host,
+                port=args.port, workers=args.workers, log_level="info",
+                access_log=args.access_log)
     return 0
 
 

@@ -17,9 +17,13 @@ from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlpaint.data.catalog import N_CLASSES, N_FEATURES
 from mlpaint.preprocess import image_to_mnist
@@ -92,7 +96,7 @@ class LabelExplanation(BaseModel):
 class ExplainResponse(BaseModel):
     digit: int
     probabilities: list[float]
-    image: list[float] = Field(description="the preprocessed 28x28 input, row by row")
+    image: list[int] = Field(description="the preprocessed 28x28 input, row by row, 0-255")
     features: list[float] = Field(description="what the model saw (after its feature stage), "
                                               "which the contributions refer to")
     explanations: list[LabelExplanation]
@@ -153,6 +157,69 @@ def _pixels_of(item: DigitInput) -> np.ndarray:
     return _decode_image(item.image).reshape(N_FEATURES)
 
 
+async def _pixels_of_all(items: list[DigitInput]) -> np.ndarray:
+    """(rows, 784) uint8. Decoding a drawing can take tens of milliseconds, so images are
+    decoded on a worker thread; pixel lists, microseconds of work, stay on the event loop."""
+    if all(item.image is None for item in items):
+        return np.stack([_pixels_of(item) for item in items])
+    return await run_in_threadpool(lambda: np.stack([_pixels_of(item) for item in items]))
+
+
+class BodySizeLimit:
+    """Answers 413 to a request body over `max_bytes`, before anything parses it.
+
+    Plain ASGI rather than `@app.middleware("http")`: that wrapper runs every request through
+    an extra task and memory streams, a measurable share of a sub-millisecond request."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = Headers(scope=scope).get("content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                await self._too_large(scope, receive, send)
+            else:  # the server holds the body to its declared length
+                await self.app(scope, receive, send)
+            return
+        if scope["method"] not in {"POST", "PUT", "PATCH"}:
+            await self.app(scope, receive, send)
+            return
+        # Chunked: no declared length, so measure what actually comes, then replay it.
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return body
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, 413)(
+            scope, receive, send)
+
+
 def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
                watch_interval_s: float = 5.0) -> FastAPI:
     holder = ModelHolder(bundle_uri, cache_dir=cache_dir)
@@ -177,17 +244,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             {"loc": list(error.get("loc", ())), "msg": error.get("msg", ""),
              "type": error.get("type", "")} for error in exc.errors()]})
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"}, 413)
-        if request.method in {"POST", "PUT", "PATCH"} and length is None:
-            body = await request.body()  # chunked: measure what actually came
-            if len(body) > MAX_BODY_BYTES:
-                return JSONResponse({"detail": f"request body over {MAX_BODY_BYTES} bytes"},
-                                    413)
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
 
     def served() -> ServedModel:
         current = holder.current
@@ -217,11 +274,16 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             metrics=info.metrics, data_fingerprint=info.data_fingerprint,
             trained_at=info.created_at, gallery_per_digit=int(info.gallery.get("per_digit", 0)))
 
+    # Scoring and explaining one digit take a millisecond or two of CPU. They run on the event
+    # loop (`async def`), one request after another in each worker process: handing each to a
+    # thread, as FastAPI does for plain `def`, made concurrent requests fight over the GIL,
+    # which cost more than the work and stretched the tail latency (bench/serve.py). The
+    # largest unit of work, a batch of 256 digits, takes about 25 ms.
     @app.post("/v1/predict", response_model=PredictResponse)
-    def predict(request: PredictRequest) -> PredictResponse:
+    async def predict(request: PredictRequest) -> PredictResponse:
         current = served()
         items = request.batch if request.batch is not None else [request]
-        pixels = np.stack([_pixels_of(item) for item in items])
+        pixels = await _pixels_of_all(items)
         raw, probabilities = current.score(current.features(pixels))
         info = current.bundle.info
         return PredictResponse(predictions=[
@@ -230,9 +292,9 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             for r, p in zip(raw, probabilities, strict=True)])
 
     @app.post("/v1/explain", response_model=ExplainResponse)
-    def explain(request: ExplainRequest) -> ExplainResponse:
+    async def explain(request: ExplainRequest) -> ExplainResponse:
         current = served()
-        pixels = _pixels_of(request)
+        pixels = (await _pixels_of_all([request]))[0]
         features = current.features(pixels[None, :])[0]  # once: scores and contributions
         raw, probabilities = current.score(features[None, :])
         raw, probabilities = raw[0], probabilities[0]
@@ -246,7 +308,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         info = current.bundle.info
         return ExplainResponse(
             digit=int(probabilities.argmax()), probabilities=probabilities.tolist(),
-            image=pixels.astype(float).tolist(), features=features.tolist(),
+            image=pixels.tolist(), features=features.tolist(),
             explanations=[LabelExplanation(label=label, probability=float(probabilities[label]),
                                            raw_score=float(raw[label]),
                                            bias=float(contrib[i, -1]),
@@ -278,4 +340,26 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         return resources.files("mlpaint.serving").joinpath("static/index.html").read_text()
 
     return app
+
+
+class ServeSettings(BaseSettings):
+    """What each server process needs to build the app. `mlpaint serve` writes these to the
+    environment, because with several workers uvicorn starts fresh processes that import
+    the app by name rather than receive the object."""
+
+    model_config = SettingsConfigDict(env_prefix="MLPAINT_SERVE_", extra="ignore")
+    bundle: str
+    cache_dir: Path | None = None
+    watch_seconds: float = Field(5.0, ge=0)
+
+    def to_environment(self) -> dict[str, str]:
+        return {f"MLPAINT_SERVE_{name.upper()}": str(value)
+                for name, value in self.model_dump().items() if value is not None}
+
+
+def app_from_environment() -> FastAPI:
+    """The app factory uvicorn calls in each worker process."""
+    settings = ServeSettings()
+    return create_app(settings.bundle, cache_dir=settings.cache_dir,
+                      watch_interval_s=settings.watch_seconds)
 

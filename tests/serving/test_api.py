@@ -128,6 +128,17 @@ def test_nan_unknown_label_and_oversized_body(client):
     huge = client.post("/v1/predict", content=b"{" + b" " * (1 << 20) + b"}",
                        headers={"Content-Type": "application/json"})
     assert huge.status_code == 413
+
+    def chunked(payload: bytes, size: int = 64 * 1024):  # no Content-Length: sent in chunks
+        yield from (payload[i:i + size] for i in range(0, len(payload), size))
+
+    too_long = b'{"pixels": [' + b"0," * (1 << 19) + b"0]}"
+    assert client.post("/v1/predict", content=chunked(too_long),
+                       headers={"Content-Type": "application/json"}).status_code == 413
+    fits = json.dumps({"pixels": [0] * 784}).encode()
+    response = client.post("/v1/predict", content=chunked(fits, 500),
+                           headers={"Content-Type": "application/json"})
+    assert response.status_code == 200, response.text
     assert client.get("/v1/examples", params={"digit": 10}).status_code == 422
 
 

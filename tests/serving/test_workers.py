@@ -1,0 +1,66 @@
+"""`mlpaint serve --workers 2` as its own process: two uvicorn workers each load the bundle,
+answer requests, and each swaps to a newer bundle when LATEST moves."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from mlpaint.data.catalog import Split
+from tests.conftest import free_port, start_service, stop_service
+from tests.serving.conftest import build_and_publish
+
+pytestmark = pytest.mark.integration
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _versions_seen(url: str, requests_count: int) -> set[str]:
+    """Bundle versions reported over fresh connections, so the kernel spreads them over the
+    workers (a kept-alive connection would stay with one)."""
+    seen = set()
+    for _ in range(requests_count):
+        response = requests.get(f"{url}/readyz", timeout=10)
+        assert response.status_code == 200, response.text
+        seen.add(response.json()["bundle_version"])
+    return seen
+
+
+def test_two_workers_serve_and_both_follow_latest(small_model, mnist_tables, tmp_path):
+    build_and_publish(small_model, mnist_tables, tmp_path, "1", rows=300)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = start_service(
+        [str(Path(sys.executable).parent / "mlpaint"), "serve", "--bundle",
+         str(tmp_path / "bundles"), "--port", str(port), "--workers", "2",
+         "--watch-seconds", "0.5"], f"{url}/readyz", log=tmp_path / "serve.log",
+        timeout_s=120)
+    try:
+        deadline = time.monotonic() + 60
+        while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(_children(process.pid)) >= 2, "uvicorn did not start two workers"
+        digit = [int(v) for v in mnist_tables[Split.TEST].pixels[0]]
+        for _ in range(20):
+            response = requests.post(f"{url}/v1/predict", json={"pixels": digit}, timeout=10)
+            assert response.status_code == 200, response.text
+        first = _versions_seen(url, 20)
+        assert len(first) == 1
+
+        build_and_publish(small_model, mnist_tables, tmp_path, "2", rows=300)
+        deadline = time.monotonic() + 60
+        while _versions_seen(url, 1) == first and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # every worker's watcher has had several chances to look
+        second = _versions_seen(url, 40)
+        assert len(second) == 1 and second != first, (first, second)
+    finally:
+        stop_service(process)
+    log = (tmp_path / "serve.log").read_text()
+    assert "Traceback" not in log, log[-3000:]
