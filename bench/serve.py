@@ -1,7 +1,7 @@
 """Serving benchmark: HTTP latency and throughput of `mlpaint serve`, against the in-process
 model call, for predict and for predict + explain (the page's request: top three digits).
 
-    .venv/bin/python -m bench.serve --bundle .mlpaint/bundles --seconds 20
+    .venv/bin/python -m bench.serve --bundle .mlpaint/bundles --seconds 20 --runs 3
 
 The server runs as its own process (`mlpaint serve`, each `--workers` count in turn); the
 load comes from another process: `wrk` (Debian's package; C, so the load generator takes
@@ -169,14 +169,32 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8791)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2],
                         help="server process counts to measure, one after the other")
+    parser.add_argument("--runs", type=int, default=3,
+                        help="rounds over every worker count; medians are reported")
     args = parser.parse_args()
     digits = _digits(args.mnist, 200)
     baseline = _in_process(args.bundle, digits, 200)
     print("in-process", baseline, flush=True)
     results = []
-    for workers in args.workers:
-        results += _serve_and_load(args, workers, digits)
-    print(json.dumps({"in_process": baseline, "http": results}, indent=1))
+    for run in range(args.runs):
+        for workers in args.workers:  # interleaved, so machine noise hits every count alike
+            results += [{"run": run + 1, **row}
+                        for row in _serve_and_load(args, workers, digits)]
+    print(json.dumps({"in_process": baseline, "runs": args.runs, "http": results,
+                      "medians": _medians(results)}, indent=1))
+
+
+def _medians(results: list[dict]) -> list[dict]:
+    """Per (workers, endpoint, clients): the median over runs of each figure; errors summed."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in results:
+        groups.setdefault((row["workers"], row["endpoint"], row["clients"]), []).append(row)
+    return [{"workers": workers, "endpoint": endpoint, "clients": clients, "runs": len(rows),
+             "errors": sum(r["errors"] for r in rows),
+             **{key: statistics.median(r[key] for r in rows)
+                for key in ("throughput_rps", "p50_ms", "p99_ms")},
+             "p99_ms_each_run": [r["p99_ms"] for r in rows]}
+            for (workers, endpoint, clients), rows in groups.items()]
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
     .venv/bin/python -m bench.train --part accuracy   # lgbm raw, lgbm deskew, bbdt_d5
     .venv/bin/python -m bench.train --part default    # `mlpaint train` as the README runs it
     .venv/bin/python -m bench.train --part ratio      # flow vs bare LightGBM, 5 folds + final
+    .venv/bin/python -m bench.train --part ratio --prefect-server-port 4299
+                                      # the same, the flow on a running `prefect server start`
     .venv/bin/python -m bench.train --part sweep      # how lgbm's parameters were chosen
     .venv/bin/python -m bench.train --part size       # accuracy vs explanation cost
 
@@ -18,21 +20,27 @@ without losing accuracy. The official test set is kept for `accuracy`.
 `ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
 IDX files, the same feature stage, the same six fits with the same parameters, threads and
 concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
-The two alternate, `--runs` times each; medians are quoted.
+The two alternate, `--runs` times each; medians are quoted. By default the flow starts and
+stops Prefect's temporary local server itself, as `mlpaint train` does on a fresh machine;
+`--prefect-server-port` runs it against `prefect server start` instead, as deployed and
+scheduled runs are.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import logging
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -258,13 +266,59 @@ def _bare(mnist: Path, folds: int, stage: str) -> float:
                             num_boost_round=config.rounds)
         return float((booster.predict(tx).argmax(1) == ty).mean())
 
+    # The final fit first, as the flow submits it.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        accuracies = list(pool.map(fit, range(n_fits)))
+        accuracies = list(pool.map(fit, [folds, *range(folds)]))
     logger.info("bare accuracies %s", accuracies)
     return time.perf_counter() - start
 
 
-def part_ratio(mnist: Path, runs: int, folds: int, stage: str) -> dict:
+@contextlib.contextmanager
+def _prefect_server(workdir: Path, port: int) -> Iterator[None]:
+    """`prefect server start` on loopback, and PREFECT_API_URL pointing at it for the
+    `mlpaint train` subprocesses, as a deployment's runs (or `make stack-up`) would have."""
+    env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+    with (workdir / "prefect-server.log").open("wb") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
+             "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        import requests
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline or server.poll() is not None:
+                raise RuntimeError("prefect server start did not come up")
+            time.sleep(0.5)
+        os.environ["PREFECT_API_URL"] = url
+        yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
+def part_ratio(mnist: Path, runs: int, folds: int, stage: str, *,
+               prefect_server_port: int | None = None) -> dict:
+    """Flow against bare, alternating. With `prefect_server_port` the flow talks to a
+    running `prefect server start` instead of starting Prefect's temporary server itself."""
+    with contextlib.ExitStack() as stack:
+        if prefect_server_port:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="mlpaint-bench-prefect-")))
+            stack.enter_context(_prefect_server(workdir, prefect_server_port))
+        return _ratio_runs(mnist, runs, folds, stage)
+
+
+def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
     flow_times, bare_times = [], []
     for run in range(runs):
         with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
@@ -293,6 +347,9 @@ def main() -> None:
     parser.add_argument("--save-models", type=Path, metavar="DIR",
                         help="with --part accuracy: keep the trained models here")
     parser.add_argument("--port", type=int, default=50124, help="the moto S3 server's port")
+    parser.add_argument("--prefect-server-port", type=int, metavar="PORT",
+                        help="with --part ratio: run the flow against `prefect server start` "
+                             "on this port instead of Prefect's temporary server")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.part == "accuracy":
@@ -304,7 +361,8 @@ def main() -> None:
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
     else:
-        result = part_ratio(args.mnist, args.runs, args.folds, args.features)
+        result = part_ratio(args.mnist, args.runs, args.folds, args.features,
+                            prefect_server_port=args.prefect_server_port)
     print(json.dumps(result, indent=1))
 
 

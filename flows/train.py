@@ -13,6 +13,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -30,6 +31,7 @@ from tasks.training import (
     log_experiment_summary,
     log_final_model,
     log_fold_run,
+    prepare_experiment,
     prepare_features,
     start_experiment_run,
     train_final,
@@ -86,6 +88,8 @@ def train_mnist(
         known_algorithms=frozenset(algorithms))
     config = algorithms[spec.algorithm]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    tracking_uri = resolve_tracking_uri()
+    experiment_id = prepare_experiment.submit(spec.experiment, tracking_uri)  # beside ingest
 
     dataset = ingest_mnist(sources=spec.sources, cache_dir=str(cache), seed=spec.seed)
     train_matrix = prepare_features.submit(dataset.tables["train"], spec.features, spec.limit,
@@ -96,9 +100,9 @@ def train_mnist(
     row_hash = load_table(Path(dataset.tables["train"])).row_hash[: spec.limit]
     n_folds = len(plan_folds(spec.folds, row_hash))
 
-    tracking_uri = resolve_tracking_uri()
-    parent_run_id = start_experiment_run(spec, {f"lightgbm.{k}": str(v) for k, v in
-                                                config.params.items()},
+    parent_run_id = start_experiment_run(spec, experiment_id.result(),
+                                         {f"lightgbm.{k}": str(v) for k, v in
+                                          config.params.items()},
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
     work_dir = cache / "work" / parent_run_id
     n_fits = n_folds + (1 if spec.final_fit else 0)
@@ -106,19 +110,23 @@ def train_mnist(
     progress_id = create_progress_artifact(0.0, key="mnist-training-progress",
                                            description=f"fits done of {n_fits}")
 
-    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, work_dir)
-                    for i in range(n_folds)]
+    # The final fit is submitted first: it is the longest, and logging its model (seconds of
+    # MLflow work) then overlaps the folds' fits instead of following the last of them.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
                                        work_dir) if spec.final_fit else None)
-    fold_results = []
-    for done, future in enumerate(fold_futures, start=1):
-        fold_results.append(future.result())
-        log_fold_run(fold_results[-1], parent_run_id, tracking_uri)
+    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, work_dir)
+                    for i in range(n_folds)]
+    registered = None
+    for done, future in enumerate(as_completed([*fold_futures, *filter(None, [final_future])]),
+                                  start=1):
+        if future is final_future:
+            registered = log_final_model(future.result(), test_matrix.result(), spec,
+                                         parent_run_id, tracking_uri)
+        else:
+            log_fold_run(future.result(), parent_run_id, tracking_uri)
         update_progress_artifact(progress_id, 100.0 * done / n_fits)
+    fold_results = [future.result() for future in fold_futures]  # in fold order
     final = final_future.result() if final_future else None
-    registered = (log_final_model(final, test_matrix.result(), spec, parent_run_id,
-                                  tracking_uri) if final else None)
-    update_progress_artifact(progress_id, 100.0)
 
     summary = ExperimentSummary(parent_run_id, fold_results,
                                 aggregate([r.evaluation for r in fold_results]), final,

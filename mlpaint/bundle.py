@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -285,26 +286,47 @@ class LoadedBundle:
 
 
 def _download_version(store: BundleStore, version: str, destination: Path) -> Path:
+    """Download one version into `destination` and verify it. Several processes may fetch the
+    same version at once (each worker of `mlpaint serve --workers N` loads the bundle itself),
+    so each writes its own staging folder and renames it into place; one that finds the
+    version already placed by another keeps that copy once it verifies (a version's files
+    never change once published)."""
     prefix = f"{VERSIONS}/{version}"
     manifest_bytes = store.get_bytes(f"{prefix}/{MANIFEST}")
     if manifest_bytes is None:
         raise BundleIntegrityError(f"{store.describe(prefix)}: no {MANIFEST} (incomplete "
                                    "bundle)")
     manifest = json.loads(manifest_bytes)
-    staging = destination.with_name(destination.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    for name in manifest["files"]:
-        data = store.get_bytes(f"{prefix}/{name}")
-        if data is None:
-            raise BundleIntegrityError(f"{store.describe(prefix + '/' + name)}: missing from "
-                                       "the bundle")
-        (staging / name).parent.mkdir(parents=True, exist_ok=True)
-        (staging / name).write_bytes(data)
-    (staging / MANIFEST).write_bytes(manifest_bytes)
-    verify_folder(staging)
-    shutil.rmtree(destination, ignore_errors=True)
-    staging.rename(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f"{destination.name}.partial-",
+                                    dir=destination.parent))
+    try:
+        for name in manifest["files"]:
+            data = store.get_bytes(f"{prefix}/{name}")
+            if data is None:
+                raise BundleIntegrityError(f"{store.describe(prefix + '/' + name)}: missing "
+                                           "from the bundle")
+            (staging / name).parent.mkdir(parents=True, exist_ok=True)
+            (staging / name).write_bytes(data)
+        (staging / MANIFEST).write_bytes(manifest_bytes)
+        verify_folder(staging)
+        try:
+            staging.rename(destination)
+        except OSError:  # already there: placed by a sibling process, or left from a past run
+            if not _holds_verified_copy(destination, manifest_bytes):
+                shutil.rmtree(destination, ignore_errors=True)
+                staging.rename(destination)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return destination
+
+
+def _holds_verified_copy(folder: Path, manifest_bytes: bytes) -> bool:
+    """Whether `folder` holds exactly the bundle this manifest describes, every file intact."""
+    try:
+        return (folder / MANIFEST).read_bytes() == manifest_bytes and bool(verify_folder(folder))
+    except (OSError, BundleIntegrityError):
+        return False
 
 
 def _is_version_folder(store: BundleStore) -> bool:

@@ -33,9 +33,7 @@ from mlpaint.publish import (
     load_registered_model,
 )
 from mlpaint.tracking import REGISTERED_MODEL_NAME, tracking_client
-
-_IO_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 20]}
-
+from tasks.retries import SERVICE_CALL_RETRIES
 
 
 @dataclass(frozen=True)
@@ -51,7 +49,7 @@ class CandidateRef:
         return f"models:/{self.name}/{self.version}"
 
 
-@task(name="resolve-model-version", **_IO_RETRIES)
+@task(name="resolve-model-version", **SERVICE_CALL_RETRIES)
 def resolve_candidate(run_id: str | None, model_version: str | None,
                       tracking_uri: str) -> CandidateRef:
     """The model version to publish: the one registered from `run_id`, the given version, or
@@ -106,7 +104,7 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
     return BuiltBundle(str(staging), info, explanations.test_accuracy)
 
 
-@task(name="gate-against-champion", **_IO_RETRIES)
+@task(name="gate-against-champion", **SERVICE_CALL_RETRIES)
 def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str,
          margin: float, force: bool, tracking_uri: str) -> GateDecision:
     """Score the current champion on the same official test set and decide."""
@@ -132,7 +130,7 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
     return decision
 
 
-@task(name="upload-bundle", **_IO_RETRIES)
+@task(name="upload-bundle", **SERVICE_CALL_RETRIES)
 def upload_bundle(built: BuiltBundle, destination: str, promote: bool,
                   retention: int) -> PublishResult:
     result = publish_bundle(Path(built.staging), store_for(destination), built.info.version,
@@ -142,7 +140,7 @@ def upload_bundle(built: BuiltBundle, destination: str, promote: bool,
     return result
 
 
-@task(name="record-publication", **_IO_RETRIES)
+@task(name="record-publication", **SERVICE_CALL_RETRIES)
 def record_publication(candidate: CandidateRef, built: BuiltBundle, decision: GateDecision,
                        destination: str, tracking_uri: str) -> None:
     """Aliases and tags in the registry; explanation images, the gate's reason and the bundle

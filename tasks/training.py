@@ -35,8 +35,7 @@ from mlpaint.training.algorithms import (
 )
 from mlpaint.training.evaluation import Aggregate, Evaluation, evaluate
 from mlpaint.training.spec import ExperimentSpec, plan_folds
-
-_MLFLOW_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 20]}
+from tasks.retries import SERVICE_CALL_RETRIES
 
 
 @dataclass(frozen=True)
@@ -161,13 +160,20 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
         client.log_batch(run_id, params=batch[start:start + 90])
 
 
-@task(name="start-experiment-run", **_MLFLOW_RETRIES)
-def start_experiment_run(spec: ExperimentSpec, algorithm_params: dict[str, str],
-                         dataset_fingerprint: str, tracking_uri: str, flow_run_id: str | None
-                         ) -> str:
+@task(name="prepare-experiment", **SERVICE_CALL_RETRIES)
+def prepare_experiment(experiment: str, tracking_uri: str) -> str:
+    """The MLflow experiment's id, created if needed. The flow runs this while the data is
+    fetched: the first use of a new SQLite store builds its schema, seconds of work that
+    need not wait for the data."""
+    return ensure_experiment(tracking_client(tracking_uri), experiment, tracking_uri)
+
+
+@task(name="start-experiment-run", **SERVICE_CALL_RETRIES)
+def start_experiment_run(spec: ExperimentSpec, experiment_id: str,
+                         algorithm_params: dict[str, str], dataset_fingerprint: str,
+                         tracking_uri: str, flow_run_id: str | None) -> str:
     """The parent run: the whole spec and the algorithm's parameters as params."""
     client = tracking_client(tracking_uri)
-    experiment_id = ensure_experiment(client, spec.experiment, tracking_uri)
     tags = {"mlpaint.dataset_fingerprint": dataset_fingerprint,
             "mlflow.runName": f"{spec.algorithm}-{spec.features.value}"}
     if flow_run_id:
@@ -187,7 +193,7 @@ def _write_fit_artifacts(result: FitResult, folder: Path, title: str) -> list[Pa
     return [*paths, statistics]
 
 
-@task(name="log-fold-run", **_MLFLOW_RETRIES)
+@task(name="log-fold-run", **SERVICE_CALL_RETRIES)
 def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> str:
     """A nested run for one fold: its metrics, evaluation artifacts and model files."""
     client = tracking_client(tracking_uri)
@@ -225,7 +231,26 @@ def _signature_and_example(test_matrix: FeatureMatrix, model: DigitModel):
     return infer_signature(example, model.predict_proba(example).astype(np.float32)), example
 
 
-@task(name="log-final-model", **_MLFLOW_RETRIES)
+# What loading the LightGBM-flavoured model needs, pinned to the versions that trained it.
+# Given explicitly: MLflow would otherwise infer them by loading the model in a subprocess,
+# seconds of work on every training run (and it picked up unrelated packages).
+_LIGHTGBM_MODEL_PACKAGES = ("mlflow", "lightgbm", "numpy", "pandas", "scikit-learn", "scipy",
+                            "skops")
+
+
+def _pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    pinned = []
+    for package in packages:
+        try:
+            pinned.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pinned
+
+
+@task(name="log-final-model", **SERVICE_CALL_RETRIES)
 def log_final_model(final: FitResult, test_matrix: FeatureMatrix, spec: ExperimentSpec,
                     parent_run_id: str, tracking_uri: str) -> RegisteredModel:
     """The final model in the parent run, with a signature and an input example, registered
@@ -244,7 +269,8 @@ def log_final_model(final: FitResult, test_matrix: FeatureMatrix, spec: Experime
         if len(model.boosters) == 1:
             info = mlflow.lightgbm.log_model(
                 model.boosters[0], name="model", signature=signature, input_example=example,
-                registered_model_name=REGISTERED_MODEL_NAME, metadata=metadata)
+                registered_model_name=REGISTERED_MODEL_NAME, metadata=metadata,
+                pip_requirements=_pinned_requirements(_LIGHTGBM_MODEL_PACKAGES))
         else:
             from mlpaint.serving_model import DigitModelPyfunc
 
@@ -290,7 +316,7 @@ class ExperimentSummary:
         }
 
 
-@task(name="log-experiment-summary", **_MLFLOW_RETRIES)
+@task(name="log-experiment-summary", **SERVICE_CALL_RETRIES)
 def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
                            sample_grid: str | None, tracking_uri: str) -> None:
     """Aggregates and test metrics on the parent run, its artifacts, and the end of the run."""

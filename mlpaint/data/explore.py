@@ -37,6 +37,19 @@ def sample_indices(labels: np.ndarray, per_label: int, seed: int) -> list[np.nda
     return chosen
 
 
+def sample_mosaic(images: np.ndarray, chosen: list[np.ndarray], per_label: int,
+                  gap: int = 2) -> np.ndarray:
+    """One uint8 image: a row per digit of its chosen samples, `gap` blank pixels between."""
+    side = images.shape[1]
+    cell = side + gap
+    mosaic = np.zeros((len(chosen) * cell - gap, per_label * cell - gap), dtype=np.uint8)
+    for digit, rows in enumerate(chosen):
+        for column, row in enumerate(rows[:per_label]):
+            mosaic[digit * cell: digit * cell + side,
+                   column * cell: column * cell + side] = images[row]
+    return mosaic
+
+
 def render_sample_grid(table: SplitTable, destination: Path, *, per_label: int = 10,
                        seed: int = 0) -> Path:
     """A PNG with one row per digit and `per_label` sampled images in each."""
@@ -45,22 +58,20 @@ def render_sample_grid(table: SplitTable, destination: Path, *, per_label: int =
     matplotlib.use("Agg")  # headless; called at run time, never at import
     import matplotlib.pyplot as plt
 
-    images = table.images()
     chosen = sample_indices(table.labels, per_label, seed)
-    figure, axes = plt.subplots(N_CLASSES, per_label, figsize=(per_label * 0.8, N_CLASSES * 0.8),
-                                squeeze=False)
-    for digit, rows in enumerate(chosen):
-        for column in range(per_label):
-            axis = axes[digit][column]
-            axis.set_xticks([])
-            axis.set_yticks([])
-            for spine in axis.spines.values():
-                spine.set_visible(False)
-            if column < len(rows):
-                axis.imshow(images[rows[column]], cmap="gray_r", vmin=0, vmax=255)
-        axes[digit][0].set_ylabel(str(digit), rotation=0, labelpad=10, fontsize=12,
-                                  va="center")
-    figure.suptitle(f"{table.split.value}: {per_label} samples per digit (seed {seed})")
+    images = table.images()
+    # One image drawn once: a hundred separate axes took matplotlib 1.5 s per grid.
+    mosaic = sample_mosaic(images, chosen, per_label)
+    cell = (mosaic.shape[0] + 2) / N_CLASSES
+    figure, axis = plt.subplots(figsize=(per_label * 0.8, N_CLASSES * 0.8))
+    axis.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
+    axis.set_xticks([])
+    axis.set_yticks([digit * cell + images.shape[1] / 2 - 0.5 for digit in range(N_CLASSES)],
+                    labels=[str(digit) for digit in range(N_CLASSES)], fontsize=12)
+    axis.tick_params(length=0)
+    for spine in axis.spines.values():
+        spine.set_visible(False)
+    axis.set_title(f"{table.split.value}: {per_label} samples per digit (seed {seed})")
     figure.tight_layout()
     destination.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(destination, dpi=80)

@@ -2,11 +2,14 @@
 server, and a publishing subprocess killed between upload and pointer flip."""
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import boto3
 import mlflow
@@ -142,6 +145,10 @@ def test_killed_publisher_leaves_the_previous_bundle(harness, registry, monkeypa
     assert loaded.info.version == first.bundle.version and loaded.info.model_version == "1"
 
 
+def _loaded_version(uri: str, cache_dir: str) -> str:
+    return load_bundle(uri, cache_dir=Path(cache_dir)).info.version
+
+
 def test_s3_destination(s3_env, tmp_path, registry, harness, monkeypatch):
     boto3.client("s3").create_bucket(Bucket="bundles")
     report = _publish(registry, monkeypatch, model_version="1", to="s3://bundles/mnist",
@@ -151,6 +158,13 @@ def test_s3_destination(s3_env, tmp_path, registry, harness, monkeypatch):
     loaded = load_bundle("s3://bundles/mnist", cache_dir=tmp_path / "cache")
     assert loaded.info.version == report.bundle.version
     assert loaded.model().raw_scores(np.zeros((1, 784), np.float32)).shape == (1, 10)
+    # processes loading the same version into one cache at once (server workers) all succeed
+    shared_cache = tmp_path / "shared-cache"
+    with ProcessPoolExecutor(4, mp_context=multiprocessing.get_context("spawn")) as pool:
+        versions = list(pool.map(_loaded_version, ["s3://bundles/mnist"] * 4,
+                                 [str(shared_cache)] * 4))
+    assert versions == [report.bundle.version] * 4
+    assert not list(shared_cache.rglob("*.partial-*"))
     # a tampered object in the bucket is caught on load
     key = f"mnist/versions/{report.bundle.version}/bundle.json"
     s3 = boto3.client("s3")

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
+from tests.conftest import free_port, start_service, stop_service
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +151,46 @@ def test_cli_train_on_a_local_dask_cluster(training_inputs, cli_env, tmp_path):
     worker_pids = {int(f["worker"].rsplit(":", 1)[1]) for f in report["folds"]}
     assert process.pid not in worker_pids
     assert MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(report["mlflow_run_id"])
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A Dask scheduler and one worker, each started as its own process, as on a real
+    cluster; yields the scheduler's address and the worker's process group."""
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    port, scheduler_http, worker_http = free_port(), free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = start_service(
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--dashboard-address", f"127.0.0.1:{scheduler_http}"],
+        f"http://127.0.0.1:{scheduler_http}/health", log=tmp_path / "scheduler.log")
+    try:
+        worker = start_service(
+            [dask, "worker", address, "--nworkers", "1", "--nthreads", "1",
+             "--dashboard-address", f"127.0.0.1:{worker_http}"],
+            f"http://127.0.0.1:{worker_http}/health", log=tmp_path / "worker.log")
+        try:
+            yield address, worker.pid
+        finally:
+            stop_service(worker)
+    finally:
+        stop_service(scheduler)
+
+
+@pytest.mark.slow
+def test_cli_train_on_a_running_dask_cluster(training_inputs, cli_env, dask_cluster, tmp_path):
+    address, worker_group = dask_cluster
+    env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
+    completed = subprocess.run(
+        [mlpaint, "train", "--source", training_inputs["source"], "--folds", "2",
+         "--limit", "800", "--algorithms", training_inputs["algorithms"], "--features", "raw",
+         "--dask-address", address, "--no-final-fit", "--cache-dir", training_inputs["cache"],
+         "--json"], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout)
+    assert [f["name"] for f in report["folds"]] == ["fold-0", "fold-1"]
+    # both folds ran in the worker we started (its session's process group), not in the CLI
+    for fold in report["folds"]:
+        pid = int(fold["worker"].rsplit(":", 1)[1])
+        assert os.getpgid(pid) == worker_group, fold["worker"]
