@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.services import start_service, stop_service
+
 logger = logging.getLogger("bench.ingest")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,20 +111,9 @@ def _run_variant(variant: str, path: Path, env: dict[str, str]) -> dict:
 
 
 def _start_moto(port: int, log: Path) -> subprocess.Popen:
-    import requests
-
     moto = Path(sys.executable).parent / "moto_server"
-    process = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    for _ in range(100):
-        try:
-            requests.get(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
-            return process
-        except requests.RequestException:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("moto server did not start")
+    return start_service([str(moto), "-H", "127.0.0.1", "-p", str(port)],
+                         f"http://127.0.0.1:{port}/moto-api/", log=log)
 
 
 def main() -> None:
@@ -160,8 +151,7 @@ def main() -> None:
                             ", ".join(f"{v} {r[-1]['seconds']:.3f}s"
                                       for v, r in results.items()))
         finally:
-            moto.terminate()
-            moto.wait(10)
+            stop_service(moto)
 
     median = {v: statistics.median(r["seconds"] for r in rs) for v, rs in results.items()}
     growth = {v: statistics.median(r["peak_growth_mib"] for r in rs) for v, rs in results.items()}

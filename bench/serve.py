@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -28,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import requests
+
+from bench.services import start_service, stop_service
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,19 +129,13 @@ def _in_process(bundle: str, digits: list[list[int]], repeats: int) -> dict:
 def _serve_and_load(args: argparse.Namespace, workers: int, digits: list[list[int]]
                     ) -> list[dict]:
     """Start `mlpaint serve --workers N`, load each endpoint at 1 and 16 clients, stop it."""
-    server = subprocess.Popen(
+    base = f"http://127.0.0.1:{args.port}"
+    server = start_service(
         [str(Path(sys.executable).parent / "mlpaint"), "serve", "--bundle", args.bundle,
          "--port", str(args.port), "--watch-seconds", "0", "--workers", str(workers)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    base = f"http://127.0.0.1:{args.port}"
+        base + "/readyz")
     results = []
     try:
-        for _ in range(300):
-            try:
-                if requests.get(base + "/readyz", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
         time.sleep(3)  # let every worker finish loading, not just the first to answer
         use_wrk = shutil.which("wrk") is not None
         with tempfile.TemporaryDirectory() as workdir:
@@ -156,8 +150,7 @@ def _serve_and_load(args: argparse.Namespace, workers: int, digits: list[list[in
                     print(row, flush=True)
                     results.append(row)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=20)
+        stop_service(server)
     return results
 
 

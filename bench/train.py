@@ -34,7 +34,6 @@ import gzip
 import json
 import logging
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+
+from bench.services import start_service, stop_service
 
 logger = logging.getLogger("bench.train")
 REPO = Path(__file__).resolve().parents[1]
@@ -223,8 +224,7 @@ def part_default(mnist: Path, port: int) -> dict:
             seconds, report = _mlpaint_train(["--source", "s3://bench-mnist/mnist/"],
                                              Path(workdir))
         finally:
-            moto.terminate()
-            moto.wait(10)
+            stop_service(moto)
     result = {"wall_seconds": round(seconds, 1),
               "fold_accuracy": report["folds"][0]["statistics"]["accuracy"],
               "test_accuracy": report["test"]["statistics"]["accuracy"],
@@ -279,31 +279,16 @@ def _prefect_server(workdir: Path, port: int) -> Iterator[None]:
     `mlpaint train` subprocesses, as a deployment's runs (or `make stack-up`) would have."""
     env = {**os.environ, "PREFECT_HOME": str(workdir / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
-    with (workdir / "prefect-server.log").open("wb") as log:
-        server = subprocess.Popen(
-            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host",
-             "127.0.0.1", "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
     url = f"http://127.0.0.1:{port}/api"
+    server = start_service([str(Path(sys.executable).parent / "prefect"), "server", "start",
+                            "--host", "127.0.0.1", "--port", str(port)], f"{url}/health",
+                           log=workdir / "prefect-server.log", env=env)
+    os.environ["PREFECT_API_URL"] = url
     try:
-        import requests
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("prefect server start did not come up")
-            time.sleep(0.5)
-        os.environ["PREFECT_API_URL"] = url
         yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(30)
+        stop_service(server)
 
 
 def part_ratio(mnist: Path, runs: int, folds: int, stage: str, *,
