@@ -1,14 +1,17 @@
-"""Explanation benchmark: exact TreeSHAP of the default model with LightGBM's pred_contrib,
-with shap.TreeExplainer, and with mlpaint's per-class path, in one run.
+"""Explanation benchmark: exact TreeSHAP of one model with LightGBM's pred_contrib, with
+shap.TreeExplainer, and with mlpaint.treeshap (what serving and publishing run), in one run.
 
-    .venv/bin/python -m bench.train --part accuracy --save-models /tmp/bench-models
-    .venv/bin/python -m bench.explain --model /tmp/bench-models/lgbm-deskew --rows 1000
+    .venv/bin/python -m bench.explain --model .mlpaint/bundles/versions/<version>/model \
+        --rows 10000 --repeats 300
 
-Batch: each variant explains the first `--rows` official test digits in its own subprocess
-(wall time, peak RSS). `chosen-own-class` is what publishing runs for the per-digit maps: each
-row explained for its own label only. Latency: one drawing (a test digit), repeated
-`--repeats` times in this process: all ten digits through each path, and the three digits
-the page shows first.
+`--model` is a saved DigitModel folder: a published bundle's `model/`, or one that
+`bench.train --part accuracy --save-models DIR` kept. Batch: each variant explains the first
+`--rows` official test digits in its own subprocess (wall time, peak RSS): all ten classes
+(`chosen-all`, every core) or each row for its own label only (`chosen-own-class`, what
+publishing runs for the per-digit maps). Latency: `--repeats` different test digits, each
+explained by every path in turn (interleaved), one thread: all ten digits through each path,
+and the three and one digits the page shows first; medians and p99, and the speed-up of
+each all-ten path over shap.TreeExplainer on the same model and rows.
 """
 
 from __future__ import annotations
@@ -47,14 +50,16 @@ def _worker(variant: str, model_dir: Path, mnist: Path, rows: int) -> None:
         import shap
 
         explainer = shap.TreeExplainer(booster)
-    elif variant == "chosen-own-class":
-        explainer = ClassExplainer(model)
-        explainer.explain(features[:1], [0])  # build the per-class boosters before timing
+    elif variant in {"chosen-own-class", "chosen-all"}:
+        explainer = ClassExplainer(model)  # every core, as publishing runs it
+        explainer.explain(features[:1], [0])  # flatten the trees, load the kernel
     start = time.perf_counter()
     if variant == "pred-contrib":
         booster.predict(features, pred_contrib=True)
     elif variant == "tree-explainer":
         explainer.shap_values(features)
+    elif variant == "chosen-all":
+        explainer.explain(features, list(range(10)))
     else:
         explainer.explain_own_class(features, labels)
     seconds = time.perf_counter() - start
@@ -63,6 +68,8 @@ def _worker(variant: str, model_dir: Path, mnist: Path, rows: int) -> None:
 
 
 def _latency(model_dir: Path, mnist: Path, repeats: int) -> dict:
+    """Per drawing: `repeats` different test digits, each explained by every path in turn
+    (interleaved, so the machine's noise falls on all of them alike), one thread each."""
     import shap
 
     from mlpaint.explain import ClassExplainer
@@ -70,30 +77,44 @@ def _latency(model_dir: Path, mnist: Path, repeats: int) -> dict:
 
     model = DigitModel.load(model_dir)
     booster = model.boosters[0]
-    features, _ = _test_set(mnist, 1)
+    features, _ = _test_set(mnist, repeats)
     tree_explainer = shap.TreeExplainer(booster)
-    class_explainer = ClassExplainer(model)
-    top3 = list(np.argsort(model.raw_scores(features)[0])[::-1][:3])
+    class_explainer = ClassExplainer(model, parallel=False)  # as the server runs it
+    top3 = np.argsort(model.raw_scores(features), axis=1)[:, ::-1][:, :3]
+    every = list(range(10))
     paths = {
-        "pred-contrib, 10 digits": lambda: booster.predict(features, pred_contrib=True),
-        "tree-explainer, 10 digits": lambda: tree_explainer.shap_values(features),
-        "per-class, 10 digits": lambda: class_explainer.explain(features, list(range(10))),
-        "per-class, top 3 digits": lambda: class_explainer.explain(features, top3),
-        "per-class, top 1 digit": lambda: class_explainer.explain(features, top3[:1]),
+        "pred-contrib, 10 digits": lambda i: booster.predict(features[i:i + 1],
+                                                             pred_contrib=True, num_threads=1),
+        "tree-explainer, 10 digits": lambda i: tree_explainer.shap_values(features[i:i + 1]),
+        "mlpaint treeshap, 10 digits": lambda i: class_explainer.explain(features[i:i + 1],
+                                                                        every),
+        "mlpaint treeshap, top 3 digits": lambda i: class_explainer.explain(
+            features[i:i + 1], list(top3[i])),
+        "mlpaint treeshap, top 1 digit": lambda i: class_explainer.explain(
+            features[i:i + 1], list(top3[i, :1])),
     }
-    results = {}
-    for name, call in paths.items():
-        call()  # warm
-        times = []
-        for _ in range(repeats):
+    for call in paths.values():
+        call(0)  # warm: the compiled kernel, shap's tree conversion
+    times: dict[str, list[float]] = {name: [] for name in paths}
+    for i in range(repeats):
+        for name, call in paths.items():
             start = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - start) * 1000)
-        times.sort()
-        results[name] = {"median_ms": round(statistics.median(times), 2),
-                         "p99_ms": round(times[min(len(times) - 1,
-                                                    int(0.99 * len(times)))], 2)}
+            call(i)
+            times[name].append((time.perf_counter() - start) * 1000)
+    results = {}
+    for name, measured in times.items():
+        measured.sort()
+        results[name] = {"median_ms": round(statistics.median(measured), 3),
+                         "p99_ms": round(measured[min(len(measured) - 1,
+                                                      int(0.99 * len(measured)))], 3)}
         print(name, results[name], flush=True)
+    shap_ms = results["tree-explainer, 10 digits"]["median_ms"]
+    for name in ("pred-contrib, 10 digits", "mlpaint treeshap, 10 digits"):
+        results[name]["speedup_vs_tree_explainer"] = round(shap_ms / results[name]["median_ms"],
+                                                           2)
+    print("speed-up over shap.TreeExplainer (medians, 10 digits):",
+          {name: results[name]["speedup_vs_tree_explainer"]
+           for name in ("pred-contrib, 10 digits", "mlpaint treeshap, 10 digits")}, flush=True)
     return results
 
 
@@ -109,7 +130,7 @@ def main() -> None:
         _worker(args.worker, args.model, args.mnist, args.rows)
         return
     batch = []
-    for variant in ("pred-contrib", "tree-explainer", "chosen-own-class"):
+    for variant in ("pred-contrib", "tree-explainer", "chosen-all", "chosen-own-class"):
         completed = subprocess.run(
             [sys.executable, "-m", "bench.explain", "--worker", variant, "--model",
              str(args.model), "--mnist", str(args.mnist), "--rows", str(args.rows)],

@@ -7,6 +7,8 @@
                                       # the same, the flow on a running `prefect server start`
     .venv/bin/python -m bench.train --part sweep      # how lgbm's parameters were chosen
     .venv/bin/python -m bench.train --part size       # accuracy vs explanation cost
+    .venv/bin/python -m bench.train --part champion --candidate c4-31leaves
+                                      # a champion candidate: held-out and redrawn digits
 
 `accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
 on the official 10,000-row test set; wall time of the fit alone.
@@ -17,6 +19,11 @@ final fit), MNIST read from a moto S3 server on loopback, MLflow in a temporary 
 accuracy on the 20% held out by round count, and the cost of exactly explaining one digit
 (TreeSHAP grows with trees x leaves x depth squared), to pick a model that explains fast
 without losing accuracy. The official test set is kept for `accuracy`.
+`champion`: one candidate of CHAMPION_CANDIDATES (augmentation + LightGBM settings), trained
+on MLDB's 80% of the training rows and their augmented copies; every 200 rounds, accuracy on
+the held-out 20% and on `--digits` of those held-out digits redrawn by bench/robustness.py's
+generator, and the time to explain one digit for all ten classes. No official test digit is
+read: the champion is chosen without it.
 `ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
 IDX files, the same feature stage, the same six fits with the same parameters, threads and
 concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
@@ -44,6 +51,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from bench.services import start_service, stop_service
 
@@ -157,14 +165,28 @@ def _one_row_latency_ms(booster, row: np.ndarray, classes: list[int], repeats: i
     return round(statistics.median(times) * 1000, 2)
 
 
+def _fit_with_checkpoints(params: dict, x: np.ndarray, y: np.ndarray, rounds: int, *,
+                          every: int) -> tuple[float, list]:
+    """One fit of `rounds` rounds on every core; its wall time, and the model cut after
+    every `every` rounds, as (rounds, booster) pairs."""
+    import lightgbm as lgb
+
+    from mlpaint.training.algorithms import lightgbm_params
+
+    full = lightgbm_params(params, seed=0, num_threads=os.cpu_count() or 1)
+    start = time.perf_counter()
+    booster = lgb.train(full, lgb.Dataset(x, y, params=full), num_boost_round=rounds)
+    seconds = time.perf_counter() - start
+    return seconds, [(n, lgb.Booster(model_str=booster.model_to_string(num_iteration=n)))
+                     for n in range(every, rounds + 1, every)]
+
+
 def part_size(mnist: Path, repeats: int) -> list[dict]:
     """Held-out accuracy and one-row explanation latency by round count, per SIZES shape."""
-    import lightgbm as lgb
 
     from mlpaint.data.catalog import Split
     from mlpaint.data.dataset import row_hashes, row_keys
     from mlpaint.features import apply_feature_stage
-    from mlpaint.training.algorithms import lightgbm_params
 
     train_x, train_y, _, _ = _load(mnist)
     features = apply_feature_stage("deskew", train_x)
@@ -174,13 +196,9 @@ def part_size(mnist: Path, repeats: int) -> list[dict]:
               "bagging_freq": 1, "max_bin": 63, "feature_fraction": 0.3}
     rows = []
     for name, (extra, rounds) in SIZES.items():
-        params = lightgbm_params({**shared, **extra}, seed=0, num_threads=os.cpu_count() or 1)
-        start = time.perf_counter()
-        booster = lgb.train(params, lgb.Dataset(x, y, params=params), num_boost_round=rounds)
-        seconds = time.perf_counter() - start
+        seconds, cuts = _fit_with_checkpoints({**shared, **extra}, x, y, rounds, every=100)
         by_rounds = {}
-        for n in range(100, rounds + 1, 100):
-            cut = lgb.Booster(model_str=booster.model_to_string(num_iteration=n))
+        for n, cut in cuts:
             by_rounds[n] = {
                 "held_out_accuracy": float((cut.predict(vx).argmax(1) == vy).mean()),
                 "explain_10_digits_ms": _one_row_latency_ms(cut, vx[:1], list(range(10)),
@@ -189,6 +207,65 @@ def part_size(mnist: Path, repeats: int) -> list[dict]:
         rows.append({"setting": name, "fit_seconds": round(seconds, 1), "by_rounds": by_rounds})
         logger.info("%s", rows[-1])
     return rows
+
+
+_CHAMPION_SHARED = {"feature_fraction": 0.3, "bagging_fraction": 0.5, "bagging_freq": 1,
+                    "min_data_in_leaf": 20, "lambda_l2": 1.0, "max_bin": 63}
+CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max rounds)
+    "c3-31leaves": ({"copies": 3}, {**_CHAMPION_SHARED, "num_leaves": 31,
+                                    "learning_rate": 0.15}, 1000),
+    "c3-15leaves": ({"copies": 3}, {**_CHAMPION_SHARED, "num_leaves": 15,
+                                    "learning_rate": 0.2}, 1400),
+}
+
+
+def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dict:
+    """One champion candidate: trained on MLDB's 80% of the training digits plus its
+    augmented copies (of those rows only), scored every 100 rounds on the held-out 20% and
+    on those held-out digits redrawn by the robustness generator (bench/robustness.py). The
+    official test set is not read."""
+
+    from bench.robustness import decode_canvases, generate, summarise
+    from mlpaint.augment import AugmentSpec, augment
+    from mlpaint.data.catalog import Split
+    from mlpaint.data.dataset import row_hashes, row_keys
+    from mlpaint.features import apply_feature_stage
+
+    augment_fields, lgbm_params, rounds = CHAMPION_CANDIDATES[candidate]
+    base = yaml.safe_load((REPO / "mlpaint/configs/experiment.yaml").read_text())["augment"]
+    spec = AugmentSpec.model_validate({**base, **augment_fields})
+    train_x, train_y, _, _ = _load(mnist)
+    held_out = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(5) == 0
+    start = time.perf_counter()
+    copies, source = augment(train_x[~held_out], spec, seed=0)
+    augment_seconds = time.perf_counter() - start
+    x = apply_feature_stage("deskew", np.concatenate([train_x[~held_out], copies]))
+    y = np.concatenate([train_y[~held_out], train_y[~held_out][source]])
+    del copies
+    vx = apply_feature_stage("deskew", train_x[held_out])
+    vy = train_y[held_out]
+    chosen = np.sort(np.random.default_rng(7).choice(len(vy), digits, replace=False))
+    canvases = generate(train_x[held_out].reshape(-1, 28, 28), chosen, seed=7)
+    decoded = {name: decode_canvases(pngs) for name, pngs in canvases.items()}
+
+    fit_seconds, cuts = _fit_with_checkpoints(lgbm_params, x, y, rounds, every=200)
+    by_rounds = {}
+    for n, cut in cuts:
+        drawn_scores = {}
+        for name, (pixels, drawn) in decoded.items():
+            probabilities = cut.predict(apply_feature_stage("deskew", pixels))
+            drawn_scores[name] = summarise(probabilities, vy[chosen], drawn,
+                                           len(chosen))["accuracy"]
+        by_rounds[n] = {
+            "held_out_accuracy": float((cut.predict(vx).argmax(1) == vy).mean()),
+            "drawn_overall": float(np.mean(list(drawn_scores.values()))),
+            "drawn_worst": min(drawn_scores, key=drawn_scores.get),
+            "drawn": drawn_scores,
+            "explain_10_digits_ms": _one_row_latency_ms(cut, vx[:1], list(range(10)), repeats)}
+        logger.info("%s @ %d rounds: %s", candidate, n, by_rounds[n])
+    return {"candidate": candidate, "augment": spec.model_dump(), "params": lgbm_params,
+            "train_rows": len(y), "augment_seconds": round(augment_seconds, 1),
+            "fit_seconds": round(fit_seconds, 1), "by_rounds": by_rounds}
 
 
 def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
@@ -320,8 +397,12 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size"],
-                        required=True)
+    parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",
+                                           "champion"], required=True)
+    parser.add_argument("--candidate", choices=sorted(CHAMPION_CANDIDATES),
+                        help="with --part champion")
+    parser.add_argument("--digits", type=int, default=1000,
+                        help="with --part champion: held-out digits redrawn per variation")
     parser.add_argument("--rounds", type=int, default=400, help="with --part sweep")
     parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
     parser.add_argument("--runs", type=int, default=1)
@@ -343,6 +424,10 @@ def main() -> None:
         result = part_sweep(args.mnist, args.rounds)
     elif args.part == "size":
         result = part_size(args.mnist, args.repeats)
+    elif args.part == "champion":
+        if not args.candidate:
+            parser.error("--part champion needs --candidate")
+        result = part_champion(args.mnist, args.candidate, args.digits, args.repeats)
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
     else:

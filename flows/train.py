@@ -18,6 +18,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.ingest import ingest_mnist
+from mlpaint.augment import AugmentSpec
 from mlpaint.data.dataset import load_table
 from mlpaint.data.integrity import default_cache_dir
 from mlpaint.features import FeatureStage
@@ -31,6 +32,7 @@ from tasks.training import (
     log_experiment_summary,
     log_final_model,
     log_fold_run,
+    prepare_augmented,
     prepare_experiment,
     prepare_features,
     start_experiment_run,
@@ -54,6 +56,7 @@ def train_mnist(
     algorithms_path: str | None = None,
     cache_dir: str | None = None,
     publish_to: str | None = None,
+    augment: AugmentSpec | None = None,
 ) -> ExperimentSummary:
     """Cross-fold training: one LightGBM model per fold, aggregated statistics, a final model
     on all training rows scored on the official test set, all of it in MLflow.
@@ -71,19 +74,23 @@ def train_mnist(
         experiment: the MLflow experiment name.
         eval_train: also score each model on its own training rows.
         final_fit: train the final model on all training rows (default yes).
-        spec_path: a YAML experiment spec to start from.
+        spec_path: a YAML experiment spec to start from, or a packaged spec by name:
+            `default` (what `make run` trains) or `champion` (the weekly run's).
         algorithms_path: a YAML file of named algorithm configurations (default the packaged
             algorithms.yaml).
         cache_dir: where data, features and models are kept (default ~/.cache/mlpaint).
         publish_to: publish the final model (bundle, explanations, gate) to this folder or
             s3://bucket/prefix in the same run.
+        augment: augmented copies of the training rows (elastic, affine, stroke thickness,
+            "as drawn"): how many per row and how they are made.
     """
     algorithms = load_algorithms(Path(algorithms_path) if algorithms_path else None)
     spec = load_spec(
-        Path(spec_path) if spec_path else None,
+        spec_path,
         {"algorithm": algorithm, "features": features, "sources": sources, "limit": limit,
          "seed": seed, "experiment": experiment, "eval_train": eval_train,
          "final_fit": final_fit,
+         "augment": augment.model_dump() if augment is not None else None,
          "folds": parse_folds_option(folds).model_dump() if folds is not None else None},
         known_algorithms=frozenset(algorithms))
     config = algorithms[spec.algorithm]
@@ -96,6 +103,9 @@ def train_mnist(
                                            cache)
     test_matrix = prepare_features.submit(dataset.tables["test"], spec.features, spec.limit,
                                           cache)
+    augmented = (prepare_augmented.submit(dataset.tables["train"], spec.features, spec.limit,
+                                          spec.augment, spec.seed, cache)
+                 if spec.augment.copies else None)
     # Fail on a fold with an empty side before anything trains.
     row_hash = load_table(Path(dataset.tables["train"])).row_hash[: spec.limit]
     n_folds = len(plan_folds(spec.folds, row_hash))
@@ -113,8 +123,9 @@ def train_mnist(
     # The final fit is submitted first: it is the longest, and logging its model (seconds of
     # MLflow work) then overlaps the folds' fits instead of following the last of them.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
-                                       work_dir) if spec.final_fit else None)
-    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, work_dir)
+                                       work_dir, augmented) if spec.final_fit else None)
+    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, work_dir,
+                                      augmented)
                     for i in range(n_folds)]
     registered = None
     for done, future in enumerate(as_completed([*fold_futures, *filter(None, [final_future])]),

@@ -84,7 +84,9 @@ def _add_train_command(subcommands) -> None:
         description="Runs the train-mnist flow locally (no Prefect server needed). Options "
                     "left out take their value from the spec (--spec, default the packaged "
                     "experiment.yaml).")
-    train.add_argument("--spec", metavar="YAML", help="an experiment spec to start from")
+    train.add_argument("--spec", metavar="YAML|NAME",
+                       help="an experiment spec to start from: a YAML file, or a packaged "
+                            "spec by name, 'default' or 'champion'")
     train.add_argument("--algorithms", metavar="YAML",
                        help="named algorithm configurations (default: the packaged set)")
     train.add_argument("--source", action="append", default=None, metavar="URI",
@@ -100,6 +102,9 @@ def _add_train_command(subcommands) -> None:
                        help="also score each model on its training rows")
     train.add_argument("--no-final-fit", dest="final_fit", action="store_false", default=None,
                        help="skip the final model on all training rows")
+    train.add_argument("--augment-copies", type=int, metavar="N",
+                       help="augmented copies per training row (0: none); how they are made "
+                            "comes from the spec's augment section")
     train.add_argument("--cache-dir", metavar="DIR")
     dask = train.add_mutually_exclusive_group()
     dask.add_argument("--dask-address", metavar="ADDR",
@@ -177,9 +182,10 @@ def _run_train(args: argparse.Namespace) -> int:
                  "experiment": args.experiment, "eval_train": args.eval_train,
                  "final_fit": args.final_fit, "folds": folds}
     # Validate everything before Prefect or any data is touched.
-    load_spec(Path(args.spec) if args.spec else None, overrides,
-              known_algorithms=frozenset(load_algorithms(
-                  Path(args.algorithms) if args.algorithms else None)))
+    spec = load_spec(args.spec, overrides, known_algorithms=frozenset(load_algorithms(
+        Path(args.algorithms) if args.algorithms else None)))
+    augment = (spec.augment.model_copy(update={"copies": args.augment_copies})
+               if args.augment_copies is not None else None)
     if args.publish_to is not None and args.final_fit is False:
         raise ValueError("--publish-to needs the final model: drop --no-final-fit")
     if args.dask_workers is not None and args.dask_workers < 1:
@@ -201,7 +207,7 @@ def _run_train(args: argparse.Namespace) -> int:
                    experiment=args.experiment, eval_train=args.eval_train,
                    final_fit=args.final_fit, spec_path=args.spec,
                    algorithms_path=args.algorithms, cache_dir=args.cache_dir,
-                   publish_to=args.publish_to)
+                   publish_to=args.publish_to, augment=augment)
     report = summary.to_json()
     if args.json:
         print(json.dumps(report))

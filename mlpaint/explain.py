@@ -1,15 +1,16 @@
 """Exact TreeSHAP explanations of a digit model, and what publishing precomputes from them.
 
-Contributions come from LightGBM's own TreeSHAP (`pred_contrib=True`): shap.TreeExplainer gives
-the same numbers for LightGBM models (it runs the same algorithm; bench/explain.py measures
-both), so the serving path needs no second library. For a bagged model the contributions are
-the mean of its boosters', matching its mean raw score, so additivity still holds exactly:
-bias + sum of the 784 pixel contributions = the raw score of that class.
+Serving and publishing explain with `ClassExplainer` (mlpaint.treeshap: path-dependent
+TreeSHAP computed leaf by leaf, only for the classes asked for). `contributions` is LightGBM's
+own `pred_contrib`, the reference: publishing checks the stored gallery against it, so a
+bundle never ships numbers LightGBM would not give. shap.TreeExplainer gives the same numbers
+again (the tests compare all three). For a bagged model the contributions are the mean of
+its boosters', matching its mean raw score, so additivity still holds exactly: bias + sum of
+the 784 pixel contributions = the raw score of that class.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +29,8 @@ class AdditivityError(AssertionError):
 
 def contributions(model: DigitModel, features: np.ndarray, *, chunk_rows: int = 2048
                   ) -> np.ndarray:
-    """(rows, 10, 785) float64: per class, 784 pixel contributions then the bias."""
+    """(rows, 10, 785) float64: per class, 784 pixel contributions then the bias, from
+    LightGBM's `pred_contrib` (the reference the fast path is checked against)."""
     features = np.asarray(features, dtype=np.float32)
     out = np.zeros((features.shape[0], N_CLASSES, N_FEATURES + 1), dtype=np.float64)
     for start in range(0, features.shape[0], chunk_rows):
@@ -40,65 +42,30 @@ def contributions(model: DigitModel, features: np.ndarray, *, chunk_rows: int = 
     return out
 
 
-def _split_by_class(booster, n_classes: int) -> list:
-    """One single-output booster per class, holding only that class's trees.
-
-    A multiclass LightGBM model stores, per boosting round, one tree per class (tree i
-    belongs to class i % n_classes), and a class's raw score is the sum of its trees alone;
-    its TreeSHAP contributions likewise depend only on its trees. Explaining one class with
-    its own trees gives the same numbers as the full model's `pred_contrib` for that class
-    (the tests check equality), at a tenth of the cost: the serving path explains only the
-    digits it shows.
-    """
-    import lightgbm as lgb
-
-    text = booster.model_to_string()
-    head, body = text.split("\nTree=0\n", 1)
-    trees_text, tail = body.split("\nend of trees\n", 1)
-    blocks = ("Tree=0\n" + trees_text).strip("\n").split("\n\n")
-    header = []
-    for line in head.split("\n"):
-        if line.startswith("tree_sizes="):  # byte offsets of the full model's trees
-            continue
-        if line.startswith("num_class="):
-            line = "num_class=1"
-        elif line.startswith("num_tree_per_iteration="):
-            line = "num_tree_per_iteration=1"
-        elif line.startswith("objective="):
-            line = "objective=regression"  # identity link: prediction = sum of leaves
-        header.append(line)
-    boosters = []
-    for cls in range(n_classes):
-        mine = [re.sub(r"^Tree=\d+", f"Tree={k}", block)
-                for k, block in enumerate(blocks[cls::n_classes])]
-        model_text = ("\n".join(header) + "\n\n" + "\n\n".join(mine)
-                      + "\n\nend of trees\n" + tail)
-        boosters.append(lgb.Booster(model_str=model_text))
-    return boosters
-
-
 class ClassExplainer:
-    """Exact per-class contributions of a DigitModel, computing only the classes asked for."""
+    """Exact per-class contributions of a DigitModel, computing only the classes asked for,
+    with mlpaint.treeshap (the same numbers as LightGBM's `pred_contrib`, computed leaf by
+    leaf; bench/explain.py measures both beside shap.TreeExplainer)."""
 
-    def __init__(self, model: DigitModel, *, num_threads: int = 0) -> None:
+    def __init__(self, model: DigitModel, *, parallel: bool = True) -> None:
         self.model = model
-        self.num_threads = num_threads  # 0: LightGBM's default, every core
+        self.parallel = parallel  # False: every row on the calling thread (serving)
 
     @cached_property
-    def _per_class(self) -> list[list]:
-        """[booster][class] single-class boosters, built on first use."""
-        return [_split_by_class(b, N_CLASSES) for b in self.model.boosters]
+    def paths(self):
+        """The model's root-to-leaf paths, flattened on first use. A bagged model's leaf
+        values are divided by its size: its contributions are the mean of its boosters'."""
+        from mlpaint import treeshap
+
+        scale = 1.0 / len(self.model.boosters)
+        parts = [treeshap.flatten(b, N_CLASSES, scale=scale) for b in self.model.boosters]
+        return parts[0] if len(parts) == 1 else treeshap.merge(parts)
 
     def explain(self, features: np.ndarray, classes: list[int]) -> np.ndarray:
         """(rows, len(classes), 785): each asked class's 784 contributions, then its bias."""
-        features = np.asarray(features, dtype=np.float32)
-        out = np.zeros((features.shape[0], len(classes), N_FEATURES + 1), dtype=np.float64)
-        for per_class in self._per_class:
-            for slot, cls in enumerate(classes):
-                out[:, slot] += per_class[cls].predict(features, pred_contrib=True,
-                                                       num_threads=self.num_threads)
-        out /= len(self._per_class)
-        return out
+        from mlpaint import treeshap
+
+        return treeshap.explain(self.paths, features, classes, parallel=self.parallel)
 
     def explain_own_class(self, features: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """(rows, 785): each row's contributions to the score of its own label."""
@@ -108,6 +75,21 @@ class ClassExplainer:
             if rows.size:
                 out[rows] = self.explain(features[rows], [digit])[:, 0]
         return out
+
+
+class ReferenceMismatchError(AssertionError):
+    """Contributions differ from LightGBM's own `pred_contrib`."""
+
+
+def check_against_reference(model: DigitModel, features: np.ndarray, contrib: np.ndarray,
+                            tolerance: float = 1e-6) -> float:
+    """The largest difference between `contrib` (rows, 10, 785) and LightGBM's `pred_contrib`
+    on the same rows; raises past the tolerance."""
+    error = float(np.abs(contributions(model, features) - contrib).max()) if len(contrib) else 0.0
+    if not error <= tolerance:
+        raise ReferenceMismatchError(f"contributions differ from LightGBM's pred_contrib by "
+                                     f"{error:.3g} (tolerance {tolerance:g})")
+    return error
 
 
 def check_additivity(contrib: np.ndarray, raw_scores: np.ndarray,

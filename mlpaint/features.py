@@ -24,7 +24,8 @@ class FeatureStage(StrEnum):
     DESKEW = "deskew"
 
 
-def _as_images(pixels: np.ndarray) -> np.ndarray:
+def as_images(pixels: np.ndarray) -> np.ndarray:
+    """N x 784 or N x 28 x 28 pixels as N x 28 x 28 (a view); anything else is refused."""
     array = np.asarray(pixels)
     if array.ndim == 2 and array.shape[1] == N_FEATURES:
         return array.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
@@ -35,7 +36,7 @@ def _as_images(pixels: np.ndarray) -> np.ndarray:
 
 
 def raw_features(pixels: np.ndarray) -> np.ndarray:
-    return _as_images(pixels).reshape(-1, N_FEATURES).astype(np.float32)
+    return as_images(pixels).reshape(-1, N_FEATURES).astype(np.float32)
 
 
 def _deskew_chunk(images: np.ndarray) -> np.ndarray:
@@ -85,7 +86,7 @@ def _bilinear(values: np.ndarray, src_r: np.ndarray, src_c: np.ndarray, n: int) 
 
 
 def deskew_features(pixels: np.ndarray) -> np.ndarray:
-    images = _as_images(pixels)
+    images = as_images(pixels)
     out = np.empty((images.shape[0], N_FEATURES), dtype=np.float32)
     for start in range(0, images.shape[0], _CHUNK_ROWS):
         stop = start + _CHUNK_ROWS

@@ -18,6 +18,28 @@ MASS_CENTRE = IMAGE_SIDE // 2
 INK_THRESHOLD = 0.05  # of the darkest ink: fainter pixels do not extend the bounding box
 
 
+# "Nothing drawn": ink fainter than this (of full black) is not a stroke, and ink whose
+# bounding box spans less than this share of the drawing's longer side is a dot or a speck,
+# not a digit. On the page's 280-pixel canvas that is 34 px: a tap of the 18 px pen stays
+# below it, the smallest digit people draw there is well above it; on a 28x28 input it is
+# 3.4 px, where MNIST's narrowest digits, its 1s, are 20 px tall.
+MIN_INK_LEVEL = 0.2
+MIN_EXTENT_FRACTION = 0.12
+
+
+def something_drawn(ink: np.ndarray) -> bool:
+    """Whether a 2-D ink map (values in [0, 1], ink high) holds something that could be a
+    digit, rather than nothing, a dot or a faint smudge."""
+    ink = np.asarray(ink, dtype=np.float32)
+    peak = float(ink.max()) if ink.size else 0.0
+    if not np.isfinite(peak) or peak < MIN_INK_LEVEL:
+        return False
+    inked = ink >= max(INK_THRESHOLD * peak, MIN_INK_LEVEL / 2)
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
+    extent = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
+    return extent >= MIN_EXTENT_FRACTION * max(ink.shape)
+
+
 def ink_from_image(image) -> np.ndarray:
     """Ink intensity in [0, 1] from a PIL image: dark strokes on a light or transparent
     background count as ink; transparency counts as background."""

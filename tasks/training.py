@@ -7,8 +7,10 @@ is I/O that can fail and is safe to repeat.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -19,6 +21,7 @@ import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
 
+from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment, fold_training_rows
 from mlpaint.data.dataset import load_table
 from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.tracking import (
@@ -38,6 +41,12 @@ from mlpaint.training.spec import ExperimentSpec, plan_folds
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
+def _load_matrix(folder: Path, row_info: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features (memory-mapped), labels, and a per-row array (`row_info`) from a folder."""
+    return (np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
+            np.load(folder / row_info))
+
+
 @dataclass(frozen=True)
 class FeatureMatrix:
     """A reference to features on disk: `features.npy` (float32), `labels.npy`,
@@ -48,9 +57,18 @@ class FeatureMatrix:
     stage: str
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        folder = Path(self.folder)
-        return (np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
-                np.load(folder / "row_hash.npy"))
+        return _load_matrix(Path(self.folder), "row_hash.npy")
+
+
+def _move_into_cache(staging: Path, folder: Path) -> None:
+    """Rename a finished staging folder into its cache place. A concurrent run that computed
+    the same content first wins; its copy is kept and ours dropped."""
+    try:
+        staging.rename(folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "features.npy").is_file():
+            raise
 
 
 @task(name="prepare-features")
@@ -71,10 +89,71 @@ def prepare_features(table_dir: str, stage: FeatureStage, limit: int | None,
     np.save(staging / "features.npy", apply_feature_stage(stage, table.pixels[:rows]))
     np.save(staging / "labels.npy", np.asarray(table.labels[:rows]))
     np.save(staging / "row_hash.npy", np.asarray(table.row_hash[:rows]))
-    staging.rename(folder)
+    _move_into_cache(staging, folder)
     get_run_logger().info("%s features of %d %s rows in %s", stage.value, rows,
                           table.meta.split, folder)
     return FeatureMatrix(str(folder), rows, stage.value)
+
+
+@dataclass(frozen=True)
+class AugmentedMatrix:
+    """A reference to augmented copies of a split's rows on disk: `features.npy` (float32,
+    after the feature stage), `labels.npy`, and `source_row.npy`, the position of the row
+    each copy was made from (so a fold takes only copies of its own training rows)."""
+
+    folder: str
+    rows: int
+
+    def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return _load_matrix(Path(self.folder), "source_row.npy")
+
+
+def _augmented_key(table_path: Path, stage: FeatureStage, limit: int | None,
+                   augment_spec: AugmentSpec, seed: int) -> str:
+    material = json.dumps({"table": f"{table_path.parent.name}/{table_path.name}",
+                           "stage": stage.value, "limit": limit, "seed": seed,
+                           "augment": augment_spec.model_dump(mode="json"),
+                           "code": AUGMENT_CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+@task(name="prepare-augmented-rows")
+def prepare_augmented(table_dir: str, stage: FeatureStage, limit: int | None,
+                      augment_spec: AugmentSpec, seed: int, cache_dir: Path) -> AugmentedMatrix:
+    """Augmented copies of a split's (first `limit`) rows through the feature stage, cached
+    by the table, the stage, the augmentation spec, the seed and the code's version."""
+    table_path = Path(table_dir)
+    key = _augmented_key(table_path, stage, limit, augment_spec, seed)
+    folder = cache_dir / "augmented" / key
+    table = load_table(table_path)
+    rows = min(limit, table.meta.rows) if limit else table.meta.rows
+    if (folder / "features.npy").is_file():
+        return AugmentedMatrix(str(folder), rows * augment_spec.copies)
+    logger = get_run_logger()
+    start = time.perf_counter()
+    pixels, source = augment(np.asarray(table.pixels[:rows]), augment_spec, seed)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+    np.save(staging / "features.npy", apply_feature_stage(stage, pixels))
+    np.save(staging / "labels.npy", np.asarray(table.labels[:rows])[source])
+    np.save(staging / "source_row.npy", source)
+    _move_into_cache(staging, folder)
+    logger.info("%d augmented copies of %d %s rows in %.1f s, in %s", augment_spec.copies,
+                rows, table.meta.split, time.perf_counter() - start, folder)
+    return AugmentedMatrix(str(folder), len(source))
+
+
+def _with_augmented(train: tuple[np.ndarray, np.ndarray], train_rows: np.ndarray | None,
+                    augmented: AugmentedMatrix | None) -> tuple[np.ndarray, np.ndarray]:
+    """The training rows plus the augmented copies made from them (all copies when
+    `train_rows` is None: the final model trains on every row)."""
+    if augmented is None:
+        return train
+    features, labels, source = augmented.load()
+    chosen = (np.arange(len(source)) if train_rows is None
+              else fold_training_rows(train_rows, source))
+    return (np.concatenate([train[0], np.asarray(features[chosen])]),
+            np.concatenate([train[1], labels[chosen]]))
 
 
 @dataclass(frozen=True)
@@ -111,11 +190,13 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
 @task(name="train-fold")
 def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
-               work_dir: Path) -> FitResult:
-    """One model on one fold's training rows, evaluated on its testing rows."""
+               work_dir: Path, augmented: AugmentedMatrix | None = None) -> FitResult:
+    """One model on one fold's training rows (plus the augmented copies of those rows),
+    evaluated on its testing rows."""
     features, labels, row_hash = matrix.load()
     plan = plan_folds(spec.folds, row_hash)[fold_index]
-    train = (np.asarray(features[plan.train_rows]), labels[plan.train_rows])
+    train = _with_augmented((np.asarray(features[plan.train_rows]), labels[plan.train_rows]),
+                            plan.train_rows, augmented)
     test = (np.asarray(features[plan.test_rows]), labels[plan.test_rows])
     return _fit_and_evaluate(f"fold-{fold_index}", spec.algorithm, config, train, test,
                              seed=spec.seed + fold_index, threads=threads,
@@ -125,12 +206,13 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
 @task(name="train-final-model")
 def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
                 config: GbdtConfig | BaggedBoostingConfig, threads: int,
-                work_dir: Path) -> FitResult:
-    """One model on every training row, scored on the official test set."""
+                work_dir: Path, augmented: AugmentedMatrix | None = None) -> FitResult:
+    """One model on every training row (and every augmented copy), scored on the official
+    test set."""
     features, labels, _ = train_matrix.load()
     test_features, test_labels, _ = test_matrix.load()
     return _fit_and_evaluate("final", spec.algorithm, config,
-                             (np.asarray(features), labels),
+                             _with_augmented((np.asarray(features), labels), None, augmented),
                              (np.asarray(test_features), test_labels),
                              seed=spec.seed, threads=threads, eval_train=spec.eval_train,
                              work_dir=work_dir)

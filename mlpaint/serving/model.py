@@ -31,10 +31,11 @@ class ServedModel:
              ) -> ServedModel:
         bundle = load_bundle(uri, version=version, cache_dir=cache_dir)  # verifies hashes
         model = bundle.model()
-        # One thread per request: uvicorn runs requests concurrently, and LightGBM's default of
-        # a thread per core for each one-row call would oversubscribe the cores.
-        explainer = ClassExplainer(model, num_threads=1)
-        explainer.explain(np.zeros((1, N_FEATURES), np.float32), [0])  # build before serving
+        # One thread per request: uvicorn runs requests concurrently, and spreading each
+        # one-row call over every core would oversubscribe them.
+        explainer = ClassExplainer(model, parallel=False)
+        # Flatten the trees and load the compiled kernel before the first request.
+        explainer.explain(np.zeros((1, N_FEATURES), np.float32), [0])
         return cls(bundle, model, explainer, bundle.gallery(), pointer=version)
 
     @property

@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from mlpaint.augment import AugmentSpec
 from mlpaint.features import FeatureStage
 
 _RULE = re.compile(r"^\s*rowHash\(\)\s*%\s*(\d+)\s*(==|=|!=|<>|<=|>=|<|>)\s*(\d+)\s*$",
@@ -107,6 +108,7 @@ class ExperimentSpec(BaseModel):
     limit: int | None = Field(None, ge=100)
     seed: int = 0
     final_fit: bool = True
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
 
     def flat_params(self) -> dict[str, str]:
         """The whole spec as flat `a.b` keys, for MLflow params."""
@@ -137,11 +139,30 @@ def default_spec_text() -> str:
     return resources.files("mlpaint.configs").joinpath("experiment.yaml").read_text()
 
 
-def load_spec(path: Path | None = None, overrides: Mapping[str, Any] | None = None,
+PACKAGED_SPECS = {"default": "experiment.yaml", "champion": "champion.yaml"}
+
+
+def spec_text(path_or_name: str | Path | None) -> str:
+    """The text of a spec: the packaged default for None, a packaged spec by its name
+    (`default`, `champion`), or a YAML file."""
+    if path_or_name is None:
+        return default_spec_text()
+    if str(path_or_name) in PACKAGED_SPECS:
+        return resources.files("mlpaint.configs").joinpath(
+            PACKAGED_SPECS[str(path_or_name)]).read_text()
+    path = Path(path_or_name)
+    if not path.is_file():
+        raise SpecError(f"spec: {str(path)!r} is neither a file nor a packaged spec "
+                        f"({', '.join(PACKAGED_SPECS)})")
+    return path.read_text()
+
+
+def load_spec(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None,
               *, known_algorithms: frozenset[str] | None = None) -> ExperimentSpec:
-    """Read a spec (the packaged default when `path` is None), apply overrides whose value is
-    not None, validate it, and check every rule and the algorithm name."""
-    text = path.read_text() if path else default_spec_text()
+    """Read a spec (the packaged default when `path` is None, a packaged spec by name, or a
+    file), apply overrides whose value is not None, validate it, and check every rule and the
+    algorithm name."""
+    text = spec_text(path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

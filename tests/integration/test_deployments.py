@@ -6,13 +6,15 @@ MLflow server's REST API shows the run and the registered model."""
 import contextlib
 import os
 import subprocess
+import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, start_service, stop_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -20,6 +22,10 @@ TINY_ALGORITHMS = """
 lgbm:
   kind: gbdt
   rounds: 10
+  params: {learning_rate: 0.3, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}
+champion:
+  kind: gbdt
+  rounds: 40
   params: {learning_rate: 0.3, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}
 """
 
@@ -63,21 +69,56 @@ def _wait_until_final(client, flow_run_id, timeout_s: float = 420):
         time.sleep(2)
 
 
-def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
+@pytest.fixture
+def served_bundles(tmp_path):
+    """A folder of bundles, and a function that starts `mlpaint serve` following it."""
+    bundles = tmp_path / "bundles"
+    started = []
+
+    def serve() -> str:
+        port = free_port()
+        mlpaint = str(Path(sys.executable).parent / "mlpaint")
+        started.append(start_service(
+            [mlpaint, "serve", "--bundle", str(bundles), "--port", str(port),
+             "--watch-seconds", "1", "--workers", "1"], f"http://127.0.0.1:{port}/readyz",
+            log=tmp_path / "serve.log", timeout_s=120))
+        return f"http://127.0.0.1:{port}"
+
+    yield bundles, serve
+    for process in started:
+        stop_service(process)
+
+
+def _wait_for_bundle(server: str, version: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ready = requests.get(f"{server}/readyz", timeout=5).json()
+        if ready.get("bundle_version") == version or time.monotonic() > deadline:
+            return ready
+        time.sleep(1)
+
+
+def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
+                                                 served_bundles):
     algorithms = tmp_path / "algorithms.yaml"
     algorithms.write_text(TINY_ALGORITHMS)
+    bundles, serve = served_bundles
     with _prefect_client(stack["prefect"]) as client:
         deployment = client.read_deployment_by_name("train-mnist/train")
         # What the UI's "Custom run" does: a flow run from the deployment with edited params.
         flow_run = client.create_flow_run_from_deployment(
             deployment.id, parameters={"sources": [str(shared_mnist)], "limit": 1200,
                                        "folds": "2", "algorithms_path": str(algorithms),
-                                       "experiment": "e2e"})
+                                       "experiment": "e2e", "publish_to": str(bundles)})
         state = _wait_until_final(client, flow_run.id)
         assert state.is_completed(), f"flow run ended {state.type}: {state.message}"
+        first = (bundles / "LATEST").read_text().strip()
+        server = serve()  # serving the UI-style run's model, following the folder
+        assert _wait_for_bundle(server, first)["bundle_version"] == first
 
         weekly = client.read_deployment_by_name("train-mnist/train-weekly")
         assert weekly.schedules and weekly.schedules[0].schedule.cron == "0 3 * * 1"
+        assert weekly.parameters["spec_path"] == "champion"
         from prefect.client.schemas.filters import (
             DeploymentFilter,
             DeploymentFilterId,
@@ -98,19 +139,26 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path):
         assert upcoming, "the weekly schedule created no upcoming runs"
         assert all(run.expected_start_time.weekday() == 0 for run in upcoming)  # Mondays
 
-        # The run the schedule created, brought forward to now (and made small): the worker
-        # runs it like any other.
+        # The run the schedule created, brought forward to now (and made small: the champion
+        # spec on 3,000 rows, its algorithm a tiny stand-in, still better than the first
+        # model): the worker runs it, the gate promotes it, and the running server swaps.
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
         from prefect.states import Scheduled
 
         scheduled = min(upcoming, key=lambda run: run.expected_start_time)
         client.update_flow_run(scheduled.id, parameters={
-            "sources": [str(shared_mnist)], "limit": 1000, "folds": "2",
-            "algorithms_path": str(algorithms), "experiment": "e2e-scheduled"})
+            **scheduled.parameters, "sources": [str(shared_mnist)], "limit": 3000,
+            "algorithms_path": str(algorithms), "experiment": "e2e-scheduled",
+            "publish_to": str(bundles)})
         client.set_flow_run_state(scheduled.id, Scheduled(scheduled_time=datetime.now(UTC)),
                                   force=True)
         scheduled_state = _wait_until_final(client, scheduled.id)
         assert scheduled_state.is_completed(), scheduled_state.message
+        weekly_bundle = (bundles / "LATEST").read_text().strip()
+        assert weekly_bundle != first
+        assert _wait_for_bundle(server, weekly_bundle)["bundle_version"] == weekly_bundle
+        served = requests.get(f"{server}/v1/model", timeout=5).json()
+        assert served["algorithm"] == "champion"
 
         summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["mnist-training-summary"])))

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
+from mlpaint.augment import AugmentSpec
 from tests.conftest import free_port, start_service, stop_service
 
 pytestmark = pytest.mark.integration
@@ -93,6 +94,12 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
                 "evaluation/label_statistics.csv", "model/model.json",
                 "model/booster-0.txt"} <= set(paths)
     assert sum(f.test_rows for f in summary.folds) == 1500
+    # The default spec's one augmented copy per row: each fold trains on its own rows and
+    # their copies only, the final model on every row and every copy.
+    assert parent.data.params["augment.copies"] == "1"
+    for fold in summary.folds:
+        assert fold.train_rows == 2 * (1500 - fold.test_rows)
+    assert summary.final.train_rows == 3000
 
     parent_paths = set(_artifact_paths(client, parent.info.run_id))
     assert {"evaluation/test/confusion_matrix.json", "evaluation/test/confusion_matrix.png",
@@ -114,8 +121,10 @@ def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
     summary = train_mnist(algorithm="bbdt_d5", features="raw", limit=1000,
                           sources=[training_inputs["source"]],
                           algorithms_path=training_inputs["algorithms"],
-                          cache_dir=training_inputs["cache"], experiment="tiny-bbdt")
+                          cache_dir=training_inputs["cache"], experiment="tiny-bbdt",
+                          augment=AugmentSpec(copies=0))
     assert len(summary.folds) == 1  # MLDB's rowHash() % 5 split
+    assert summary.folds[0].train_rows + summary.folds[0].test_rows == 1000  # no copies
     import mlflow
     import numpy as np
 

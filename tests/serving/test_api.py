@@ -88,6 +88,72 @@ def test_explain_adds_up_and_picks_labels(client, mnist_tables):
     assert [e["label"] for e in chosen["explanations"]] == [5, 0]
 
 
+def _canvas(draw) -> str:
+    """A 280x280 white canvas with what `draw(ImageDraw)` puts on it, as the page sends it."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (280, 280), "white")
+    draw(ImageDraw.Draw(image))
+    return _data_url(image)
+
+
+BLANK_INPUTS = {
+    "blank pixels": {"pixels": [0] * 784},
+    "one lit pixel": {"pixels": [0] * 400 + [255] + [0] * 383},
+    "a 2x2 dot": {"pixels": [255 if (r in (13, 14) and c in (13, 14)) else 0
+                             for r in range(28) for c in range(28)]},
+    "a faint smudge": {"pixels": [30 if 8 <= r < 20 and 8 <= c < 20 else 0
+                                  for r in range(28) for c in range(28)]},
+    "a blank canvas": {"image": _canvas(lambda d: None)},
+    "a transparent canvas": {"image": _data_url(Image.new("RGBA", (280, 280), (0, 0, 0, 0)))},
+    "a pen tap": {"image": _canvas(lambda d: d.ellipse((130, 130, 148, 148), fill="black"))},
+    "a stray speck": {"image": _canvas(lambda d: d.rectangle((20, 250, 23, 253), fill="black"))},
+}
+
+
+@pytest.mark.parametrize("body", BLANK_INPUTS.values(), ids=BLANK_INPUTS.keys())
+def test_nothing_drawn_claims_no_digit(client, body):
+    (prediction,) = client.post("/v1/predict", json=body).json()["predictions"]
+    assert prediction["status"] == "nothing_drawn"
+    assert prediction["digit"] is None and prediction["probabilities"] is None
+    assert prediction["candidates"] == []
+    explained = client.post("/v1/explain", json=body)
+    assert explained.status_code == 200
+    assert explained.json()["status"] == "nothing_drawn"
+    assert explained.json()["digit"] is None and explained.json()["explanations"] == []
+
+
+def test_a_batch_answers_each_drawing_on_its_own(client, mnist_tables):
+    pixels, labels = _digits(mnist_tables, 2)
+    batch = [{"pixels": pixels[0].tolist()}, BLANK_INPUTS["blank pixels"],
+             {"image": _drawn(pixels[1])}, BLANK_INPUTS["a pen tap"]]
+    predictions = client.post("/v1/predict", json={"batch": batch}).json()["predictions"]
+    assert [p["status"] for p in predictions][1::2] == ["nothing_drawn", "nothing_drawn"]
+    for prediction, label in zip(predictions[0::2], labels, strict=True):
+        assert prediction["status"] in {"ok", "low_confidence"}
+        assert prediction["digit"] == label == prediction["candidates"][0]
+        assert len(prediction["candidates"]) == 2
+
+
+def test_low_confidence_is_marked_with_two_candidates(client, mnist_tables):
+    """Half a 4 laid over half a 9 leaves the model torn; whatever it answers, the status
+    follows the top probability and the two candidates are the two most probable digits."""
+    test = mnist_tables[Split.TEST]
+    four = np.asarray(test.pixels[np.flatnonzero(test.labels == 4)[:20]], dtype=np.float32)
+    nine = np.asarray(test.pixels[np.flatnonzero(test.labels == 9)[:20]], dtype=np.float32)
+    blends = np.rint((four + nine) / 2).astype(np.uint8)
+    predictions = client.post("/v1/predict", json={"batch": [{"pixels": b.tolist()}
+                                                             for b in blends]}).json()
+    statuses = set()
+    for prediction in predictions["predictions"]:
+        top = max(prediction["probabilities"])
+        statuses.add(prediction["status"])
+        assert prediction["status"] == ("low_confidence" if top < 0.6 else "ok")
+        order = np.argsort(prediction["probabilities"])[::-1][:2].tolist()
+        assert prediction["candidates"] == order
+    assert "low_confidence" in statuses
+
+
 def test_examples(client):
     example = client.get("/v1/examples", params={"digit": 3, "offset": 2}).json()
     assert example["digit"] == 3 and example["count"] == 8 and example["offset"] == 2

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import free_port, start_service, stop_service
 
 CHROMIUM = "/usr/bin/chromium"
+EMPTY = "\u2013"  # the en dash the page shows where there is no digit or score
 pytestmark = pytest.mark.integration
 
 
@@ -109,9 +110,36 @@ def test_clear_eraser_and_gallery(server, browser):
     page.click("#g-next")
     page.wait_for_function("document.getElementById('g-info').textContent.includes('example 2')")
     _draw(page, THREE)
-    page.wait_for_function("document.getElementById('winner').textContent !== '?'")
+    page.wait_for_function("document.getElementById('winner').textContent !== '\u2013'")
     page.click("#clear")
-    assert page.locator("#winner").text_content() == "?"
+    assert page.locator("#winner").text_content() == EMPTY
+    assert page.locator("#verdict").text_content() == "No digit drawn"
     page.keyboard.press("Tab")  # controls are reachable from the keyboard
     assert page.evaluate("document.activeElement.tagName") in {"CANVAS", "BUTTON", "SELECT",
                                                                "INPUT"}
+
+
+def test_nothing_drawn_then_a_digit(server, browser):
+    """A cleared pad and a single dot are "nothing drawn", answered by the server for the dot;
+    a digit drawn after them is read."""
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('v1')")
+    _draw(page, THREE)
+    page.wait_for_function("document.getElementById('winner').textContent === '3'",
+                           timeout=20_000)
+    page.click("#clear")
+    assert page.locator("#winner").text_content() == EMPTY
+    assert page.locator("#verdict").text_content() == "No digit drawn"
+    assert page.locator("#maps canvas").count() == 0
+    _draw(page, [[(140, 140)]])  # a tap of the pen: a dot
+    # The status line names the model once the server's answer to the dot is shown.
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('model')",
+                           timeout=20_000)
+    assert page.locator("#verdict").text_content() == "No digit drawn"
+    assert page.locator("#winner").text_content() == EMPTY
+    assert page.locator("#pct3").text_content() == EMPTY
+    _draw(page, THREE)
+    page.wait_for_function("document.getElementById('winner').textContent === '3'",
+                           timeout=20_000)
+    assert page.locator("#verdict").text_content() != "No digit drawn"

@@ -84,3 +84,25 @@ def test_a_fold_left_empty_by_the_data_is_an_error():
     hashes = np.array([0, 5, 10], dtype=np.uint64)  # every row has hash % 5 == 0
     with pytest.raises(SpecError, match="fold 0 has no training rows"):
         plan_folds(MldbFolds(), hashes)
+
+
+def test_packaged_specs_by_name():
+    known = frozenset({"lgbm", "champion"})
+    default = load_spec("default", known_algorithms=known)
+    champion = load_spec("champion", known_algorithms=known)
+    assert default == load_spec(None, known_algorithms=known)
+    assert default.augment.copies >= 1  # the default learns from augmented drawings too
+    assert champion.algorithm == "champion" and champion.augment.copies > default.augment.copies
+    with pytest.raises(SpecError, match="'nosuch' is neither a file nor a packaged spec"):
+        load_spec("nosuch")
+
+
+def test_augment_section_is_validated_with_its_field_named(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text("augment: {copies: 2, affine: {scale_min: 1.2}}\n")
+    with pytest.raises(SpecError, match=r"augment\.affine\.scale_min"):
+        load_spec(path)
+    path.write_text("augment: {copies: 2, elastic: {probability: 0}}\n")
+    spec = load_spec(path)
+    assert spec.augment.elastic.probability == 0 and spec.augment.affine.probability == 1.0
+    assert spec.flat_params()["augment.elastic.probability"] == "0.0"

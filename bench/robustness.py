@@ -1,0 +1,263 @@
+"""Drawing-robustness benchmark: MNIST's official test digits redrawn as people draw them on
+the page, sent through the app's image path, scored by each model.
+
+    .venv/bin/python -m bench.robustness --bundle old=/tmp/bundles-old \\
+        --bundle new=.mlpaint/bundles --digits 2000
+
+Each chosen test digit (a seeded sample) is thinned to its centre line and redrawn on a
+280x280 white canvas with a round black pen, in each variation:
+
+| variation | pen | digit height | tilt | where |
+|---|---|---|---|---|
+| plain | 18 px (the page's pen) | 190-230 px | none | centred |
+| thin | 6-9 px | 190-230 px | none | centred |
+| thick | 28-36 px | 190-230 px | none | centred |
+| tilted | 18 px | 170-210 px | ±(8-20)° | centred |
+| small | 12-18 px | 60-90 px | none | anywhere |
+| large | 18-24 px | 250-270 px | none | centred |
+| off-centre | 18 px | 110-150 px | none | against an edge or a corner |
+
+The pen is drawn as PIL lines and discs along the centre line at twice the canvas size and
+shrunk with a box filter (the browser's canvas anti-aliases its strokes the same way); the
+PNG goes through `mlpaint.serving.app._decode_image`, the function `/v1/predict` decodes an
+image with (the drawing preprocessing and the "nothing drawn" check), then the bundle's
+feature stage and model, as the server runs them. These images are generated here, seeded,
+and never used for training; the training augmentation ("as drawn" in mlpaint/augment.py)
+redraws digits too, but with a distance-transform pen at 84x84, not this renderer.
+
+`bare` rows score the first bundle's model without the app's drawing preprocessing: the
+canvas shrunk to 28x28 as it is, inverted, then the model's feature stage and model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CANVAS = 280
+SUPERSAMPLE = 2
+logger = logging.getLogger("bench.robustness")
+
+
+@dataclass(frozen=True)
+class Variation:
+    name: str
+    pen: tuple[float, float]
+    height: tuple[float, float]
+    tilt: tuple[float, float] = (0.0, 0.0)  # degrees, either sign
+    anywhere: bool = False
+    to_edge: bool = False
+
+
+VARIATIONS = (
+    Variation("plain", (18, 18), (190, 230)),
+    Variation("thin", (6, 9), (190, 230)),
+    Variation("thick", (28, 36), (190, 230)),
+    Variation("tilted", (18, 18), (170, 210), tilt=(8, 20)),
+    Variation("small", (12, 18), (60, 90), anywhere=True),
+    Variation("large", (18, 24), (250, 270)),
+    Variation("off-centre", (18, 18), (110, 150), to_edge=True),
+)
+
+
+def centre_line(digit: np.ndarray) -> np.ndarray:
+    """(k, 2) row/col points of the digit's centre line, in 28x28 pixel units."""
+    from PIL import Image
+    from skimage.morphology import skeletonize
+
+    scale = 4
+    large = np.asarray(Image.fromarray(digit).resize((28 * scale, 28 * scale),
+                                                     Image.Resampling.BILINEAR)) / 255.0
+    return np.argwhere(skeletonize(large > 0.4)) / scale
+
+
+def draw_canvas(points: np.ndarray, variation: Variation, rng: np.random.Generator) -> bytes:
+    """The digit's centre line drawn with a round pen on a white canvas, as PNG bytes."""
+    from PIL import Image, ImageDraw
+
+    pen = rng.uniform(*variation.pen)
+    height = rng.uniform(*variation.height)
+    tilt = np.deg2rad(rng.uniform(*variation.tilt) * rng.choice([-1, 1]))
+    centred = points - (points.min(axis=0) + points.max(axis=0)) / 2
+    span = max(np.ptp(points[:, 0]), 1.0)
+    xy = centred[:, ::-1] * (height / span)  # (x, y) canvas units about the centre
+    rotation = np.array([[np.cos(tilt), -np.sin(tilt)], [np.sin(tilt), np.cos(tilt)]])
+    xy = xy @ rotation.T
+    margin = pen / 2 + 2
+    low, high = xy.min(axis=0), xy.max(axis=0)
+    room_low, room_high = margin - low, CANVAS - margin - high  # where the centre may go
+    if variation.anywhere:
+        centre = rng.uniform(room_low, np.maximum(room_low, room_high))
+    elif variation.to_edge:
+        corner = rng.integers(0, 3, 2)  # per axis: low edge, middle or high edge
+        corner[rng.integers(0, 2)] = rng.choice([0, 2])  # at least one axis at an edge
+        centre = np.where(corner == 0, room_low, np.where(corner == 2, room_high,
+                                                          CANVAS / 2))
+    else:
+        centre = np.full(2, CANVAS / 2)
+    xy = (xy + centre) * SUPERSAMPLE
+    width = pen * SUPERSAMPLE
+    image = Image.new("L", (CANVAS * SUPERSAMPLE, CANVAS * SUPERSAMPLE), 255)
+    draw = ImageDraw.Draw(image)
+    # Neighbouring centre-line points are joined by pen strokes; a disc at each point gives
+    # the round caps and joins of the page's pen.
+    index = {tuple(p): i for i, p in enumerate(np.rint(points * 4).astype(int))}
+    for (r, c), i in index.items():
+        for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
+            j = index.get((r + dr, c + dc))
+            if j is not None:
+                draw.line([tuple(xy[i]), tuple(xy[j])], fill=0, width=round(width))
+        x, y = xy[i]
+        draw.ellipse((x - width / 2, y - width / 2, x + width / 2, y + width / 2), fill=0)
+    canvas = image.resize((CANVAS, CANVAS), Image.Resampling.BOX)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def bare_pixels(png: bytes) -> np.ndarray:
+    """The canvas shrunk to 28x28 as it is and inverted: no cropping, scaling or centring."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as image:
+        small = image.convert("L").resize((28, 28), Image.Resampling.BOX)
+    return (255 - np.asarray(small, dtype=np.uint8)).reshape(784)
+
+
+def _official_test_set(mnist: Path) -> tuple[np.ndarray, np.ndarray]:
+    from bench.train import _read_idx
+
+    return (_read_idx(mnist / "t10k-images-idx3-ubyte.gz"),
+            _read_idx(mnist / "t10k-labels-idx1-ubyte.gz"))
+
+
+def generate(images: np.ndarray, chosen: np.ndarray, seed: int) -> dict[str, list[bytes]]:
+    """PNG canvases per variation, for the chosen test rows."""
+    lines = [centre_line(images[i]) for i in chosen]
+    canvases = {}
+    for number, variation in enumerate(VARIATIONS):
+        rng = np.random.default_rng([seed, number])
+        canvases[variation.name] = [draw_canvas(points, variation, rng) for points in lines]
+    return canvases
+
+
+def decode_canvases(pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 784) uint8 digits and whether each held a drawing, through the function the
+    server decodes an uploaded image with."""
+    from mlpaint.serving.app import _decode_image
+
+    decoded = [_decode_image(data_url(png)) for png in pngs]
+    return (np.stack([digit.reshape(784) for digit, _ in decoded]),
+            np.array([was_drawn for _, was_drawn in decoded]))
+
+
+def score_bundle(uri: str, canvases: dict[str, list[bytes]], labels: np.ndarray,
+                 *, bare: bool = False) -> dict[str, dict]:
+    from mlpaint.serving.model import ServedModel
+
+    served = ServedModel.load(uri)
+    results = {}
+    for name, pngs in canvases.items():
+        if bare:
+            pixels = np.stack([bare_pixels(png) for png in pngs])
+            drawn = np.ones(len(pngs), dtype=bool)
+        else:
+            pixels, drawn = decode_canvases(pngs)
+        _, probabilities = served.score(served.features(pixels))
+        results[name] = summarise(probabilities, labels, drawn, len(pngs))
+    rows = sum(r["rows"] for r in results.values())
+    results["overall"] = {"accuracy": sum(r["accuracy"] * r["rows"] for r in results.values())
+                          / rows, "rows": rows}
+    return results
+
+
+def summarise(probabilities: np.ndarray, labels: np.ndarray, drawn: np.ndarray,
+              rows: int) -> dict:
+    """Accuracy (a "nothing drawn" answer counts as wrong), and how often answers below and
+    above the page's low-confidence line are right."""
+    from mlpaint.serving.app import LOW_CONFIDENCE
+
+    predicted = probabilities.argmax(axis=1)
+    right = (predicted == labels) & drawn
+    confident = probabilities.max(axis=1) >= LOW_CONFIDENCE
+    return {
+        "accuracy": float(right.mean()), "rows": rows, "nothing_drawn": int((~drawn).sum()),
+        "low_confidence_share": float((~confident & drawn).mean()),
+        "accuracy_when_confident": float(right[confident].mean()) if confident.any() else None,
+        "accuracy_when_low_confidence": float(right[~confident].mean())
+        if (~confident).any() else None,
+        "per_digit": {int(d): float(right[labels == d].mean()) for d in range(10)},
+    }
+
+
+def _markdown(report: dict[str, dict[str, dict]]) -> str:
+    names = [v.name for v in VARIATIONS]
+    lines = ["| model | " + " | ".join(names) + " | overall | worst |",
+             "|---|" + "---|" * (len(names) + 2)]
+    for model, results in report.items():
+        cells = [f"{100 * results[n]['accuracy']:.2f}%" for n in names]
+        worst = min(names, key=lambda n: results[n]["accuracy"])
+        lines.append(f"| {model} | " + " | ".join(cells) +
+                     f" | **{100 * results['overall']['accuracy']:.2f}%** | {worst} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", action="append", required=True, metavar="NAME=URI",
+                        help="a published bundle (folder, s3://, models:/) to score; "
+                             "repeatable; the first also gives the bare row")
+    parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
+    parser.add_argument("--digits", type=int, default=2000,
+                        help="official test digits drawn in every variation")
+    parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--json", type=Path, help="also write the full report here")
+    parser.add_argument("--save-examples", type=Path,
+                        help="write the first 5 canvases of each variation as PNG files here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    images, labels = _official_test_set(args.mnist)
+    chosen = np.sort(np.random.default_rng(args.seed).choice(len(labels), args.digits,
+                                                              replace=False))
+    canvases = generate(images, chosen, args.seed)
+    logger.info("drew %d digits in %d variations", args.digits, len(VARIATIONS))
+    if args.save_examples:
+        args.save_examples.mkdir(parents=True, exist_ok=True)
+        for name, pngs in canvases.items():
+            for i, png in enumerate(pngs[:5]):
+                (args.save_examples / f"{name}-{i}-label{labels[chosen[i]]}.png").write_bytes(png)
+    report = {}
+    bundles = [item.partition("=")[::2] for item in args.bundle]
+    for name, uri in bundles:
+        report[name] = score_bundle(uri, canvases, labels[chosen])
+        logger.info("%s: overall %.4f", name, report[name]["overall"]["accuracy"])
+    first_name, first_uri = bundles[0]
+    report[f"bare ({first_name})"] = score_bundle(first_uri, canvases, labels[chosen],
+                                                  bare=True)
+    print(_markdown(report))
+    confident = {name: statistics.fmean(
+        r[v.name]["accuracy_when_confident"] or 0 for v in VARIATIONS)
+        for name, r in report.items() if not name.startswith("bare")}
+    print("\nmean accuracy of answers marked confident, per model:",
+          {k: round(v, 4) for k, v in confident.items()})
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
