@@ -189,9 +189,8 @@ async def _pixels_of_all(items: list[DigitInput]) -> tuple[np.ndarray, np.ndarra
     return await run_in_threadpool(decode_all)
 
 
-def _status(drawn: bool, probabilities: np.ndarray) -> Status:
-    if not drawn:
-        return "nothing_drawn"
+def _confidence(probabilities: np.ndarray) -> Status:
+    """The status of an answer to a drawing that holds something."""
     return "low_confidence" if probabilities.max() < LOW_CONFIDENCE else "ok"
 
 
@@ -320,7 +319,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         for r, p, was_drawn in zip(raw, probabilities, drawn, strict=True):
             if was_drawn:
                 predictions.append(Prediction(
-                    status=_status(True, p), digit=int(p.argmax()), candidates=top_labels(p, 2),
+                    status=_confidence(p), digit=int(p.argmax()), candidates=top_labels(p, 2),
                     probabilities=p.tolist(), raw_scores=r.tolist(),
                     model_version=info.model_version, bundle_version=info.version))
             else:
@@ -352,7 +351,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             labels = list(dict.fromkeys(request.labels))
         contrib = current.explain(features, labels)
         return ExplainResponse(
-            status=_status(True, probabilities), digit=int(probabilities.argmax()),
+            status=_confidence(probabilities), digit=int(probabilities.argmax()),
             candidates=top_labels(probabilities, 2), probabilities=probabilities.tolist(),
             image=pixels.tolist(), features=features.tolist(),
             explanations=[LabelExplanation(label=label, probability=float(probabilities[label]),

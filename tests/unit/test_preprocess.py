@@ -81,3 +81,25 @@ def test_blank_or_invalid_drawing_gives_a_blank_digit(blank):
 def test_shape_is_checked():
     with pytest.raises(ValueError, match="2-D image"):
         to_mnist(np.zeros((3, 3, 3)))
+
+
+def test_something_drawn_tells_digits_from_dots_and_smudges():
+    from mlpaint.preprocess import something_drawn
+
+    blank = np.zeros((280, 280))
+    assert not something_drawn(blank)
+    dot = blank.copy()
+    dot[130:148, 130:148] = 1.0  # a tap of the page's 18 px pen
+    assert not something_drawn(dot)
+    faint = blank.copy()
+    faint[40:240, 100:120] = 0.15  # a smudge lighter than any pen stroke
+    assert not something_drawn(faint)
+    one = blank.copy()
+    one[40:240, 130:148] = 1.0  # a "1": tall and narrow
+    assert something_drawn(one)
+    small_digit = np.zeros((28, 28))
+    small_digit[10:15, 12:14] = 1.0  # five pixels tall on a 28x28 input
+    assert something_drawn(small_digit)
+    speck = np.zeros((28, 28))
+    speck[5, 5] = 1.0
+    assert not something_drawn(speck)
