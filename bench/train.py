@@ -19,7 +19,8 @@ final fit), MNIST read from a moto S3 server on loopback, MLflow in a temporary 
 accuracy on the 20% held out by round count, and the cost of exactly explaining one digit
 (TreeSHAP grows with trees x leaves x depth squared), to pick a model that explains fast
 without losing accuracy. The official test set is kept for `accuracy`.
-`champion`: one candidate of CHAMPION_CANDIDATES (augmentation + LightGBM settings), trained
+`champion`: one candidate of CHAMPION_CANDIDATES (augmentation + LightGBM settings), or
+`shipped` (the packaged champion spec and algorithm, read from mlpaint/configs), trained
 on MLDB's 80% of the training rows and their augmented copies; every 200 rounds, accuracy on
 the held-out 20% and on `--digits` of those held-out digits redrawn by bench/robustness.py's
 generator, and the time to explain one digit for all ten classes. No official test digit is
@@ -231,9 +232,16 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
     from mlpaint.data.dataset import row_hashes, row_keys
     from mlpaint.features import apply_feature_stage
 
-    augment_fields, lgbm_params, rounds = CHAMPION_CANDIDATES[candidate]
-    base = yaml.safe_load((REPO / "mlpaint/configs/experiment.yaml").read_text())["augment"]
-    spec = AugmentSpec.model_validate({**base, **augment_fields})
+    configs = REPO / "mlpaint/configs"
+    if candidate == "shipped":  # exactly what the weekly deployment trains
+        shipped = yaml.safe_load((configs / "algorithms.yaml").read_text())["champion"]
+        spec = AugmentSpec.model_validate(
+            yaml.safe_load((configs / "champion.yaml").read_text())["augment"])
+        lgbm_params, rounds = shipped["params"], shipped["rounds"]
+    else:
+        augment_fields, lgbm_params, rounds = CHAMPION_CANDIDATES[candidate]
+        base = yaml.safe_load((configs / "experiment.yaml").read_text())["augment"]
+        spec = AugmentSpec.model_validate({**base, **augment_fields})
     train_x, train_y, _, _ = _load(mnist)
     held_out = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(5) == 0
     start = time.perf_counter()
@@ -399,7 +407,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",
                                            "champion"], required=True)
-    parser.add_argument("--candidate", choices=sorted(CHAMPION_CANDIDATES),
+    parser.add_argument("--candidate", choices=["shipped", *sorted(CHAMPION_CANDIDATES)],
                         help="with --part champion")
     parser.add_argument("--digits", type=int, default=1000,
                         help="with --part champion: held-out digits redrawn per variation")
