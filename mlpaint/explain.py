@@ -53,13 +53,10 @@ class ClassExplainer:
 
     @cached_property
     def paths(self):
-        """The model's root-to-leaf paths, flattened on first use. A bagged model's leaf
-        values are divided by its size: its contributions are the mean of its boosters'."""
+        """The model's root-to-leaf paths (all its boosters'), flattened on first use."""
         from mlpaint import treeshap
 
-        scale = 1.0 / len(self.model.boosters)
-        parts = [treeshap.flatten(b, N_CLASSES, scale=scale) for b in self.model.boosters]
-        return parts[0] if len(parts) == 1 else treeshap.merge(parts)
+        return treeshap.flatten(self.model.boosters, N_CLASSES)
 
     def explain(self, features: np.ndarray, classes: list[int]) -> np.ndarray:
         """(rows, len(classes), 785): each asked class's 784 contributions, then its bias."""

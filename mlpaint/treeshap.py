@@ -19,9 +19,9 @@ B = F minus A and Z_B the product of z over B:
   follow from those of A by one deflation each.
 
 So a leaf costs O(|A|^2 + |F|) rather than the O(|F|^2) of unwinding every feature from the
-extended path, and nothing is recomputed for the leaves' shared prefixes; the paths are
-flattened once, when the explainer is built. The expected value (the bias) is the
-cover-weighted mean of the leaf values, as in TreeSHAP.
+extended path. (Unlike the recursive algorithm, a condition shared by several leaves' paths
+is tested once per path.) The paths are flattened once, when the explainer is built. The
+expected value (the bias) is the cover-weighted mean of the leaf values, as in TreeSHAP.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class FlatPaths:
 
     class_starts: np.ndarray  # (classes + 1,) path index where each class's paths begin
     path_starts: np.ndarray  # (paths + 1,) element index where each path's features begin
-    path_value: np.ndarray  # (paths,) leaf value (times the model's scale)
+    path_value: np.ndarray  # (paths,) leaf value (divided by the number of boosters)
     feature: np.ndarray  # (elements,) int32: a distinct feature of the path
     lower: np.ndarray  # (elements,) the path's conditions on it: lower < x <= upper
     upper: np.ndarray
@@ -77,24 +77,26 @@ def _walk(node: dict, conditions: dict[int, list[float]], scale: float,
         _walk(child, {**conditions, feature: [lower, upper, zero * ratio]}, scale, paths)
 
 
-def flatten(booster, n_classes: int, *, scale: float = 1.0) -> FlatPaths:
-    """The paths of a LightGBM booster (tree t belongs to class t % n_classes). `scale`
-    multiplies every leaf value: 1 / bags for a member of a bagged ensemble."""
-    dump = booster.dump_model()
+def flatten(boosters: list, n_classes: int) -> FlatPaths:
+    """The paths of LightGBM boosters (in each, tree t belongs to class t % n_classes). With
+    several boosters (a bagged model) every leaf value is divided by their number, so the
+    contributions are the mean of theirs, as the model's score is the mean of their scores."""
+    scale = 1.0 / len(boosters)
     per_class: list[list[tuple[float, dict[int, list[float]]]]] = [[] for _ in range(n_classes)]
     bias = np.zeros(n_classes)
-    for index, tree in enumerate(dump["tree_info"]):
-        root = tree["tree_structure"]
-        cls = index % n_classes
-        if "leaf_value" in root:  # a single-leaf tree: a constant, all bias
-            bias[cls] += root["leaf_value"] * scale
-            continue
-        paths: list[tuple[float, dict[int, list[float]]]] = []
-        _walk(root, {}, scale, paths)
-        for value, conditions in paths:
-            reach = np.prod([zero for _, _, zero in conditions.values()])
-            bias[cls] += value * reach
-        per_class[cls].extend(paths)
+    for booster in boosters:
+        for index, tree in enumerate(booster.dump_model()["tree_info"]):
+            root = tree["tree_structure"]
+            cls = index % n_classes
+            if "leaf_value" in root:  # a single-leaf tree: a constant, all bias
+                bias[cls] += root["leaf_value"] * scale
+                continue
+            paths: list[tuple[float, dict[int, list[float]]]] = []
+            _walk(root, {}, scale, paths)
+            for value, conditions in paths:
+                reach = np.prod([zero for _, _, zero in conditions.values()])
+                bias[cls] += value * reach
+            per_class[cls].extend(paths)
     return _pack(per_class, bias)
 
 
@@ -122,21 +124,6 @@ def _pack(per_class: list[list[tuple[float, dict[int, list[float]]]]],
         feature=np.array(features, dtype=np.int32), lower=np.array(lower, dtype=np.float64),
         upper=np.array(upper, dtype=np.float64), zero_fraction=np.array(zero, dtype=np.float64),
         bias=bias, weights=weights)
-
-
-def merge(parts: list[FlatPaths]) -> FlatPaths:
-    """One set of paths from several (the boosters of a bagged model, each pre-scaled)."""
-    n_classes = parts[0].n_classes
-    per_class: list[list[tuple[float, dict[int, list[float]]]]] = [[] for _ in range(n_classes)]
-    for part in parts:
-        for cls in range(n_classes):
-            for p in range(part.class_starts[cls], part.class_starts[cls + 1]):
-                a, b = part.path_starts[p], part.path_starts[p + 1]
-                per_class[cls].append((float(part.path_value[p]), {
-                    int(f): [lo, hi, z] for f, lo, hi, z in zip(
-                        part.feature[a:b], part.lower[a:b], part.upper[a:b],
-                        part.zero_fraction[a:b], strict=True)}))
-    return _pack(per_class, np.sum([part.bias for part in parts], axis=0))
 
 
 @njit(cache=True, nogil=True)

@@ -38,7 +38,7 @@ def _reference(booster, x, classes):
 def test_multiclass_matches_pred_contrib(data, params):
     x, y = data
     booster = _train(x, y, classes=4, **params)
-    paths = treeshap.flatten(booster, 4)
+    paths = treeshap.flatten([booster], 4)
     ours = treeshap.explain(paths, x[:80], [0, 1, 2, 3])
     assert np.abs(ours - _reference(booster, x[:80], 4)).max() < 1e-9
     raw = booster.predict(x[:80], raw_score=True)
@@ -50,7 +50,7 @@ def test_multiclass_matches_pred_contrib(data, params):
 def test_a_subset_of_classes_in_any_order(data):
     x, y = data
     booster = _train(x, y, classes=4, num_leaves=15)
-    paths = treeshap.flatten(booster, 4)
+    paths = treeshap.flatten([booster], 4)
     full = _reference(booster, x[:20], 4)
     assert np.abs(treeshap.explain(paths, x[:20], [3, 1]) - full[:, [3, 1]]).max() < 1e-9
     with pytest.raises(ValueError, match=r"classes must lie in 0\.\.3"):
@@ -61,17 +61,17 @@ def test_single_leaf_trees_count_as_bias(data):
     x, _ = data
     y = np.full(len(x), 2.5)  # nothing to learn: every tree is a single leaf
     booster = _train(x, y, classes=1, rounds=3)
-    paths = treeshap.flatten(booster, 1)
+    paths = treeshap.flatten([booster], 1)
     assert len(paths.path_value) == 0
     ours = treeshap.explain(paths, x[:5], [0])
     assert np.abs(ours - _reference(booster, x[:5], 1)).max() < 1e-9
 
 
-def test_scaled_members_merge_into_their_mean(data):
+def test_bagged_members_explain_as_their_mean(data):
     x, y = data
     members = [_train(x, y, classes=4, num_leaves=7, seed=s, bagging_fraction=0.7,
                       bagging_freq=1) for s in (1, 2, 3)]
-    merged = treeshap.merge([treeshap.flatten(b, 4, scale=1 / 3) for b in members])
+    merged = treeshap.flatten(members, 4)
     mean = sum(_reference(b, x[:30], 4) for b in members) / 3
     assert np.abs(treeshap.explain(merged, x[:30], list(range(4))) - mean).max() < 1e-9
 
@@ -83,7 +83,7 @@ def test_matches_shap_tree_explainer(data):
     booster = _train(x, y, classes=4, num_leaves=15)
     values = shap.TreeExplainer(booster).shap_values(x[:10])  # (rows, features, classes)
     values = np.asarray(values)
-    ours = treeshap.explain(treeshap.flatten(booster, 4), x[:10], [0, 1, 2, 3])
+    ours = treeshap.explain(treeshap.flatten([booster], 4), x[:10], [0, 1, 2, 3])
     assert np.abs(ours[:, :, :-1] - values.transpose(0, 2, 1)).max() < 1e-6
 
 
@@ -95,4 +95,4 @@ def test_categorical_splits_are_refused():
                          "min_data_per_group": 5, "cat_smooth": 1},
                         lgb.Dataset(x, y, categorical_feature=[0]), num_boost_round=3)
     with pytest.raises(ValueError, match="only numerical"):
-        treeshap.flatten(booster, 1)
+        treeshap.flatten([booster], 1)
