@@ -87,8 +87,8 @@ def part_accuracy(mnist: Path, save_dir: Path | None) -> list[dict]:
         features, test_features = (apply_feature_stage(stage, train_x),
                                    apply_feature_stage(stage, test_x))
         start = time.perf_counter()
-        model = train_model(name, algorithms[name], features, train_y, seed=0,
-                            num_threads=os.cpu_count() or 1)
+        model = train_model(name, algorithms[name], features, train_y, feature_stage=stage,
+                            seed=0, num_threads=os.cpu_count() or 1)
         seconds = time.perf_counter() - start
         accuracy = float((model.predict_proba(test_features).argmax(1) == test_y).mean())
         if save_dir:
@@ -155,8 +155,8 @@ def _one_row_latency_ms(booster, row: np.ndarray, classes: list[int], repeats: i
     from mlpaint.explain import ClassExplainer
     from mlpaint.training.algorithms import DigitModel
 
-    explainer = ClassExplainer(DigitModel([booster], algorithm="lgbm", rounds=[0]),
-                               parallel=False)
+    explainer = ClassExplainer(DigitModel([booster], algorithm="lgbm", rounds=[0],
+                                          feature_stage="deskew"), parallel=False)
     explainer.explain(row, classes)
     times = []
     for _ in range(repeats):

@@ -131,7 +131,7 @@ def train_mnist(
     for done, future in enumerate(as_completed([*fold_futures, *filter(None, [final_future])]),
                                   start=1):
         if future is final_future:
-            registered = log_final_model(future.result(), test_matrix.result(), spec,
+            registered = log_final_model(future.result(), dataset.tables["test"],
                                          parent_run_id, tracking_uri)
         else:
             log_fold_run(future.result(), parent_run_id, tracking_uri)

@@ -4,9 +4,10 @@ Layout under a destination root (a folder or `s3://bucket/prefix`):
 
     LATEST                        the version serving should load (written last, atomically)
     versions/<version>/
-        bundle.json               model version, run id, feature stage, preprocessing, labels,
-                                  metrics, data fingerprint, creation time, gallery sizes
-        model/model.json          the DigitModel: how its boosters combine
+        bundle.json               model version, run id, algorithm, labels, metrics, data
+                                  fingerprint, creation time, gallery sizes
+        model/model.json          the DigitModel's card, the one record of what the model
+                                  reads (its feature stage) and how its boosters combine
         model/booster-<i>.txt     LightGBM boosters
         explanations/mean_contributions.npy       (10, 784) float32
         explanations/mean_abs_contributions.npy   (10, 784) float32
@@ -36,7 +37,8 @@ from mlpaint.data.integrity import atomic_path, sha256_file
 
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT_VERSION = 1
+# 2: the feature stage is read from the model's own card, no longer from bundle.json.
+BUNDLE_FORMAT_VERSION = 2
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 VERSIONS = "versions"
@@ -56,8 +58,6 @@ class BundleInfo:
     model_version: str
     mlflow_run_id: str
     algorithm: str
-    feature_stage: str
-    preprocessing: dict
     labels: list[str]
     metrics: dict[str, float]
     data_fingerprint: dict[str, str]
@@ -368,8 +368,12 @@ def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None 
             destination = (cache_dir or default_cache_dir()) / "bundles" / store_key / version
             folder = _download_version(store, version, destination)
     manifest = verify_folder(folder)
-    info = BundleInfo(**json.loads((folder / "bundle.json").read_text()))
-    return LoadedBundle(folder, info, manifest)
+    data = json.loads((folder / "bundle.json").read_text())
+    if data.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleIntegrityError(
+            f"{folder / 'bundle.json'}: bundle format {data.get('format_version')}, this "
+            f"mlpaint serves {BUNDLE_FORMAT_VERSION}; publish the model again")
+    return LoadedBundle(folder, BundleInfo(**data), manifest)
 
 
 BUNDLE_ROOT_TAG = "mlpaint.bundle_root"

@@ -20,23 +20,36 @@ from mlpaint.explain import (
     gallery_rows,
     render_digit_maps,
 )
-from mlpaint.training.algorithms import DigitModel, softmax
+from mlpaint.training.algorithms import (
+    MODEL_FORMAT_VERSION,
+    DigitModel,
+    ModelFormatError,
+    softmax,
+)
+from mlpaint.training.evaluation import evaluate
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
 def load_registered_model(model_uri: str) -> DigitModel:
-    """A registered model back as a DigitModel: a LightGBM-flavour booster, or our pyfunc."""
+    """The DigitModel inside a registered pixel-in pyfunc; its model.json says what it
+    reads. Versions an older mlpaint registered (features in, stage kept in a tag) are
+    refused by name rather than guessed at."""
     import mlflow
 
     info = mlflow.models.get_model_info(model_uri)
-    metadata = info.metadata or {}
-    if "lightgbm" in info.flavors:
-        booster = mlflow.lightgbm.load_model(model_uri)
-        return DigitModel([booster], algorithm=str(metadata.get("algorithm", "lgbm")),
-                          rounds=[booster.current_iteration()])
+    found = (info.metadata or {}).get("format_version")
+    if found != MODEL_FORMAT_VERSION:
+        raise ModelFormatError(f"{model_uri}: model format {found}, this mlpaint reads "
+                               f"{MODEL_FORMAT_VERSION}; train and register it again (to "
+                               "replace such a champion, publish with --force)")
     return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+
+
+def accuracy(model: DigitModel, pixels: np.ndarray, labels: np.ndarray) -> float:
+    """Accuracy of a model on pixel rows, through the one evaluation function."""
+    return evaluate(labels, model.predict_pixels(pixels)).accuracy
 
 
 @dataclass(frozen=True)
@@ -109,12 +122,11 @@ def explain_test_set(model: DigitModel, features: np.ndarray, pixels: np.ndarray
         "contributions": stored,
         "offsets": np.cumsum([0] + [len(chosen[d]) for d in range(N_CLASSES)]),
     }
-    accuracy = float((raw.argmax(axis=1) == labels).mean())
-    return Explanations(maps, gallery, error, accuracy)
+    return Explanations(maps, gallery, error, evaluate(labels, softmax(raw)).accuracy)
 
 
 def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanations, *,
-                        model_name: str, model_version: str, run_id: str, feature_stage: str,
+                        model_name: str, model_version: str, run_id: str,
                         metrics: dict[str, float], data_fingerprint: dict[str, str]
                         ) -> BundleInfo:
     created = time.time()
@@ -134,9 +146,6 @@ def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanat
     info = BundleInfo(
         version=bundle_version_id(model_version, created), model_name=model_name,
         model_version=model_version, mlflow_run_id=run_id, algorithm=model.algorithm,
-        feature_stage=feature_stage,
-        preprocessing={"input": "28x28 uint8 grey levels, ink high (MNIST convention)",
-                       "feature_stage": feature_stage},
         labels=[str(d) for d in range(N_CLASSES)], metrics=metrics,
         data_fingerprint=data_fingerprint,
         created_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)),

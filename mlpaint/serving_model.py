@@ -1,5 +1,9 @@
-"""The MLflow pyfunc face of a multi-booster `DigitModel` (a bagged ensemble), so it can be
-logged, registered and loaded like the single-booster LightGBM models."""
+"""The MLflow face of a `DigitModel`: a pyfunc that takes pixels, not features.
+
+The model applies its own feature stage (recorded in its model.json), so whoever loads it
+from the registry — `mlflow.pyfunc.load_model`, `mlflow models serve`, a batch job — sends
+what a drawing is (PIXEL_INPUT) and gets what the app shows, with no knowledge of deskewing.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,36 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-from mlpaint.training.algorithms import DigitModel
+from mlpaint.data.catalog import N_CLASSES, N_FEATURES
+from mlpaint.training.algorithms import PIXEL_INPUT, DigitModel
+
+INPUT_NAME = "pixels"
+OUTPUT_NAME = "probabilities"
+
+
+def pixel_signature():
+    """Rows of 784 pixels in, ten probabilities out; the pixel convention in the names."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, N_FEATURES), INPUT_NAME)]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, N_CLASSES), OUTPUT_NAME)]))
+
+
+def _pixels(model_input) -> np.ndarray:
+    if isinstance(model_input, dict):  # a named-tensor request: {"pixels": [...]}
+        model_input = model_input[INPUT_NAME]
+    if hasattr(model_input, "to_numpy"):  # a DataFrame of 784 columns
+        model_input = model_input.to_numpy()
+    return np.asarray(model_input)
 
 
 class DigitModelPyfunc(mlflow.pyfunc.PythonModel):
-    """Input: feature rows (after the model's feature stage). Output: class probabilities."""
+    __doc__ = f"Input: {PIXEL_INPUT}. Output: (rows, 10) float32 probabilities of 0..9."
 
     def load_context(self, context) -> None:
         self.model = DigitModel.load(Path(context.artifacts["digit_model"]))
 
     def predict(self, context, model_input, params=None) -> np.ndarray:
-        return self.model.predict_proba(np.asarray(model_input, dtype=np.float32))
+        return self.model.predict_pixels(_pixels(model_input)).astype(np.float32)

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,13 @@ from mlpaint.training.evaluation import Evaluation
 
 REGISTERED_MODEL_NAME = "mnist-digits"
 LOCAL_STORE_DIR = ".mlpaint"
+# The MLflow UI opens an experiment of this kind on its training runs (not on GenAI traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# What loading the logged model needs, pinned to the versions that trained it. Given
+# explicitly: MLflow would otherwise infer them by loading the model in a subprocess, seconds
+# of work on every training run.
+MODEL_PACKAGES = ("mlpaint", "mlflow", "lightgbm", "numpy", "pandas", "scipy", "scikit-image")
 
 
 def resolve_tracking_uri() -> str:
@@ -38,12 +48,84 @@ def ensure_experiment(client, name: str, tracking_uri: str) -> str:
     to `.mlpaint/artifacts`, not to an `mlruns/` folder wherever the command happened to run."""
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        if existing.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG,
+                                      EXPERIMENT_KIND)
         return existing.experiment_id
     artifact_location = None
     if tracking_uri.startswith("sqlite:///"):
         store = Path(tracking_uri.removeprefix("sqlite:///")).parent
         artifact_location = (store / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifact_location)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    name: str
+    version: str
+    model_uri: str
+
+
+def _pinned_requirements(packages: tuple[str, ...]) -> list[str]:
+    pinned = []
+    for package in packages:
+        try:
+            pinned.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return pinned
+
+
+def log_digit_model(client, run_id: str, model_dir: Path, example_pixels: np.ndarray,
+                    *, name: str = REGISTERED_MODEL_NAME) -> RegisteredModel:
+    """Log a saved DigitModel as a pixel-in pyfunc under `run_id` and register it as `name`.
+
+    Everything goes through `client`: no process-wide tracking URI, and no `start_run`
+    whose exit would end the run (the parent run of an experiment stays open while its
+    folds still train). The model's own model.json travels inside it as its meaning, and
+    the same card is the MLmodel metadata."""
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from mlpaint.serving_model import DigitModelPyfunc, pixel_signature
+    from mlpaint.training.algorithms import DigitModel
+
+    card = DigitModel.load(model_dir).card()
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name="model",
+                                        source_run_id=run_id, model_type="digit-classifier")
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(scratch) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(local), python_model=DigitModelPyfunc(),
+                artifacts={"digit_model": str(model_dir)}, signature=pixel_signature(),
+                input_example=np.asarray(example_pixels, dtype=np.float32), metadata=card,
+                pip_requirements=_pinned_requirements(MODEL_PACKAGES),
+                mlflow_model=Model(artifact_path=logged.artifact_location, run_id=run_id,
+                                   model_uuid=logged.model_id, model_id=logged.model_id))
+            client.log_model_artifacts(logged.model_id, str(local))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # The artifact location, not `models:/<model id>`: MLflow's SQL registry resolves the
+    # latter through the process-wide tracking URI rather than this client's.
+    registered = client.create_model_version(
+        name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+        tags={"mlflow_run_id": run_id},
+        description=f"{card['algorithm']} on {card['feature_stage']} features. "
+                    f"Input: {card['input']}. Output: probabilities of 0..9.")
+    return RegisteredModel(name, str(registered.version), f"models:/{name}/{registered.version}")
 
 
 def write_evaluation_artifacts(evaluation: Evaluation, folder: Path, title: str) -> list[Path]:

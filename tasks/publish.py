@@ -22,17 +22,18 @@ from mlpaint.bundle import (
 )
 from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import load_table, row_keys
-from mlpaint.features import apply_feature_stage
 from mlpaint.publish import (
     CHALLENGER,
     CHAMPION,
     GateDecision,
+    accuracy,
     build_bundle_folder,
     decide,
     explain_test_set,
     load_registered_model,
 )
 from mlpaint.tracking import REGISTERED_MODEL_NAME, tracking_client
+from mlpaint.training.algorithms import ModelFormatError
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
@@ -41,7 +42,6 @@ class CandidateRef:
     name: str
     version: str
     run_id: str
-    feature_stage: str
     data_fingerprint: str
 
     @property
@@ -68,7 +68,6 @@ def resolve_candidate(run_id: str | None, model_version: str | None,
         version = max(versions, key=lambda v: int(v.version))
     run = client.get_run(version.run_id)
     return CandidateRef(REGISTERED_MODEL_NAME, str(version.version), version.run_id,
-                        version.tags.get("feature_stage", "raw"),
                         run.data.tags.get("mlpaint.dataset_fingerprint", ""))
 
 
@@ -86,7 +85,7 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
     logger = get_run_logger()
     table = load_table(Path(test_table_dir))
     model = load_registered_model(candidate.uri)
-    features = apply_feature_stage(candidate.feature_stage, table.pixels)
+    features = model.features(table.pixels)
     explanations = explain_test_set(model, features, table.pixels, table.labels,
                                     table.row_hash, row_keys(Split.TEST, table.meta.rows),
                                     per_digit=per_digit)
@@ -97,7 +96,6 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
     info = build_bundle_folder(
         staging, model, explanations, model_name=candidate.name,
         model_version=candidate.version, run_id=candidate.run_id,
-        feature_stage=candidate.feature_stage,
         metrics={"test_accuracy": explanations.test_accuracy,
                  "test_rows": float(table.meta.rows)},
         data_fingerprint={**data_fingerprint, **table.meta.inputs_sha256})
@@ -120,10 +118,20 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
         champion_accuracy = candidate_accuracy
     elif champion is not None:
         table = load_table(Path(test_table_dir))
-        model = load_registered_model(f"models:/{REGISTERED_MODEL_NAME}/{champion.version}")
-        features = apply_feature_stage(champion.tags.get("feature_stage", "raw"), table.pixels)
-        champion_accuracy = float((model.raw_scores(features).argmax(axis=1)
-                                   == table.labels).mean())
+        try:
+            model = load_registered_model(f"models:/{REGISTERED_MODEL_NAME}/{champion.version}")
+        except ModelFormatError:
+            if not force:
+                raise
+            # An operator replacing a champion that an older mlpaint registered: it cannot
+            # be scored, and the decision says so rather than "no champion yet".
+            decision = GateDecision(
+                True, CHAMPION, candidate_accuracy, None, str(champion.version), margin, True,
+                f"forced by the operator; champion version {champion.version} was registered "
+                "by an older mlpaint and cannot be scored")
+            get_run_logger().info("gate: %s — %s", decision.alias, decision.reason)
+            return decision
+        champion_accuracy = accuracy(model, table.pixels, table.labels)
     decision = decide(candidate_accuracy, champion_accuracy,
                       str(champion.version) if champion else None, margin=margin, force=force)
     get_run_logger().info("gate: %s — %s", decision.alias, decision.reason)

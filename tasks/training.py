@@ -25,14 +25,14 @@ from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment, fold_tra
 from mlpaint.data.dataset import load_table
 from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.tracking import (
-    REGISTERED_MODEL_NAME,
+    RegisteredModel,
     ensure_experiment,
+    log_digit_model,
     tracking_client,
     write_evaluation_artifacts,
 )
 from mlpaint.training.algorithms import (
     BaggedBoostingConfig,
-    DigitModel,
     GbdtConfig,
     train_model,
 )
@@ -170,12 +170,14 @@ class FitResult:
 
 def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
                       train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
-                      *, seed: int, threads: int, eval_train: bool, work_dir: Path) -> FitResult:
+                      *, feature_stage: FeatureStage, seed: int, threads: int, eval_train: bool,
+                      work_dir: Path) -> FitResult:
     logger = get_run_logger()
     logger.info("%s: training %s on %d rows with %d thread(s)", name, algorithm,
                 len(train[1]), threads)
     start = time.perf_counter()
-    model = train_model(algorithm, config, train[0], train[1], seed=seed, num_threads=threads)
+    model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
+                        seed=seed, num_threads=threads)
     seconds = time.perf_counter() - start
     evaluation = evaluate(test[1], model.predict_proba(test[0]))
     train_evaluation = (evaluate(train[1], model.predict_proba(train[0])) if eval_train
@@ -199,7 +201,8 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                             plan.train_rows, augmented)
     test = (np.asarray(features[plan.test_rows]), labels[plan.test_rows])
     return _fit_and_evaluate(f"fold-{fold_index}", spec.algorithm, config, train, test,
-                             seed=spec.seed + fold_index, threads=threads,
+                             feature_stage=spec.features, seed=spec.seed + fold_index,
+                             threads=threads,
                              eval_train=spec.eval_train, work_dir=work_dir)
 
 
@@ -214,8 +217,8 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
     return _fit_and_evaluate("final", spec.algorithm, config,
                              _with_augmented((np.asarray(features), labels), None, augmented),
                              (np.asarray(test_features), test_labels),
-                             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
-                             work_dir=work_dir)
+                             feature_stage=spec.features, seed=spec.seed, threads=threads,
+                             eval_train=spec.eval_train, work_dir=work_dir)
 
 
 # --- MLflow ----------------------------------------------------------------------------------
@@ -298,76 +301,14 @@ def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> st
     return run_id
 
 
-@dataclass(frozen=True)
-class RegisteredModel:
-    name: str
-    version: str
-    model_uri: str
-
-
-def _signature_and_example(test_matrix: FeatureMatrix, model: DigitModel):
-    from mlflow.models import infer_signature
-
-    features, _, _ = test_matrix.load()
-    example = np.asarray(features[:2], dtype=np.float32)
-    return infer_signature(example, model.predict_proba(example).astype(np.float32)), example
-
-
-# What loading the LightGBM-flavoured model needs, pinned to the versions that trained it.
-# Given explicitly: MLflow would otherwise infer them by loading the model in a subprocess,
-# seconds of work on every training run (and it picked up unrelated packages).
-_LIGHTGBM_MODEL_PACKAGES = ("mlflow", "lightgbm", "numpy", "pandas", "scikit-learn", "scipy",
-                            "skops")
-
-
-def _pinned_requirements(packages: tuple[str, ...]) -> list[str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    pinned = []
-    for package in packages:
-        try:
-            pinned.append(f"{package}=={version(package)}")
-        except PackageNotFoundError:
-            continue
-    return pinned
-
-
 @task(name="log-final-model", **SERVICE_CALL_RETRIES)
-def log_final_model(final: FitResult, test_matrix: FeatureMatrix, spec: ExperimentSpec,
-                    parent_run_id: str, tracking_uri: str) -> RegisteredModel:
-    """The final model in the parent run, with a signature and an input example, registered
-    as `mnist-digits`. One booster logs with the LightGBM flavour; a bagged ensemble as a
-    pyfunc whose artifacts are its boosters."""
-    import mlflow
-
-    model = DigitModel.load(Path(final.model_dir))
-    signature, example = _signature_and_example(test_matrix, model)
-    metadata = {"feature_stage": spec.features.value, "algorithm": spec.algorithm,
-                "labels": list(range(10)), "combine": "mean_raw_score"}
-    client = tracking_client(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
-    with mlflow.start_run(run_id=parent_run_id):
-        if len(model.boosters) == 1:
-            info = mlflow.lightgbm.log_model(
-                model.boosters[0], name="model", signature=signature, input_example=example,
-                registered_model_name=REGISTERED_MODEL_NAME, metadata=metadata,
-                pip_requirements=_pinned_requirements(_LIGHTGBM_MODEL_PACKAGES))
-        else:
-            from mlpaint.serving_model import DigitModelPyfunc
-
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=DigitModelPyfunc(),
-                artifacts={"digit_model": final.model_dir}, signature=signature,
-                input_example=example, registered_model_name=REGISTERED_MODEL_NAME,
-                metadata=metadata)
-    version = str(info.registered_model_version)
-    client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "feature_stage",
-                                 spec.features.value)
-    client.set_model_version_tag(REGISTERED_MODEL_NAME, version, "mlflow_run_id",
-                                 parent_run_id)
-    return RegisteredModel(REGISTERED_MODEL_NAME, version,
-                           f"models:/{REGISTERED_MODEL_NAME}/{version}")
+def log_final_model(final: FitResult, test_table_dir: str, parent_run_id: str,
+                    tracking_uri: str) -> RegisteredModel:
+    """The final model in the parent run as a pixel-in pyfunc (its feature stage inside),
+    with two official test digits as its input example, registered as `mnist-digits`."""
+    example = load_table(Path(test_table_dir)).pixels[:2]
+    return log_digit_model(tracking_client(tracking_uri), parent_run_id, Path(final.model_dir),
+                           example)
 
 
 @dataclass(frozen=True)

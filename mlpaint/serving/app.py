@@ -295,11 +295,13 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
 
     @app.get("/v1/model", response_model=ModelResponse)
     def model_info() -> ModelResponse:
-        info = served().bundle.info
+        current = served()
+        info = current.bundle.info
         return ModelResponse(
             model_name=info.model_name, model_version=info.model_version,
             bundle_version=info.version, alias="champion" if "@champion" in bundle_uri
-            else None, algorithm=info.algorithm, feature_stage=info.feature_stage,
+            else None, algorithm=info.algorithm,
+            feature_stage=current.model.feature_stage.value,
             metrics=info.metrics, data_fingerprint=info.data_fingerprint,
             trained_at=info.created_at, gallery_per_digit=int(info.gallery.get("per_digit", 0)))
 

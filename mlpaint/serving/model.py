@@ -9,13 +9,20 @@ from pathlib import Path
 
 import numpy as np
 
+from mlpaint import treepredict
 from mlpaint.bundle import LoadedBundle, current_pointer, load_bundle
 from mlpaint.data.catalog import N_CLASSES, N_FEATURES
 from mlpaint.explain import ClassExplainer
-from mlpaint.features import apply_feature_stage
 from mlpaint.training.algorithms import DigitModel, softmax
 
 logger = logging.getLogger(__name__)
+
+# Compiled scores against the bundle's stored LightGBM scores: only summation order differs.
+SCORE_TOLERANCE = 1e-9
+
+
+class ScoreMismatchError(AssertionError):
+    """The compiled trees do not score the bundle's gallery as LightGBM did."""
 
 
 @dataclass
@@ -23,6 +30,7 @@ class ServedModel:
     bundle: LoadedBundle
     model: DigitModel
     explainer: ClassExplainer
+    trees: treepredict.FlatTrees
     gallery: dict[str, np.ndarray]
     pointer: str | None = None  # the LATEST value it was loaded for, if it followed LATEST
 
@@ -36,18 +44,28 @@ class ServedModel:
         explainer = ClassExplainer(model, parallel=False)
         # Flatten the trees and load the compiled kernel before the first request.
         explainer.explain(np.zeros((1, N_FEATURES), np.float32), [0])
-        return cls(bundle, model, explainer, bundle.gallery(), pointer=version)
+        # Scores come from the same trees walked in compiled code: LightGBM's predict call
+        # costs more than the walk for one row (mlpaint.treepredict). Before serving them,
+        # they must reproduce the LightGBM scores publishing stored for the gallery digits.
+        trees = treepredict.compile_trees(model.boosters, N_CLASSES)
+        gallery = bundle.gallery()
+        error = float(np.abs(treepredict.raw_scores(trees, gallery["features"])
+                             - gallery["raw_scores"]).max(initial=0.0))
+        if not error <= SCORE_TOLERANCE:
+            raise ScoreMismatchError(f"bundle {bundle.info.version}: compiled scores differ "
+                                     f"from LightGBM's by {error:.3g}")
+        return cls(bundle, model, explainer, trees, gallery, pointer=version)
 
     @property
     def version(self) -> str:
         return self.bundle.info.version
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
-        return apply_feature_stage(self.bundle.info.feature_stage, pixels)
+        return self.model.features(pixels)
 
     def score(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores and probabilities for rows of features (see `features`)."""
-        raw = self.model.raw_scores(features, num_threads=1)
+        raw = treepredict.raw_scores(self.trees, features)
         return raw, softmax(raw)
 
     def explain(self, features: np.ndarray, labels: list[int]) -> np.ndarray:

@@ -20,8 +20,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from mlpaint.data.catalog import N_CLASSES
+from mlpaint.features import FeatureStage, apply_feature_stage, as_images
 
-MODEL_FORMAT_VERSION = 1
+# 2: model.json also says what the model reads (its feature stage, its input) and what it
+# answers (its labels), so a model folder is the one document of its meaning.
+MODEL_FORMAT_VERSION = 2
+MODEL_CARD = "model.json"
+LABELS = list(range(N_CLASSES))
+COMBINE = "mean_raw_score"
+# What `predict_pixels` takes, in words, for the MLflow signature and model card.
+PIXEL_INPUT = ("pixels: rows of 784 values, a 28x28 image row by row, 0 = background and "
+               "255 = full ink (MNIST's convention)")
 
 
 class GbdtConfig(BaseModel):
@@ -67,15 +76,22 @@ def softmax(scores: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-class DigitModel:
-    """One or more LightGBM boosters whose raw scores are averaged."""
+class ModelFormatError(ValueError):
+    """A model folder this version of mlpaint cannot read for sure."""
 
-    def __init__(self, boosters: list, *, algorithm: str, rounds: list[int]) -> None:
+
+class DigitModel:
+    """One or more LightGBM boosters whose raw scores are averaged, and the feature stage
+    that turns pixels into what they read: the model is not complete without it."""
+
+    def __init__(self, boosters: list, *, algorithm: str, rounds: list[int],
+                 feature_stage: FeatureStage | str) -> None:
         if not boosters:
             raise ValueError("a model needs at least one booster")
         self.boosters = boosters
         self.algorithm = algorithm
         self.rounds = rounds
+        self.feature_stage = FeatureStage(feature_stage)
 
     def raw_scores(self, features: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
         """Mean raw score of the boosters. `num_threads=0` lets LightGBM use every core; a
@@ -89,6 +105,26 @@ class DigitModel:
     def predict_proba(self, features: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
         return softmax(self.raw_scores(features, num_threads=num_threads))
 
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """Pixels (see PIXEL_INPUT; N x 784 or N x 28 x 28) through the model's own stage."""
+        images = as_images(pixels)
+        if images.dtype != np.uint8:
+            values = np.asarray(images, dtype=np.float64)
+            if not np.isfinite(values).all() or values.min(initial=0) < 0 or values.max(
+                    initial=0) > 255:
+                raise ValueError("pixels must lie in 0..255 (0 background, 255 full ink)")
+            images = np.rint(values).astype(np.uint8)
+        return apply_feature_stage(self.feature_stage, images)
+
+    def predict_pixels(self, pixels: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
+        """(rows, 10) probabilities of the digits 0..9 for raw pixel rows."""
+        return self.predict_proba(self.features(pixels), num_threads=num_threads)
+
+    def card(self) -> dict:
+        return {"format_version": MODEL_FORMAT_VERSION, "algorithm": self.algorithm,
+                "feature_stage": self.feature_stage.value, "input": PIXEL_INPUT,
+                "labels": LABELS, "combine": COMBINE, "rounds": self.rounds}
+
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         names = []
@@ -96,29 +132,40 @@ class DigitModel:
             name = f"booster-{index}.txt"
             booster.save_model(str(folder / name))
             names.append(name)
-        (folder / "model.json").write_text(json.dumps({
-            "format_version": MODEL_FORMAT_VERSION, "algorithm": self.algorithm,
-            "boosters": names, "rounds": self.rounds, "combine": "mean_raw_score"}, indent=2))
+        (folder / MODEL_CARD).write_text(json.dumps({**self.card(), "boosters": names},
+                                                    indent=2))
         return folder
 
     @classmethod
     def load(cls, folder: Path) -> DigitModel:
         import lightgbm as lgb
 
-        meta = json.loads((folder / "model.json").read_text())
-        boosters = [lgb.Booster(model_file=str(folder / name)) for name in meta["boosters"]]
-        return cls(boosters, algorithm=meta["algorithm"], rounds=meta["rounds"])
+        card = json.loads((folder / MODEL_CARD).read_text())
+        if card.get("format_version") != MODEL_FORMAT_VERSION:
+            raise ModelFormatError(
+                f"{folder / MODEL_CARD}: model format {card.get('format_version')}, this "
+                f"mlpaint reads {MODEL_FORMAT_VERSION} (format 1 did not record the feature "
+                "stage; train the model again)")
+        if card["labels"] != LABELS or card["combine"] != COMBINE:
+            raise ModelFormatError(f"{folder / MODEL_CARD}: labels {card['labels']} combined "
+                                   f"by {card['combine']!r} are not what mlpaint serves")
+        boosters = [lgb.Booster(model_file=str(folder / name)) for name in card["boosters"]]
+        return cls(boosters, algorithm=card["algorithm"], rounds=card["rounds"],
+                   feature_stage=card["feature_stage"])
 
 
 def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: np.ndarray,
-                labels: np.ndarray, *, seed: int, num_threads: int) -> DigitModel:
+                labels: np.ndarray, *, feature_stage: FeatureStage | str, seed: int,
+                num_threads: int) -> DigitModel:
+    """Train on `features` (pixels already through `feature_stage`, which the model keeps)."""
     import lightgbm as lgb
 
     params = lightgbm_params(config.params, seed=seed, num_threads=num_threads)
     if isinstance(config, GbdtConfig):
         booster = lgb.train(params, lgb.Dataset(features, labels, params=params),
                             num_boost_round=config.rounds)
-        return DigitModel([booster], algorithm=name, rounds=[config.rounds])
+        return DigitModel([booster], algorithm=name, rounds=[config.rounds],
+                          feature_stage=feature_stage)
 
     rng = np.random.default_rng(seed)
     boosters, rounds = [], []
@@ -138,4 +185,4 @@ def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: 
         best = config.min_rounds + int(np.argmin(losses[config.min_rounds - 1:]))
         boosters.append(lgb.Booster(model_str=booster.model_to_string(num_iteration=best)))
         rounds.append(best)
-    return DigitModel(boosters, algorithm=name, rounds=rounds)
+    return DigitModel(boosters, algorithm=name, rounds=rounds, feature_stage=feature_stage)

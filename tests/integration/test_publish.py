@@ -12,7 +12,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import boto3
-import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
@@ -28,6 +27,7 @@ from mlpaint.bundle import (
 from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import FetchContext, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.tracking import ensure_experiment, log_digit_model
 from mlpaint.training.algorithms import GbdtConfig, train_model
 from tests.conftest import REPO
 
@@ -49,23 +49,20 @@ def registry(tmp_path_factory, shared_mnist):
     cache = root / "cache"
     fetched = fetch_dataset([str(shared_mnist)], FetchContext(Pins(), BlobCache(cache)))
     train = table_from_files(fetched[next(s for s in fetched if s.value == "train")])
-    features, labels = train.pixels[:3000].astype(np.float32), train.labels[:3000]
+    pixels, labels = train.pixels[:3000], train.labels[:3000]
+    features = pixels.astype(np.float32)  # the raw stage
     params = {"num_leaves": 15, "min_data_in_leaf": 10, "learning_rate": 0.3, "max_bin": 31}
     good = train_model("lgbm", GbdtConfig(rounds=15, params=params), features, labels,
-                       seed=0, num_threads=2)
+                       feature_stage="raw", seed=0, num_threads=2)
     worse = train_model("lgbm", GbdtConfig(rounds=2, params=params), features[:300],
-                        labels[:300], seed=0, num_threads=2)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+                        labels[:300], feature_stage="raw", seed=0, num_threads=2)
     client = MlflowClient(uri, uri)
-    for model in (good, worse, good):
-        with mlflow.start_run() as run:
-            info = mlflow.lightgbm.log_model(model.boosters[0], name="model",
-                                             registered_model_name="mnist-digits",
-                                             metadata={"algorithm": "lgbm"})
-        client.set_model_version_tag("mnist-digits", str(info.registered_model_version),
-                                     "feature_stage", "raw")
-        assert run.info.run_id
+    experiment = ensure_experiment(client, "publish-registry", uri)
+    for index, model in enumerate((good, worse, good)):
+        run = client.create_run(experiment)
+        log_digit_model(client, run.info.run_id, model.save(root / f"model-{index}"),
+                        pixels[:2])
+        client.set_terminated(run.info.run_id)
     return {"uri": uri, "root": root, "cache": str(cache), "source": str(shared_mnist)}
 
 

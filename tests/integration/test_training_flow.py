@@ -1,12 +1,15 @@
 """The training flow on Prefect's test harness with a real SQLite MLflow store, on a small
 slice of the real MNIST (a few thousand rows, few rounds)."""
 
+import gzip
 import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import requests
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
@@ -53,6 +56,15 @@ def tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _official_test_digits(mnist: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` official test digits as (count, 784) uint8 pixels, and labels."""
+    with gzip.open(os.path.join(mnist, "t10k-images-idx3-ubyte.gz")) as handle:
+        pixels = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 784)
+    with gzip.open(os.path.join(mnist, "t10k-labels-idx1-ubyte.gz")) as handle:
+        labels = np.frombuffer(handle.read(), np.uint8, offset=8)
+    return pixels[:count], labels[:count]
 
 
 def _artifact_paths(client, run_id, path=None):
@@ -110,11 +122,17 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
 
     version = client.get_model_version("mnist-digits", summary.registered.version)
     assert version.run_id == parent.info.run_id
-    assert version.tags["feature_stage"] == "deskew"
     import mlflow
 
+    # Self-contained: it takes pixels as an MLflow user has them and applies its own stage.
     model = mlflow.pyfunc.load_model(summary.registered.model_uri)
-    assert model.metadata.signature is not None
+    card = model.metadata.metadata
+    assert card["feature_stage"] == "deskew" and card["labels"] == list(range(10))
+    assert model.metadata.get_input_schema().input_names() == ["pixels"]
+    pixels, labels = _official_test_digits(training_inputs["source"], 300)
+    accuracy = (np.asarray(model.predict(pixels.astype(np.float32))).argmax(axis=1)
+                == labels).mean()
+    assert accuracy > 0.7
 
 
 def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
@@ -126,13 +144,46 @@ def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
     assert len(summary.folds) == 1  # MLDB's rowHash() % 5 split
     assert summary.folds[0].train_rows + summary.folds[0].test_rows == 1000  # no copies
     import mlflow
-    import numpy as np
-
-    from mlpaint.features import apply_feature_stage
 
     model = mlflow.pyfunc.load_model(summary.registered.model_uri)
-    probabilities = np.asarray(model.predict(apply_feature_stage("raw", np.zeros((2, 784)))))
+    pixels, _ = _official_test_digits(training_inputs["source"], 2)
+    probabilities = np.asarray(model.predict(pixels.astype(np.float32)))
     assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(axis=1), 1)
+    assert model.metadata.metadata["algorithm"] == "bbdt_d5"
+
+
+def test_mlflow_scoring_server_answers_pixels(harness, training_inputs, tracking, tmp_path):
+    """MLflow's own scoring server as the client: `mlflow models serve` on the registered
+    model, sent official test digits as 0-255 pixels, agrees with the model in process."""
+    summary = train_mnist(limit=1000, sources=[training_inputs["source"]],
+                          algorithms_path=training_inputs["algorithms"],
+                          cache_dir=training_inputs["cache"], experiment="tiny-served",
+                          augment=AugmentSpec(copies=0))
+    port = free_port()
+    bin_dir = os.path.dirname(sys.executable)
+    mlflow_cli = os.path.join(bin_dir, "mlflow")
+    # The scoring server execs `uvicorn` from PATH: the virtualenv's, as if activated.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    server = start_service(
+        [mlflow_cli, "models", "serve", "-m", summary.registered.model_uri,
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        f"http://127.0.0.1:{port}/ping", env=env, log=tmp_path / "serve.log",
+        timeout_s=120)
+    try:
+        pixels, labels = _official_test_digits(training_inputs["source"], 200)
+        response = requests.post(f"http://127.0.0.1:{port}/invocations",
+                                 json={"inputs": pixels.tolist()}, timeout=60)
+        assert response.status_code == 200, response.text
+        served = np.asarray(response.json()["predictions"])
+    finally:
+        stop_service(server)
+    import mlflow
+
+    in_process = mlflow.pyfunc.load_model(summary.registered.model_uri).predict(
+        pixels.astype(np.float32))
+    assert served.shape == (200, 10)
+    assert np.array_equal(served.argmax(axis=1), np.asarray(in_process).argmax(axis=1))
+    assert (served.argmax(axis=1) == labels).mean() > 0.7
 
 
 def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):

@@ -31,7 +31,8 @@ def small_model(mnist_tables):
     features = apply_feature_stage(STAGE, train.pixels[:8000])
     config = GbdtConfig(rounds=30, params={"num_leaves": 31, "learning_rate": 0.3,
                                            "feature_fraction": 0.5, "max_bin": 63})
-    return train_model("lgbm", config, features, train.labels[:8000], seed=0, num_threads=1)
+    return train_model("lgbm", config, features, train.labels[:8000], feature_stage=STAGE,
+                       seed=0, num_threads=1)
 
 
 def build_and_publish(model, mnist_tables, root, version, *, promote=True, rows=1000):
@@ -42,7 +43,7 @@ def build_and_publish(model, mnist_tables, root, version, *, promote=True, rows=
                                     per_digit=8)
     staging = root / f"staging-{version}"
     build_bundle_folder(staging, model, explanations, model_name="mnist-digits",
-                        model_version=version, run_id="local", feature_stage=STAGE,
+                        model_version=version, run_id="local",
                         metrics={"test_accuracy": explanations.test_accuracy},
                         data_fingerprint={"dataset": "test"})
     bundle_version = f"2026010{version}T000000Z-v{version}"

@@ -36,7 +36,7 @@ def robust_model(mnist_tables):
     config = GbdtConfig(rounds=80, params={"num_leaves": 15, "learning_rate": 0.2,
                                            "feature_fraction": 0.3, "max_bin": 63})
     model = train_model("lgbm", config, features, np.concatenate([labels, labels[source]]),
-                        seed=0, num_threads=2)
+                        feature_stage=spec.features, seed=0, num_threads=2)
     return model, spec.features
 
 

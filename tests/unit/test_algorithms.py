@@ -5,6 +5,7 @@ from mlpaint.training.algorithms import (
     BaggedBoostingConfig,
     DigitModel,
     GbdtConfig,
+    ModelFormatError,
     load_algorithms,
     softmax,
     train_model,
@@ -33,7 +34,8 @@ def test_packaged_algorithms():
 def test_gbdt_learns_and_round_trips(separable, tmp_path):
     features, labels = separable
     config = GbdtConfig(rounds=15, params={"num_leaves": 7, "min_data_in_leaf": 5})
-    model = train_model("lgbm", config, features, labels, seed=0, num_threads=1)
+    model = train_model("lgbm", config, features, labels, feature_stage="raw", seed=0,
+                        num_threads=1)
     probabilities = model.predict_proba(features)
     assert np.allclose(probabilities.sum(axis=1), 1.0)
     assert (probabilities.argmax(axis=1) == labels).mean() > 0.95
@@ -48,7 +50,8 @@ def test_bagged_boosting_averages_raw_scores(separable):
     config = BaggedBoostingConfig(bags=3, bag_train_fraction=0.66, min_rounds=2, max_rounds=8,
                                   params={"max_depth": 3, "num_leaves": 7,
                                           "feature_fraction": 0.3, "min_data_in_leaf": 5})
-    model = train_model("bbdt", config, features, labels, seed=1, num_threads=1)
+    model = train_model("bbdt", config, features, labels, feature_stage="raw", seed=1,
+                        num_threads=1)
     assert len(model.boosters) == 3
     assert all(2 <= r <= 8 for r in model.rounds)
     assert [b.current_iteration() for b in model.boosters] == model.rounds
@@ -56,3 +59,40 @@ def test_bagged_boosting_averages_raw_scores(separable):
     assert np.allclose(model.raw_scores(features), mean_raw)
     assert np.allclose(model.predict_proba(features), softmax(mean_raw))
     assert (model.predict_proba(features).argmax(axis=1) == labels).mean() > 0.9
+
+
+def test_the_model_card_carries_the_feature_stage(separable, tmp_path):
+    """model.json is the one record of what a model reads; loading needs it, with no
+    default, and a folder from before it existed is refused by name."""
+    import json
+
+    features, labels = separable
+    model = train_model("lgbm", GbdtConfig(rounds=3, params={"num_leaves": 4}), features,
+                        labels, feature_stage="deskew", seed=0, num_threads=1)
+    folder = model.save(tmp_path / "m")
+    card = json.loads((folder / "model.json").read_text())
+    assert card["feature_stage"] == "deskew" and card["labels"] == list(range(10))
+    assert DigitModel.load(folder).feature_stage == "deskew"
+    card["format_version"] = 1
+    del card["feature_stage"]
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ModelFormatError, match="did not record the feature stage"):
+        DigitModel.load(folder)
+
+
+def test_pixels_go_through_the_models_own_stage(tmp_path):
+    from mlpaint.features import apply_feature_stage
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, size=(200, 784)).astype(np.uint8)
+    labels = np.arange(200) % 10
+    model = train_model("lgbm", GbdtConfig(rounds=3, params={"num_leaves": 4,
+                                                              "min_data_in_leaf": 5}),
+                        apply_feature_stage("deskew", pixels), labels, feature_stage="deskew",
+                        seed=0, num_threads=1)
+    expected = model.predict_proba(apply_feature_stage("deskew", pixels[:5]))
+    assert np.allclose(model.predict_pixels(pixels[:5]), expected)
+    # 0-255 floats (what JSON clients send) read as the same pixels
+    assert np.allclose(model.predict_pixels(pixels[:5].astype(np.float32)), expected)
+    with pytest.raises(ValueError, match=r"0\.\.255"):
+        model.predict_pixels(pixels[:5].astype(np.float32) / 255 - 0.5)

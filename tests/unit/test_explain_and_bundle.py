@@ -37,11 +37,12 @@ def models(digits):
     features = pixels.astype(np.float32)
     single = train_model("lgbm", GbdtConfig(rounds=8, params={"num_leaves": 7,
                                                                "min_data_in_leaf": 5}),
-                         features, labels, seed=0, num_threads=1)
+                         features, labels, feature_stage="raw", seed=0, num_threads=1)
     bagged = train_model("bbdt", BaggedBoostingConfig(
         bags=3, bag_train_fraction=0.66, min_rounds=2, max_rounds=5,
         params={"max_depth": 3, "num_leaves": 7, "min_data_in_leaf": 5,
-                "feature_fraction": 0.3}), features, labels, seed=0, num_threads=1)
+                "feature_fraction": 0.3}), features, labels, feature_stage="raw", seed=0,
+        num_threads=1)
     return {"single": single, "bagged": bagged}
 
 
@@ -111,7 +112,7 @@ def _bundle(tmp_path, models, digits, name="b", version="1"):
                                     per_digit=4)
     folder = tmp_path / name
     info = build_bundle_folder(folder, models["single"], explanations, model_name="m",
-                               model_version=version, run_id="r", feature_stage="raw",
+                               model_version=version, run_id="r",
                                metrics={"test_accuracy": explanations.test_accuracy},
                                data_fingerprint={"dataset": "f"})
     return folder, info
