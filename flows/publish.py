@@ -78,7 +78,7 @@ def publish_model(
     fingerprint = {"dataset": dataset.fingerprint,
                    "training_run_dataset": candidate.data_fingerprint}
     built = build_bundle(candidate, dataset.tables["test"], fingerprint, gallery_per_digit,
-                         work_dir)
+                         work_dir, tracking_uri)
     decision = gate(candidate, built.test_accuracy, dataset.tables["test"], margin, force,
                     tracking_uri)
     result = upload_bundle(built, destination, decision.promote, retention)

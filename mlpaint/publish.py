@@ -3,6 +3,7 @@ the gate, and build the bundle folder. Orchestration lives in tasks/publish.py."
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +33,30 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 
 
-def load_registered_model(model_uri: str) -> DigitModel:
+def load_registered_model(name: str, version: str, tracking_uri: str) -> DigitModel:
     """The DigitModel inside a registered pixel-in pyfunc; its model.json says what it
     reads. Versions an older mlpaint registered (features in, stage kept in a tag) are
-    refused by name rather than guessed at."""
+    refused by name rather than guessed at. Read through `tracking_uri`: MLflow's own
+    `models:/` resolution would use the process-wide default instead."""
     import mlflow
+    from mlflow.models import Model
 
-    info = mlflow.models.get_model_info(model_uri)
-    found = (info.metadata or {}).get("format_version")
-    if found != MODEL_FORMAT_VERSION:
-        raise ModelFormatError(f"{model_uri}: model format {found}, this mlpaint reads "
-                               f"{MODEL_FORMAT_VERSION}; train and register it again (to "
-                               "replace such a champion, publish with --force)")
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().model
+    from mlpaint.tracking import tracking_client
+
+    source = tracking_client(tracking_uri).get_model_version_download_uri(name, version)
+    with tempfile.TemporaryDirectory(prefix="registered-model-") as scratch:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch,
+                                                    tracking_uri=tracking_uri)
+        # The MLmodel file itself: `get_model_info` would look the model up again through
+        # the process-wide default store.
+        found = (Model.load(local).metadata or {}).get("format_version")
+        if found != MODEL_FORMAT_VERSION:
+            raise ModelFormatError(f"models:/{name}/{version}: model format {found}, this "
+                                   f"mlpaint reads {MODEL_FORMAT_VERSION}; train and register "
+                                   "it again (to replace such a champion, publish with "
+                                   "--force)")
+        # The boosters are read into memory here; the folder can go.
+        return mlflow.pyfunc.load_model(local).unwrap_python_model().model
 
 
 def accuracy(model: DigitModel, pixels: np.ndarray, labels: np.ndarray) -> float:

@@ -37,10 +37,42 @@ def resolve_tracking_uri() -> str:
 
 
 def tracking_client(tracking_uri: str):
-    """An MlflowClient whose tracking store is also its model registry."""
+    """An MlflowClient whose tracking store is also its model registry. A SQLite store is
+    created or migrated under a lock first (see `prepare_sqlite_store`)."""
     from mlflow import MlflowClient
 
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        prepare_sqlite_store(tracking_uri)
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+SQLITE_PREFIX = "sqlite:///"
+_prepared_stores: set[str] = set()
+
+
+def prepare_sqlite_store(tracking_uri: str) -> None:
+    """Create or migrate a SQLite MLflow store, one process at a time.
+
+    MLflow builds and migrates a SQLite store's schema when a process first opens it, with
+    no lock: two runs started together on a new store both migrated it and left it half
+    done (`table _alembic_tmp_experiments already exists`), for them and every later run.
+    Here the first open happens under a file lock beside the database; whoever comes second
+    finds the schema complete. Once per store per process."""
+    if tracking_uri in _prepared_stores:
+        return
+    from filelock import FileLock
+    from mlflow.store.model_registry.sqlalchemy_store import (
+        SqlAlchemyStore as RegistryStore,
+    )
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+
+    database = Path(tracking_uri.removeprefix(SQLITE_PREFIX))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        # Opening the stores runs MLflow's schema creation and migrations.
+        TrackingStore(tracking_uri, (database.parent / "artifacts").resolve().as_uri())
+        RegistryStore(tracking_uri)
+    _prepared_stores.add(tracking_uri)
 
 
 def ensure_experiment(client, name: str, tracking_uri: str) -> str:

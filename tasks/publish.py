@@ -80,11 +80,11 @@ class BuiltBundle:
 
 @task(name="build-bundle")
 def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint: dict,
-                 per_digit: int, work_dir: Path) -> BuiltBundle:
+                 per_digit: int, work_dir: Path, tracking_uri: str) -> BuiltBundle:
     """Load the candidate, explain the whole official test set exactly, build the bundle."""
     logger = get_run_logger()
     table = load_table(Path(test_table_dir))
-    model = load_registered_model(candidate.uri)
+    model = load_registered_model(candidate.name, candidate.version, tracking_uri)
     features = model.features(table.pixels)
     explanations = explain_test_set(model, features, table.pixels, table.labels,
                                     table.row_hash, row_keys(Split.TEST, table.meta.rows),
@@ -119,7 +119,8 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
     elif champion is not None:
         table = load_table(Path(test_table_dir))
         try:
-            model = load_registered_model(f"models:/{REGISTERED_MODEL_NAME}/{champion.version}")
+            model = load_registered_model(REGISTERED_MODEL_NAME, str(champion.version),
+                                          tracking_uri)
         except ModelFormatError:
             if not force:
                 raise

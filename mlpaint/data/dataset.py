@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,18 +113,24 @@ def join_split(split: Split, images: np.ndarray, labels: np.ndarray, *, origin: 
 
 
 def save_table(table: SplitTable, folder: Path) -> Path:
-    """Write the table to `folder` atomically: a sibling temp folder renamed into place."""
+    """Write the table to `folder` atomically: a private staging folder renamed into place.
+
+    Tables are cached under a key of the files they were built from, so a folder that is
+    already there holds the same table: when a concurrent run placed it first, theirs is
+    kept (it may be memory-mapped by that run right now) and ours dropped."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    np.save(staging / "pixels.npy", table.pixels)
-    np.save(staging / "labels.npy", table.labels)
-    np.save(staging / "row_hash.npy", table.row_hash)
-    (staging / "meta.json").write_text(json.dumps(asdict(table.meta), indent=2))
-    if folder.exists():
-        shutil.rmtree(folder)
-    staging.rename(folder)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        np.save(staging / "pixels.npy", table.pixels)
+        np.save(staging / "labels.npy", table.labels)
+        np.save(staging / "row_hash.npy", table.row_hash)
+        (staging / "meta.json").write_text(json.dumps(asdict(table.meta), indent=2))
+        staging.rename(folder)
+    except OSError:
+        if not (folder / "meta.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -193,6 +193,35 @@ def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):
     assert tracking.search_experiments(filter_string="name = 'mnist-digits'") == []
 
 
+def test_two_cli_runs_at_once_on_embedded_defaults(training_inputs, cli_env, tmp_path):
+    """What `make run` does, twice at once in one new folder: no MLFLOW_TRACKING_URI, so
+    both create the embedded SQLite store in ./.mlpaint together; both train, register
+    and publish, and the store still works afterwards. (Two first opens of a new store
+    used to migrate its schema twice at once and break it for good.)"""
+    env = {k: v for k, v in cli_env.items() if k != "MLFLOW_TRACKING_URI"}
+    mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
+    command = [mlpaint, "train", "--source", training_inputs["source"], "--limit", "600",
+               "--algorithms", training_inputs["algorithms"], "--augment-copies", "0",
+               "--publish-to", str(tmp_path / "bundles"), "--json"]
+    runs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    reports = []
+    for run in runs:
+        stdout, stderr = run.communicate(timeout=600)
+        assert run.returncode == 0, stderr[-3000:]
+        reports.append(json.loads(stdout))
+    store = f"sqlite:///{tmp_path / '.mlpaint' / 'mlflow.db'}"
+    client = MlflowClient(store, store)
+    for report in reports:
+        assert client.get_run(report["mlflow_run_id"]).info.status == "FINISHED"
+        assert report["publication"] is not None
+    versions = {r["registered_model"]["version"] for r in reports}
+    assert versions == {"1", "2"}
+    assert (tmp_path / "bundles" / "LATEST").is_file()
+    # Nothing went to MLflow's process-wide default store (./mlflow.db or ./mlruns).
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
 @pytest.mark.slow
 def test_cli_train_on_a_local_dask_cluster(training_inputs, cli_env, tmp_path):
     env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
