@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mlpaint.augment import AugmentSpec
 from mlpaint.data.dataset import load_table
 from mlpaint.data.integrity import default_cache_dir
 from mlpaint.features import FeatureStage
-from mlpaint.tracking import resolve_tracking_uri
+from mlpaint.tracking import end_open_runs, resolve_tracking_uri, tracking_client
 from mlpaint.training.algorithms import load_algorithms
 from mlpaint.training.evaluation import aggregate
 from mlpaint.training.spec import load_spec, parse_folds_option, plan_folds
@@ -41,7 +42,24 @@ from tasks.training import (
 )
 
 
-@flow(name="train-mnist", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1))
+def _end_open_mlflow_runs(status: str):
+    """A flow state hook: the MLflow runs this flow run left open end with `status`, so the
+    dashboard tells a failed, crashed or cancelled experiment from a finished one. (A
+    process killed outright runs no hook; see README, "When a run dies".)"""
+
+    def hook(flow, flow_run, state) -> None:
+        ended = end_open_runs(tracking_client(resolve_tracking_uri()), str(flow_run.id), status)
+        logging.getLogger(__name__).warning(
+            "flow run %s ended %s: MLflow runs %s marked %s", flow_run.id, state.type.value,
+            ", ".join(ended) or "(none open)", status)
+
+    return hook
+
+
+@flow(name="train-mnist", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1),
+      on_failure=[_end_open_mlflow_runs("FAILED")],
+      on_crashed=[_end_open_mlflow_runs("KILLED")],
+      on_cancellation=[_end_open_mlflow_runs("KILLED")])
 def train_mnist(
     algorithm: str | None = None,
     features: FeatureStage | None = None,

@@ -92,6 +92,13 @@ def ensure_experiment(client, name: str, tracking_uri: str) -> str:
                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
+# On a registered version: whether the experiment that registered it finished every fit.
+RUN_STATE_TAG = "mlpaint.run_state"
+RUN_COMPLETE = "complete"
+RUN_INCOMPLETE = "incomplete"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
 @dataclass(frozen=True)
 class RegisteredModel:
     name: str
@@ -110,13 +117,15 @@ def _pinned_requirements(packages: tuple[str, ...]) -> list[str]:
 
 
 def log_digit_model(client, run_id: str, model_dir: Path, example_pixels: np.ndarray,
-                    *, name: str = REGISTERED_MODEL_NAME) -> RegisteredModel:
+                    *, name: str = REGISTERED_MODEL_NAME, complete: bool = True
+                    ) -> RegisteredModel:
     """Log a saved DigitModel as a pixel-in pyfunc under `run_id` and register it as `name`.
 
     Everything goes through `client`: no process-wide tracking URI, and no `start_run`
     whose exit would end the run (the parent run of an experiment stays open while its
     folds still train). The model's own model.json travels inside it as its meaning, and
-    the same card is the MLmodel metadata."""
+    the same card is the MLmodel metadata. `complete=False` registers it as part of a run
+    still going (RUN_STATE_TAG incomplete): publishing refuses it until `mark_complete`."""
     import mlflow.pyfunc
     from mlflow.entities import LoggedModelOutput
     from mlflow.exceptions import MlflowException
@@ -154,7 +163,8 @@ def log_digit_model(client, run_id: str, model_dir: Path, example_pixels: np.nda
     # latter through the process-wide tracking URI rather than this client's.
     registered = client.create_model_version(
         name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
-        tags={"mlflow_run_id": run_id},
+        tags={"mlflow_run_id": run_id,
+              RUN_STATE_TAG: RUN_COMPLETE if complete else RUN_INCOMPLETE},
         description=f"{card['algorithm']} on {card['feature_stage']} features. "
                     f"Input: {card['input']}. Output: probabilities of 0..9.")
     return RegisteredModel(name, str(registered.version), f"models:/{name}/{registered.version}")
@@ -207,3 +217,24 @@ def render_confusion_heatmap(evaluation: Evaluation, destination: Path, title: s
     figure.savefig(destination, dpi=90)
     plt.close(figure)
     return destination
+
+
+def mark_complete(client, registered: RegisteredModel) -> None:
+    """The experiment that registered this version finished every fit: it may be published."""
+    client.set_model_version_tag(registered.name, registered.version, RUN_STATE_TAG,
+                                 RUN_COMPLETE)
+
+
+def end_open_runs(client, flow_run_id: str, status: str) -> list[str]:
+    """End, with `status` (FAILED or KILLED), every MLflow run that the Prefect flow run
+    `flow_run_id` started and left RUNNING, so the dashboard never shows a dead experiment
+    as running or finished. Returns the runs it ended."""
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(
+        experiments, filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}' "
+                                   "and attributes.status = 'RUNNING'")
+    for run in runs:
+        client.set_terminated(run.info.run_id, status=status)
+    return [run.info.run_id for run in runs]

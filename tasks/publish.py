@@ -32,9 +32,18 @@ from mlpaint.publish import (
     explain_test_set,
     load_registered_model,
 )
-from mlpaint.tracking import REGISTERED_MODEL_NAME, tracking_client
+from mlpaint.tracking import (
+    REGISTERED_MODEL_NAME,
+    RUN_INCOMPLETE,
+    RUN_STATE_TAG,
+    tracking_client,
+)
 from mlpaint.training.algorithms import ModelFormatError
 from tasks.retries import SERVICE_CALL_RETRIES
+
+
+class IncompleteModelError(LookupError):
+    """A version registered by an experiment that failed, crashed or was cancelled."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +71,16 @@ def resolve_candidate(run_id: str | None, model_version: str | None,
         if run_id:
             query += f" and run_id = '{run_id}'"
         versions = client.search_model_versions(query)
+        if not run_id:  # the newest a finished experiment registered
+            versions = [v for v in versions if v.tags.get(RUN_STATE_TAG) != RUN_INCOMPLETE]
         if not versions:
             raise LookupError(f"no registered version of {REGISTERED_MODEL_NAME}"
                               + (f" from run {run_id}" if run_id else ""))
         version = max(versions, key=lambda v: int(v.version))
+    if version.tags.get(RUN_STATE_TAG) == RUN_INCOMPLETE:
+        raise IncompleteModelError(
+            f"{REGISTERED_MODEL_NAME} version {version.version}: its experiment (MLflow run "
+            f"{version.run_id}) did not finish every fit, so it is never published")
     run = client.get_run(version.run_id)
     return CandidateRef(REGISTERED_MODEL_NAME, str(version.version), version.run_id,
                         run.data.tags.get("mlpaint.dataset_fingerprint", ""))

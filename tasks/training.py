@@ -25,9 +25,11 @@ from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment, fold_tra
 from mlpaint.data.dataset import load_table
 from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.tracking import (
+    FLOW_RUN_TAG,
     RegisteredModel,
     ensure_experiment,
     log_digit_model,
+    mark_complete,
     tracking_client,
     write_evaluation_artifacts,
 )
@@ -262,7 +264,7 @@ def start_experiment_run(spec: ExperimentSpec, experiment_id: str,
     tags = {"mlpaint.dataset_fingerprint": dataset_fingerprint,
             "mlflow.runName": f"{spec.algorithm}-{spec.features.value}"}
     if flow_run_id:
-        tags["prefect.flow_run_id"] = flow_run_id
+        tags[FLOW_RUN_TAG] = flow_run_id
     run = client.create_run(experiment_id, tags=tags)
     _log_params(client, run.info.run_id, {**spec.flat_params(), **algorithm_params})
     return run.info.run_id
@@ -307,8 +309,9 @@ def log_final_model(final: FitResult, test_table_dir: str, parent_run_id: str,
     """The final model in the parent run as a pixel-in pyfunc (its feature stage inside),
     with two official test digits as its input example, registered as `mnist-digits`."""
     example = load_table(Path(test_table_dir)).pixels[:2]
+    # Registered while folds may still train; marked complete only when they all have.
     return log_digit_model(tracking_client(tracking_uri), parent_run_id, Path(final.model_dir),
-                           example)
+                           example, complete=False)
 
 
 @dataclass(frozen=True)
@@ -362,6 +365,8 @@ def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
         client.log_artifact(run_id, str(folder / "summary.json"))
     if sample_grid:
         client.log_artifact(run_id, sample_grid, "data")
+    if summary.registered:
+        mark_complete(client, summary.registered)
     client.set_terminated(run_id)
 
 

@@ -28,7 +28,7 @@ from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import FetchContext, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
 from mlpaint.tracking import ensure_experiment, log_digit_model
-from mlpaint.training.algorithms import GbdtConfig, train_model
+from mlpaint.training.algorithms import DigitModel, GbdtConfig, train_model
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
@@ -170,3 +170,22 @@ def test_s3_destination(s3_env, tmp_path, registry, harness, monkeypatch):
     s3.put_object(Bucket="bundles", Key=key, Body=json.dumps(body).encode())
     with pytest.raises(BundleIntegrityError, match=r"bundle\.json: sha256"):
         load_bundle("s3://bundles/mnist", cache_dir=tmp_path / "cache2")
+
+
+def test_a_version_from_an_unfinished_experiment_is_never_published(harness, registry,
+                                                                     monkeypatch, tmp_path):
+    """Registered by a run whose folds never all finished (tag still `incomplete`): refused
+    when named, skipped when publishing picks the newest."""
+    from tasks.publish import IncompleteModelError
+
+    client = MlflowClient(registry["uri"], registry["uri"])
+    run = client.create_run(client.get_experiment_by_name("publish-registry").experiment_id)
+    model = DigitModel.load(registry["root"] / "model-0")
+    folder = model.save(tmp_path / "unfinished")
+    pixels = np.zeros((2, 784), np.uint8)
+    version = log_digit_model(client, run.info.run_id, folder, pixels, complete=False).version
+    client.set_terminated(run.info.run_id, status="FAILED")
+    with pytest.raises(IncompleteModelError, match="did not finish every fit"):
+        _publish(registry, monkeypatch, model_version=version, to=str(tmp_path / "b1"))
+    newest = _publish(registry, monkeypatch, to=str(tmp_path / "b2"))
+    assert newest.model_version != version

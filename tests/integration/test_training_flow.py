@@ -193,6 +193,21 @@ def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):
     assert tracking.search_experiments(filter_string="name = 'mnist-digits'") == []
 
 
+def test_a_failed_experiment_is_failed_in_mlflow(harness, training_inputs, tracking, tmp_path):
+    """A fit that raises fails the flow run; its hook ends the MLflow parent run as FAILED
+    rather than leaving it RUNNING (or, as before, FINISHED by an early exit)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lgbm:\n  kind: gbdt\n  rounds: 3\n  params: {num_leaves: 1}\n")
+    with pytest.raises(Exception, match="num_leaves"):
+        train_mnist(limit=600, sources=[training_inputs["source"]], algorithms_path=str(broken),
+                    cache_dir=training_inputs["cache"], experiment="tiny-broken",
+                    augment=AugmentSpec(copies=0))
+    experiment = tracking.get_experiment_by_name("tiny-broken")
+    runs = tracking.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["prefect.flow_run_id"]
+
+
 def test_two_cli_runs_at_once_on_embedded_defaults(training_inputs, cli_env, tmp_path):
     """What `make run` does, twice at once in one new folder: no MLFLOW_TRACKING_URI, so
     both create the embedded SQLite store in ./.mlpaint together; both train, register

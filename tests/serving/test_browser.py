@@ -71,6 +71,9 @@ def test_draw_a_three_and_see_why(server, browser, tmp_path):
     _draw(page, THREE)
     page.wait_for_function("document.getElementById('winner').textContent === '3'",
                            timeout=20_000)
+    # The page asks again while the pen moves; judge the answer to the finished drawing.
+    page.wait_for_load_state("networkidle")
+    assert page.locator("#winner").text_content() == "3"
     maps = page.locator("#maps canvas")
     assert maps.count() == 3  # the top three digits
     first = maps.first
