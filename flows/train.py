@@ -26,7 +26,7 @@ from mlpaint.features import FeatureStage
 from mlpaint.tracking import end_open_runs, resolve_tracking_uri, tracking_client
 from mlpaint.training.algorithms import load_algorithms
 from mlpaint.training.evaluation import aggregate
-from mlpaint.training.spec import load_spec, parse_folds_option, plan_folds
+from mlpaint.training.spec import SpecError, load_spec, parse_folds_option, plan_folds
 from tasks.training import (
     ExperimentSummary,
     fit_threads,
@@ -111,6 +111,9 @@ def train_mnist(
          "augment": augment.model_dump() if augment is not None else None,
          "folds": parse_folds_option(folds).model_dump() if folds is not None else None},
         known_algorithms=frozenset(algorithms))
+    if publish_to and not spec.final_fit:
+        raise SpecError(f"publish_to: {publish_to!r} asks to publish, but final_fit is false: "
+                        "there would be no final model to publish")
     config = algorithms[spec.algorithm]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     tracking_uri = resolve_tracking_uri()

@@ -27,6 +27,7 @@ from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.tracking import (
     FLOW_RUN_TAG,
     RegisteredModel,
+    end_open_runs,
     ensure_experiment,
     log_digit_model,
     mark_complete,
@@ -259,8 +260,13 @@ def prepare_experiment(experiment: str, tracking_uri: str) -> str:
 def start_experiment_run(spec: ExperimentSpec, experiment_id: str,
                          algorithm_params: dict[str, str], dataset_fingerprint: str,
                          tracking_uri: str, flow_run_id: str | None) -> str:
-    """The parent run: the whole spec and the algorithm's parameters as params."""
+    """The parent run: the whole spec and the algorithm's parameters as params. A run that
+    an earlier attempt of this same flow run left RUNNING (its process was killed outright,
+    so no hook ended it) is ended as KILLED first."""
     client = tracking_client(tracking_uri)
+    if flow_run_id and (stale := end_open_runs(client, flow_run_id, "KILLED")):
+        get_run_logger().warning("ended MLflow runs %s, left open by a dead earlier attempt "
+                                 "of this flow run, as KILLED", ", ".join(stale))
     tags = {"mlpaint.dataset_fingerprint": dataset_fingerprint,
             "mlflow.runName": f"{spec.algorithm}-{spec.features.value}"}
     if flow_run_id:

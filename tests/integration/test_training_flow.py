@@ -193,6 +193,15 @@ def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):
     assert tracking.search_experiments(filter_string="name = 'mnist-digits'") == []
 
 
+def test_publishing_without_a_final_fit_is_an_error(harness, training_inputs, tracking,
+                                                    tmp_path):
+    """It used to train, then quietly publish nothing."""
+    with pytest.raises(Exception, match=r"publish_to: .* final_fit is false"):
+        train_mnist(final_fit=False, publish_to=str(tmp_path / "bundles"),
+                    sources=[training_inputs["source"]], cache_dir=training_inputs["cache"])
+    assert tracking.search_experiments(filter_string="name = 'mnist-digits'") == []
+
+
 def test_a_failed_experiment_is_failed_in_mlflow(harness, training_inputs, tracking, tmp_path):
     """A fit that raises fails the flow run; its hook ends the MLflow parent run as FAILED
     rather than leaving it RUNNING (or, as before, FINISHED by an early exit)."""
