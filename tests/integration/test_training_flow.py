@@ -217,6 +217,30 @@ def test_a_failed_experiment_is_failed_in_mlflow(harness, training_inputs, track
     assert runs[0].data.tags["prefect.flow_run_id"]
 
 
+def test_a_retried_flow_run_ends_what_its_dead_attempt_left_open(harness, tracking):
+    """A process killed outright runs no hook: its parent run stays RUNNING. The next
+    attempt of the same flow run ends it as KILLED before starting its own."""
+    from prefect import flow
+
+    from mlpaint.training.spec import load_spec
+    from tasks.training import start_experiment_run
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    experiment = tracking.create_experiment("retried")
+    dead = tracking.create_run(experiment, tags={"prefect.flow_run_id": "flow-run-1"})
+    other = tracking.create_run(experiment, tags={"prefect.flow_run_id": "flow-run-2"})
+
+    @flow
+    def second_attempt() -> str:
+        return start_experiment_run(load_spec(), experiment, {}, "fingerprint", uri,
+                                    "flow-run-1")
+
+    new = second_attempt()
+    assert tracking.get_run(dead.info.run_id).info.status == "KILLED"
+    assert tracking.get_run(new).info.status == "RUNNING"
+    assert tracking.get_run(other.info.run_id).info.status == "RUNNING"  # not ours
+
+
 def test_two_cli_runs_at_once_on_embedded_defaults(training_inputs, cli_env, tmp_path):
     """What `make run` does, twice at once in one new folder: no MLFLOW_TRACKING_URI, so
     both create the embedded SQLite store in ./.mlpaint together; both train, register
