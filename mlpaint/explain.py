@@ -12,7 +12,6 @@ the 784 pixel contributions = the raw score of that class.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +46,19 @@ class ClassExplainer:
     with mlpaint.treeshap (the same numbers as LightGBM's `pred_contrib`, computed leaf by
     leaf; bench/explain.py measures both beside shap.TreeExplainer)."""
 
-    def __init__(self, model: DigitModel, *, parallel: bool = True) -> None:
+    def __init__(self, model: DigitModel, *, parallel: bool = True, paths=None) -> None:
         self.model = model
         self.parallel = parallel  # False: every row on the calling thread (serving)
+        self._paths = paths  # the model's flattened paths, if the caller already has them
 
-    @cached_property
+    @property
     def paths(self):
         """The model's root-to-leaf paths (all its boosters'), flattened on first use."""
-        from mlpaint import treeshap
+        if self._paths is None:
+            from mlpaint import treeshap
 
-        return treeshap.flatten(self.model.boosters, N_CLASSES)
+            self._paths = treeshap.flatten(self.model.boosters, N_CLASSES)
+        return self._paths
 
     def explain(self, features: np.ndarray, classes: list[int]) -> np.ndarray:
         """(rows, len(classes), 785): each asked class's 784 contributions, then its bias."""

@@ -50,6 +50,12 @@ SQLITE_PREFIX = "sqlite:///"
 _prepared_stores: set[str] = set()
 
 
+def _sqlite_artifact_root(tracking_uri: str) -> str:
+    """Artifacts of a SQLite store: an `artifacts/` folder beside the database."""
+    return (Path(tracking_uri.removeprefix(SQLITE_PREFIX)).parent / "artifacts").resolve(
+    ).as_uri()
+
+
 def prepare_sqlite_store(tracking_uri: str) -> None:
     """Create or migrate a SQLite MLflow store, one process at a time.
 
@@ -70,7 +76,7 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock"):
         # Opening the stores runs MLflow's schema creation and migrations.
-        TrackingStore(tracking_uri, (database.parent / "artifacts").resolve().as_uri())
+        TrackingStore(tracking_uri, _sqlite_artifact_root(tracking_uri))
         RegistryStore(tracking_uri)
     _prepared_stores.add(tracking_uri)
 
@@ -84,10 +90,8 @@ def ensure_experiment(client, name: str, tracking_uri: str) -> str:
             client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG,
                                       EXPERIMENT_KIND)
         return existing.experiment_id
-    artifact_location = None
-    if tracking_uri.startswith("sqlite:///"):
-        store = Path(tracking_uri.removeprefix("sqlite:///")).parent
-        artifact_location = (store / "artifacts").resolve().as_uri()
+    artifact_location = (_sqlite_artifact_root(tracking_uri)
+                         if tracking_uri.startswith(SQLITE_PREFIX) else None)
     return client.create_experiment(name, artifact_location=artifact_location,
                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 

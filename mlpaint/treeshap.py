@@ -77,15 +77,19 @@ def _walk(node: dict, conditions: dict[int, list[float]], scale: float,
         _walk(child, {**conditions, feature: [lower, upper, zero * ratio]}, scale, paths)
 
 
-def flatten(boosters: list, n_classes: int) -> FlatPaths:
+def flatten(boosters: list, n_classes: int, *, dumps: list[list[dict]] | None = None
+            ) -> FlatPaths:
     """The paths of LightGBM boosters (in each, tree t belongs to class t % n_classes). With
     several boosters (a bagged model) every leaf value is divided by their number, so the
-    contributions are the mean of theirs, as the model's score is the mean of their scores."""
+    contributions are the mean of theirs, as the model's score is the mean of their scores.
+    `dumps`: the boosters' `treepredict.dump_trees`, when already at hand."""
+    from mlpaint.treepredict import dump_trees
+
     scale = 1.0 / len(boosters)
     per_class: list[list[tuple[float, dict[int, list[float]]]]] = [[] for _ in range(n_classes)]
     bias = np.zeros(n_classes)
-    for booster in boosters:
-        for index, tree in enumerate(booster.dump_model()["tree_info"]):
+    for tree_info in dumps if dumps is not None else dump_trees(boosters):
+        for index, tree in enumerate(tree_info):
             root = tree["tree_structure"]
             cls = index % n_classes
             if "leaf_value" in root:  # a single-leaf tree: a constant, all bias

@@ -1,37 +1,22 @@
 """mlpaint.treepredict against LightGBM's own raw scores: deep and shallow trees, ties on
 thresholds, missing values both ways, single-leaf trees, bagged boosters, float32 input."""
 
-import lightgbm as lgb
 import numpy as np
 import pytest
 
 from mlpaint import treepredict
-
-
-def _train(x, y, *, classes, rounds=15, **params):
-    objective = {"objective": "multiclass", "num_class": classes} if classes > 2 else {
-        "objective": "regression"}
-    return lgb.train({**objective, "verbose": -1, "seed": 0, "deterministic": True,
-                      "num_threads": 1, **params}, lgb.Dataset(x, y), num_boost_round=rounds)
+from tests.unit.lightgbm_models import STRESS_PARAMS, stress_data, train_booster
 
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(600, 6))
-    x[:, 5] = np.round(x[:, 5])  # many rows exactly on a threshold's neighbours
-    y = ((x[:, 0] > 0) + (x[:, 1] * x[:, 2] > 0.2) + (np.sin(3 * x[:, 0]) > 0.5)).astype(int)
-    return x, y
+    return stress_data(1)
 
 
-@pytest.mark.parametrize("params", [
-    {"num_leaves": 31, "min_data_in_leaf": 5},
-    {"num_leaves": 4, "min_data_in_leaf": 20},
-    {"num_leaves": 63, "max_depth": 12, "min_data_in_leaf": 2, "feature_fraction": 0.5},
-])
+@pytest.mark.parametrize("params", STRESS_PARAMS)
 def test_matches_lightgbm_raw_scores(data, params):
     x, y = data
-    booster = _train(x, y, classes=4, **params)
+    booster = train_booster(x, y, classes=4, **params)
     trees = treepredict.compile_trees([booster], 4)
     ours = treepredict.raw_scores(trees, x)
     assert ours.shape == (len(x), 4)
@@ -41,7 +26,7 @@ def test_matches_lightgbm_raw_scores(data, params):
 def test_float32_rows_take_lightgbm_branches(data):
     x, y = data
     x32 = x.astype(np.float32)
-    booster = _train(x32, y, classes=4, num_leaves=31)
+    booster = train_booster(x32, y, classes=4, num_leaves=31)
     trees = treepredict.compile_trees([booster], 4)
     assert np.abs(treepredict.raw_scores(trees, x32) - booster.predict(x32, raw_score=True)
                   ).max() < 1e-9
@@ -51,7 +36,7 @@ def test_missing_values_go_where_lightgbm_sends_them(data):
     x, y = data
     with_gaps = x.copy()
     with_gaps[::7, 0] = np.nan  # seen in training: the splits learn a default side
-    booster = _train(with_gaps, y, classes=4, num_leaves=15)
+    booster = train_booster(with_gaps, y, classes=4, num_leaves=15)
     probe = x[:200].copy()
     probe[::3, 0] = np.nan
     probe[::5, 1] = np.nan  # never missing in training: read as zero
@@ -62,14 +47,14 @@ def test_missing_values_go_where_lightgbm_sends_them(data):
 
 def test_zero_as_missing_is_refused(data):
     x, y = data
-    booster = _train(x, y, classes=4, num_leaves=7, zero_as_missing=True)
+    booster = train_booster(x, y, classes=4, num_leaves=7, zero_as_missing=True)
     with pytest.raises(ValueError, match="zero as missing"):
         treepredict.compile_trees([booster], 4)
 
 
 def test_single_leaf_trees_are_constants(data):
     x, _ = data
-    booster = _train(x, np.full(len(x), 2.5), classes=1, rounds=3)
+    booster = train_booster(x, np.full(len(x), 2.5), classes=1, rounds=3)
     trees = treepredict.compile_trees([booster], 1)
     assert len(trees.root) == 0
     assert np.abs(treepredict.raw_scores(trees, x[:5])[:, 0]
@@ -78,8 +63,23 @@ def test_single_leaf_trees_are_constants(data):
 
 def test_bagged_boosters_score_as_their_mean(data):
     x, y = data
-    members = [_train(x, y, classes=4, num_leaves=7, seed=s, bagging_fraction=0.7,
+    members = [train_booster(x, y, classes=4, num_leaves=7, seed=s, bagging_fraction=0.7,
                       bagging_freq=1) for s in (1, 2, 3)]
     trees = treepredict.compile_trees(members, 4)
     mean = sum(b.predict(x, raw_score=True) for b in members) / 3
     assert np.abs(treepredict.raw_scores(trees, x) - mean).max() < 1e-9
+
+
+def test_one_dump_serves_both_compiled_structures(data):
+    """Serving dumps a model's trees once for the scorer and the explainer alike."""
+    from mlpaint import treeshap
+
+    x, y = data
+    booster = train_booster(x, y, classes=4, num_leaves=15)
+    dumps = treepredict.dump_trees([booster])
+    scores = treepredict.raw_scores(treepredict.compile_trees([booster], 4, dumps=dumps), x)
+    assert np.array_equal(scores, treepredict.raw_scores(
+        treepredict.compile_trees([booster], 4), x))
+    contributions = treeshap.explain(treeshap.flatten([booster], 4, dumps=dumps), x[:20],
+                                     [0, 1, 2, 3])
+    assert np.abs(contributions.sum(axis=2) - scores[:20]).max() < 1e-9

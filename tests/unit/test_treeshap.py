@@ -7,37 +7,22 @@ import numpy as np
 import pytest
 
 from mlpaint import treeshap
-
-
-def _train(x, y, *, classes, rounds=15, **params):
-    objective = {"objective": "multiclass", "num_class": classes} if classes > 2 else {
-        "objective": "regression"}
-    booster = lgb.train({**objective, "verbose": -1, "seed": 0, "deterministic": True,
-                         "num_threads": 1, **params}, lgb.Dataset(x, y), num_boost_round=rounds)
-    return booster
+from tests.unit.lightgbm_models import STRESS_PARAMS, stress_data, train_booster
 
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(600, 6))
-    x[:, 5] = np.round(x[:, 5])  # ties on thresholds
-    y = ((x[:, 0] > 0) + (x[:, 1] * x[:, 2] > 0.2) + (np.sin(3 * x[:, 0]) > 0.5)).astype(int)
-    return x, y
+    return stress_data(0)
 
 
 def _reference(booster, x, classes):
     return booster.predict(x, pred_contrib=True).reshape(len(x), classes, -1)
 
 
-@pytest.mark.parametrize("params", [
-    {"num_leaves": 31, "min_data_in_leaf": 5},  # deep, features repeated along paths
-    {"num_leaves": 4, "min_data_in_leaf": 20},
-    {"num_leaves": 63, "max_depth": 12, "min_data_in_leaf": 2, "feature_fraction": 0.5},
-])
+@pytest.mark.parametrize("params", STRESS_PARAMS)
 def test_multiclass_matches_pred_contrib(data, params):
     x, y = data
-    booster = _train(x, y, classes=4, **params)
+    booster = train_booster(x, y, classes=4, **params)
     paths = treeshap.flatten([booster], 4)
     ours = treeshap.explain(paths, x[:80], [0, 1, 2, 3])
     assert np.abs(ours - _reference(booster, x[:80], 4)).max() < 1e-9
@@ -49,7 +34,7 @@ def test_multiclass_matches_pred_contrib(data, params):
 
 def test_a_subset_of_classes_in_any_order(data):
     x, y = data
-    booster = _train(x, y, classes=4, num_leaves=15)
+    booster = train_booster(x, y, classes=4, num_leaves=15)
     paths = treeshap.flatten([booster], 4)
     full = _reference(booster, x[:20], 4)
     assert np.abs(treeshap.explain(paths, x[:20], [3, 1]) - full[:, [3, 1]]).max() < 1e-9
@@ -60,7 +45,7 @@ def test_a_subset_of_classes_in_any_order(data):
 def test_single_leaf_trees_count_as_bias(data):
     x, _ = data
     y = np.full(len(x), 2.5)  # nothing to learn: every tree is a single leaf
-    booster = _train(x, y, classes=1, rounds=3)
+    booster = train_booster(x, y, classes=1, rounds=3)
     paths = treeshap.flatten([booster], 1)
     assert len(paths.path_value) == 0
     ours = treeshap.explain(paths, x[:5], [0])
@@ -69,7 +54,7 @@ def test_single_leaf_trees_count_as_bias(data):
 
 def test_bagged_members_explain_as_their_mean(data):
     x, y = data
-    members = [_train(x, y, classes=4, num_leaves=7, seed=s, bagging_fraction=0.7,
+    members = [train_booster(x, y, classes=4, num_leaves=7, seed=s, bagging_fraction=0.7,
                       bagging_freq=1) for s in (1, 2, 3)]
     merged = treeshap.flatten(members, 4)
     mean = sum(_reference(b, x[:30], 4) for b in members) / 3
@@ -80,7 +65,7 @@ def test_matches_shap_tree_explainer(data):
     import shap
 
     x, y = data
-    booster = _train(x, y, classes=4, num_leaves=15)
+    booster = train_booster(x, y, classes=4, num_leaves=15)
     values = shap.TreeExplainer(booster).shap_values(x[:10])  # (rows, features, classes)
     values = np.asarray(values)
     ours = treeshap.explain(treeshap.flatten([booster], 4), x[:10], [0, 1, 2, 3])
