@@ -3,7 +3,6 @@ champion, and publish it atomically."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -13,8 +12,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows.ingest import ingest_mnist
 from mlpaint.bundle import PublishResult
 from mlpaint.data.integrity import default_cache_dir
+from mlpaint.locations import default_bundle_destination
 from mlpaint.publish import GateDecision
-from mlpaint.tracking import LOCAL_STORE_DIR, resolve_tracking_uri
+from mlpaint.tracking import resolve_tracking_uri
 from tasks.publish import (
     build_bundle,
     gate,
@@ -22,11 +22,6 @@ from tasks.publish import (
     resolve_candidate,
     upload_bundle,
 )
-
-
-def default_bundle_destination() -> str:
-    """`$MLPAINT_BUNDLE_DIR`, else `.mlpaint/bundles` under the working directory."""
-    return os.environ.get("MLPAINT_BUNDLE_DIR") or str(Path.cwd() / LOCAL_STORE_DIR / "bundles")
 
 
 @dataclass(frozen=True)

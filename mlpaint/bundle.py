@@ -28,12 +28,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from mlpaint.data.integrity import atomic_path, sha256_file
+from mlpaint.storage import LocalStore, ObjectStore, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -109,110 +108,7 @@ def verify_folder(folder: Path) -> dict:
 
 # --- stores ----------------------------------------------------------------------------------
 
-class BundleStore(Protocol):
-    def put_file(self, relative: str, local: Path) -> None: ...
-
-    def get_bytes(self, relative: str) -> bytes | None: ...
-
-    def put_text_atomic(self, relative: str, text: str) -> None: ...
-
-    def list_versions(self) -> list[str]: ...
-
-    def delete_version(self, version: str) -> None: ...
-
-    def describe(self, relative: str = "") -> str: ...
-
-
-@dataclass(frozen=True)
-class LocalStore:
-    root: Path
-
-    def describe(self, relative: str = "") -> str:
-        return str(self.root / relative)
-
-    def put_file(self, relative: str, local: Path) -> None:
-        with atomic_path(self.root / relative) as tmp:
-            shutil.copyfile(local, tmp)
-
-    def get_bytes(self, relative: str) -> bytes | None:
-        path = self.root / relative
-        return path.read_bytes() if path.is_file() else None
-
-    def put_text_atomic(self, relative: str, text: str) -> None:
-        with atomic_path(self.root / relative) as tmp:
-            tmp.write_text(text)
-
-    def list_versions(self) -> list[str]:
-        folder = self.root / VERSIONS
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-
-    def delete_version(self, version: str) -> None:
-        shutil.rmtree(self.root / VERSIONS / version, ignore_errors=True)
-
-
-@dataclass(frozen=True)
-class S3Store:
-    """boto3 against S3 or any S3-compatible store (`AWS_ENDPOINT_URL`). Each PUT replaces an
-    object whole, so the LATEST pointer is never seen half-written."""
-
-    bucket: str
-    prefix: str
-
-    def _key(self, relative: str) -> str:
-        return f"{self.prefix.strip('/')}/{relative}".lstrip("/")
-
-    def describe(self, relative: str = "") -> str:
-        return f"s3://{self.bucket}/{self._key(relative)}"
-
-    def _client(self):
-        from mlpaint.data.transports import make_s3_client
-
-        return make_s3_client(unsigned=False)
-
-    def put_file(self, relative: str, local: Path) -> None:
-        self._client().upload_file(str(local), self.bucket, self._key(relative))
-
-    def get_bytes(self, relative: str) -> bytes | None:
-        from botocore.exceptions import ClientError
-
-        try:
-            return self._client().get_object(Bucket=self.bucket,
-                                             Key=self._key(relative))["Body"].read()
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
-                return None
-            raise
-
-    def put_text_atomic(self, relative: str, text: str) -> None:
-        self._client().put_object(Bucket=self.bucket, Key=self._key(relative),
-                                  Body=text.encode())
-
-    def list_versions(self) -> list[str]:
-        paginator = self._client().get_paginator("list_objects_v2")
-        found = set()
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key(VERSIONS) + "/",
-                                       Delimiter="/"):
-            for entry in page.get("CommonPrefixes", []):
-                found.add(entry["Prefix"].rstrip("/").rsplit("/", 1)[-1])
-        return sorted(found)
-
-    def delete_version(self, version: str) -> None:
-        client = self._client()
-        paginator = client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket,
-                                       Prefix=self._key(f"{VERSIONS}/{version}/")):
-            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
-            if keys:
-                client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
-
-
-def store_for(uri: str) -> BundleStore:
-    parts = urlsplit(uri)
-    if parts.scheme == "s3":
-        return S3Store(parts.netloc, parts.path.lstrip("/"))
-    if parts.scheme in {"", "file"}:
-        return LocalStore(Path(parts.path if parts.scheme else uri).expanduser())
-    raise ValueError(f"unsupported bundle destination {uri!r}: use a folder or s3://")
+BundleStore = ObjectStore
 
 
 def read_latest(store: BundleStore) -> str | None:
@@ -249,7 +145,7 @@ def publish_bundle(staging: Path, store: BundleStore, version: str, *, promote: 
                        PAUSE_BEFORE_POINTER_ENV)
         time.sleep(pause)
     if promote:
-        store.put_text_atomic(LATEST, version + "\n")
+        store.put_bytes(LATEST, (version + "\n").encode())
     latest = read_latest(store)
     pruned = prune_versions(store, retention=retention, keep={latest, version} - {None})
     return PublishResult(store.describe(), version, latest, promote, pruned)
@@ -257,10 +153,10 @@ def publish_bundle(staging: Path, store: BundleStore, version: str, *, promote: 
 
 def prune_versions(store: BundleStore, *, retention: int, keep: set[str]) -> list[str]:
     """Delete all but the newest `retention` versions, never one in `keep`."""
-    versions = store.list_versions()
+    versions = store.list_folders(VERSIONS)
     doomed = [v for v in versions[:-retention] if v not in keep] if retention > 0 else []
     for version in doomed:
-        store.delete_version(version)
+        store.delete_prefix(f"{VERSIONS}/{version}")
     return doomed
 
 

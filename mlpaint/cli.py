@@ -243,6 +243,14 @@ def _add_serve_command(subcommands) -> None:
                             "(default: one per available core, at most 4, here "
                             "%(default)s); a request runs on one core, so more processes "
                             "serve more at once")
+    serve.add_argument("--feedback-store", metavar="URI|off",
+                       help="where POST /v1/feedback appends labelled drawings: a folder or "
+                            "s3://bucket/prefix (default $MLPAINT_FEEDBACK_STORE, else a "
+                            "'feedback' folder beside the bundle destination); 'off' turns "
+                            "the endpoint off (404)")
+    serve.add_argument("--feedback-rate", default=None, metavar="N/PERIOD",
+                       help="feedback posts one client address may make, e.g. 30/minute "
+                            "(the default) or 5/second; counted per server process")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                        help="log a line per request (default: off; at thousands of requests "
                             "a second it costs a fifth of the throughput)")
@@ -264,15 +272,106 @@ def _at_least_one(text: str) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from limits import parse as parse_rate
 
-    from mlpaint.serving.app import ServeSettings
+    from mlpaint.locations import feedback_store_option
+    from mlpaint.serving.app import DEFAULT_FEEDBACK_RATE, ServeSettings
 
+    feedback_rate = args.feedback_rate or DEFAULT_FEEDBACK_RATE
+    parse_rate(feedback_rate)  # a malformed rate fails here, not in every worker
+    feedback_store = feedback_store_option(args.feedback_store, args.bundle)
     settings = ServeSettings(bundle=args.bundle, cache_dir=args.cache_dir,
-                             watch_seconds=args.watch_seconds)
+                             watch_seconds=args.watch_seconds, feedback_store=feedback_store,
+                             feedback_rate=feedback_rate)
+    logger.info("feedback: %s", feedback_store or "off")
     os.environ.update(settings.to_environment())  # read back by each worker's app factory
     uvicorn.run("mlpaint.serving.app:app_from_environment", factory=True, host=args.host,
                 port=args.port, workers=args.workers, log_level="info",
                 access_log=args.access_log)
+    return 0
+
+
+def _add_feedback_commands(subcommands) -> None:
+    feedback = subcommands.add_parser(
+        "feedback", help="review the drawings people labelled on the page",
+        description="The feedback store is append-only: 'reject' records an exclusion beside "
+                    "a record and deletes nothing. IDs may be shortened to a unique prefix "
+                    "of 6 or more characters.")
+    store_help = ("a folder or s3://bucket/prefix (default $MLPAINT_FEEDBACK_STORE, else the "
+                  "'feedback' folder beside the default bundle destination)")
+    commands = feedback.add_subparsers(dest="feedback_command", required=True)
+    listing = commands.add_parser("list", help="one line per record, newest first")
+    listing.add_argument("--rejected", action="store_true", help="only rejected records")
+    listing.add_argument("--json", action="store_true", help="a JSON array for scripts")
+    show = commands.add_parser("show", help="one record: its fields and the 28x28 digit")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    show.add_argument("--save-drawing", metavar="FILE",
+                      help="write the drawing as received (PNG) to FILE")
+    export = commands.add_parser(
+        "export", help="accepted records as CSV, the layout `--source *.csv` reads")
+    export.add_argument("path", metavar="FILE.csv",
+                        help="name it with 'train' or 'test' to use it as that split's source")
+    reject = commands.add_parser("reject", help="exclude a record from training")
+    reject.add_argument("id")
+    reject.add_argument("--reason", default="", metavar="TEXT")
+    for command in (listing, show, export, reject):
+        command.add_argument("--store", metavar="URI", help=store_help)
+        command.set_defaults(handler=_run_feedback)
+
+
+def _run_feedback(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mlpaint.feedback import FeedbackStore, write_csv
+    from mlpaint.locations import default_feedback_store
+
+    store = FeedbackStore.at(args.store or default_feedback_store())
+    if args.feedback_command == "list":
+        rejected = store.rejections()
+        rows = []
+        for record in store.records():
+            if args.rejected and record.id not in rejected:
+                continue
+            row = record.summary()
+            row["rejected"] = record.id in rejected
+            row["reject_reason"] = rejected[record.id].reason if row["rejected"] else None
+            rows.append(row)
+        rows.sort(key=lambda row: row["received_at"], reverse=True)
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        for row in rows:
+            answered = "-" if row["answered_digit"] is None else row["answered_digit"]
+            flag = " REJECTED" if row["rejected"] else ""
+            print(f"{row['id']}  label {row['label']}  answered {answered}  "
+                  f"{row['received_at']}  bundle {row['bundle_version'] or '-'}{flag}")
+        print(f"{len(rows)} records in {store.describe()}", file=sys.stderr)
+    elif args.feedback_command == "show":
+        record = store.get(args.id)
+        rejection = store.rejections().get(record.id)
+        if args.save_drawing:
+            if record.drawing is None:
+                raise ValueError(f"{record.id} was posted as pixels: there is no drawing")
+            Path(args.save_drawing).write_bytes(record.drawing)
+        if args.json:
+            print(json.dumps({**record.summary(), "pixels": record.pixels.tolist(),
+                              "rejected": rejection is not None,
+                              "reject_reason": rejection.reason if rejection else None}))
+            return 0
+        for key, value in record.summary().items():
+            print(f"{key}: {value}")
+        if rejection:
+            print(f"rejected: {rejection.rejected_at} ({rejection.reason or 'no reason'})")
+        shades = " .:-=+*#%@"
+        for row in record.pixels.reshape(28, 28):
+            print("".join(shades[int(v) * (len(shades) - 1) // 255] for v in row))
+    elif args.feedback_command == "export":
+        count = write_csv(store.accepted(), Path(args.path))
+        print(f"{count} accepted records written to {args.path}")
+    elif args.feedback_command == "reject":
+        record_id, new = store.reject(args.id, args.reason)
+        print(f"{record_id} rejected" + ("" if new else " (it already was)"))
     return 0
 
 
@@ -286,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(subcommands)
     _add_publish_command(subcommands)
     _add_serve_command(subcommands)
+    _add_feedback_commands(subcommands)
     return parser
 
 

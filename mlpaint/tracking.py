@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from mlpaint.locations import LOCAL_STORE_DIR
 from mlpaint.training.evaluation import Evaluation
 
 REGISTERED_MODEL_NAME = "mnist-digits"
-LOCAL_STORE_DIR = ".mlpaint"
 # The MLflow UI opens an experiment of this kind on its training runs (not on GenAI traces).
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"

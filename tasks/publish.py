@@ -18,7 +18,6 @@ from mlpaint.bundle import (
     BundleInfo,
     PublishResult,
     publish_bundle,
-    store_for,
 )
 from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import load_table, row_keys
@@ -32,6 +31,7 @@ from mlpaint.publish import (
     explain_test_set,
     load_registered_model,
 )
+from mlpaint.storage import store_for
 from mlpaint.tracking import (
     REGISTERED_MODEL_NAME,
     RUN_INCOMPLETE,

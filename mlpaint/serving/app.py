@@ -10,6 +10,8 @@ import base64
 import binascii
 import io
 import logging
+import math
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -19,19 +21,26 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from limits import parse as parse_rate
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mlpaint.data.catalog import IMAGE_SIDE, N_CLASSES, N_FEATURES
+from mlpaint.feedback import FeedbackRecord, FeedbackStore
 from mlpaint.preprocess import ink_from_image, something_drawn, to_mnist
+from mlpaint.serving.events import FeedbackAnnouncer
 from mlpaint.serving.model import ALL_LABELS, ModelHolder, ServedModel, top_labels
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 1 << 20
+# A person labels a drawing every few seconds at most; a client far above that is a script.
+DEFAULT_FEEDBACK_RATE = "30/minute"
 MAX_BATCH = 256
 MAX_IMAGE_SIDE = 4096
 # Below this probability for the winning digit an answer is marked `low_confidence` and the
@@ -132,6 +141,24 @@ class ExampleResponse(BaseModel):
     bias: list[float]
 
 
+class FeedbackRequest(DigitInput):
+    """A person's label for a drawing: the same `image` (or `pixels`) the app was shown."""
+
+    label: int = Field(ge=0, le=N_CLASSES - 1, description="the digit the person drew")
+    digit: int | None = Field(None, ge=0, le=N_CLASSES - 1,
+                              description="the digit the app answered, if it answered one")
+    bundle_version: str | None = Field(None, max_length=80, pattern=r"^[\w.:@-]+$",
+                                       description="the bundle that answered")
+
+
+class FeedbackResponse(BaseModel):
+    id: str = Field(description="the record's id: the same drawing with the same label "
+                                "always has the same id")
+    created: bool = Field(description="false when this drawing with this label was already "
+                                      "stored; the first record is kept")
+    label: int
+
+
 class ModelResponse(BaseModel):
     model_name: str
     model_version: str
@@ -145,25 +172,35 @@ class ModelResponse(BaseModel):
     gallery_per_digit: int
 
 
-def _decode_image(data_url: str) -> tuple[np.ndarray, bool]:
-    from PIL import Image, UnidentifiedImageError
-
+def _drawing_bytes(data_url: str) -> tuple[str, bytes]:
+    """(media type, bytes) of an image data URL, as the client sent it."""
     header, sep, payload = data_url.partition(",")
     if not sep or not header.startswith("data:image/") or ";base64" not in header:
         raise HTTPException(400, "image must be a data URL: data:image/png;base64,<data>")
     try:
-        raw = base64.b64decode(payload, validate=True)
+        return header[len("data:"):].split(";", 1)[0], base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPException(400, f"image is not valid base64: {exc}") from exc
+
+
+def _digit_of_drawing(raw: bytes) -> tuple[np.ndarray, bool]:
+    """The 28x28 digit of an encoded drawing, and whether anything was drawn."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
         with Image.open(io.BytesIO(raw)) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise HTTPException(400, f"image larger than {MAX_IMAGE_SIDE} px a side")
             image.load()
             ink = ink_from_image(image)
             return to_mnist(ink), something_drawn(ink)
-    except (binascii.Error, ValueError) as exc:
-        raise HTTPException(400, f"image is not valid base64: {exc}") from exc
-    except (UnidentifiedImageError, OSError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise HTTPException(400, "image could not be decoded as PNG, JPEG or another format "
                                  "Pillow reads") from exc
+
+
+def _decode_image(data_url: str) -> tuple[np.ndarray, bool]:
+    return _digit_of_drawing(_drawing_bytes(data_url)[1])
 
 
 def _pixels_of(item: DigitInput) -> tuple[np.ndarray, bool]:
@@ -250,12 +287,22 @@ class BodySizeLimit:
 
 
 def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
-               watch_interval_s: float = 5.0) -> FastAPI:
+               watch_interval_s: float = 5.0, feedback_store: str | None = None,
+               feedback_rate: str = DEFAULT_FEEDBACK_RATE) -> FastAPI:
+    """The app. `feedback_store` is where `/v1/feedback` appends (None: the endpoint answers
+    404); `feedback_rate` is how many posts one client address may make, as `limits` writes
+    it ("20/minute"), counted in each server process."""
     holder = ModelHolder(bundle_uri, cache_dir=cache_dir)
+    feedback = FeedbackStore.at(feedback_store) if feedback_store else None
+    rate = parse_rate(feedback_rate)
+    limiter = MovingWindowRateLimiter(MemoryStorage())
+    announcer = FeedbackAnnouncer(feedback.describe()) if feedback else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         holder.load_initial()
+        if announcer is not None:
+            announcer.start()
         if watch_interval_s > 0:
             holder.watch(watch_interval_s)
         yield
@@ -382,6 +429,49 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             raw_scores=g["raw_scores"][row].tolist(),
             contributions=contributions[:, :-1].tolist(), bias=contributions[:, -1].tolist())
 
+    @app.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses={
+        200: {"model": FeedbackResponse, "description": "already stored"},
+        404: {"description": "feedback is off on this server"},
+        422: {"description": "a label outside 0-9, or nothing drawn"},
+        429: {"description": "this client posted too often; see Retry-After"}})
+    async def post_feedback(body: FeedbackRequest, request: Request,
+                            response: Response) -> FeedbackResponse:
+        if feedback is None:
+            raise HTTPException(404, "feedback is off on this server (--feedback-store off)")
+        client = request.client.host if request.client else "unknown"
+        if not limiter.hit(rate, client):
+            wait_s = limiter.get_window_stats(rate, client).reset_time - time.time()
+            raise HTTPException(429, f"too many feedback posts from this address: at most "
+                                     f"{feedback_rate}",
+                                headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
+        current = holder.current
+
+        def store() -> tuple[FeedbackRecord, bool]:
+            # Decoding a drawing and writing to the store (a file, or a PUT to S3) both take
+            # milliseconds: a worker thread, not the event loop.
+            if body.image is not None:
+                media_type, drawing = _drawing_bytes(body.image)
+                pixels, drawn = _digit_of_drawing(drawing)
+            else:
+                (media_type, drawing), (pixels, drawn) = (None, None), _pixels_of(body)
+            if not drawn:
+                raise HTTPException(422, "nothing drawn: draw a digit before labelling it")
+            answered_by = body.bundle_version or (current.version if current else None)
+            model_version = (current.bundle.info.model_version
+                             if current and current.version == answered_by else None)
+            record = FeedbackRecord.new(
+                label=body.label, pixels=pixels.reshape(-1), drawing=drawing,
+                drawing_media_type=media_type, answered_digit=body.digit,
+                bundle_version=answered_by, model_version=model_version)
+            return record, feedback.add(record)
+
+        record, created = await run_in_threadpool(store)
+        if created:
+            announcer.announce(record)
+        else:
+            response.status_code = 200
+        return FeedbackResponse(id=record.id, created=created, label=record.label)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
         return resources.files("mlpaint.serving").joinpath("static/index.html").read_text()
@@ -398,6 +488,8 @@ class ServeSettings(BaseSettings):
     bundle: str
     cache_dir: Path | None = None
     watch_seconds: float = Field(5.0, ge=0)
+    feedback_store: str | None = None  # None: feedback off
+    feedback_rate: str = DEFAULT_FEEDBACK_RATE
 
     def to_environment(self) -> dict[str, str]:
         return {f"MLPAINT_SERVE_{name.upper()}": str(value)
@@ -408,5 +500,7 @@ def app_from_environment() -> FastAPI:
     """The app factory uvicorn calls in each worker process."""
     settings = ServeSettings()
     return create_app(settings.bundle, cache_dir=settings.cache_dir,
-                      watch_interval_s=settings.watch_seconds)
+                      watch_interval_s=settings.watch_seconds,
+                      feedback_store=settings.feedback_store,
+                      feedback_rate=settings.feedback_rate)
 

@@ -20,13 +20,13 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.publish import publish_model
 from mlpaint.bundle import (
     BundleIntegrityError,
-    S3Store,
     load_bundle,
     read_latest,
 )
 from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import FetchContext, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.storage import S3Store, store_for
 from mlpaint.tracking import ensure_experiment, log_digit_model
 from mlpaint.training.algorithms import DigitModel, GbdtConfig, train_model
 from tests.conftest import REPO
@@ -107,8 +107,6 @@ def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path
 
 
 def load_store(dest):
-    from mlpaint.bundle import store_for
-
     return store_for(dest)
 
 

@@ -146,3 +146,41 @@ def test_nothing_drawn_then_a_digit(server, browser):
     page.wait_for_function("document.getElementById('winner').textContent === '3'",
                            timeout=20_000)
     assert page.locator("#verdict").text_content() != "No digit drawn"
+
+
+def test_right_and_wrong_are_stored_as_feedback(server, browser, bundle_root):
+    """Feedback from the page lands in the server's default store, beside the bundles."""
+    from mlpaint.feedback import FeedbackStore
+
+    store = FeedbackStore.at(str(bundle_root / "feedback"))
+    before = set(store.ids())
+    page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True)
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('model').textContent.includes('v1')")
+    assert page.locator("#feedback").is_hidden()  # nothing answered yet
+    _draw(page, THREE)
+    page.wait_for_function("document.getElementById('winner').textContent === '3'",
+                           timeout=20_000)
+    page.wait_for_load_state("networkidle")
+    page.wait_for_function("!document.getElementById('feedback').hidden")
+    page.locator("#fb-digits button[data-digit='8']").tap()  # "Wrong: it is an 8", by touch
+    page.wait_for_function("document.getElementById('fb-ack').textContent.includes('saved as a 8')")
+    wrong_id = page.locator("#fb-ack").get_attribute("data-record")
+    assert page.locator("#fb-right").is_disabled()  # one label per drawing
+    wrong = store.get(wrong_id)
+    assert (wrong.label, wrong.answered_digit, wrong.corrected) == (8, 3, True)
+    assert wrong.drawing.startswith(b"\x89PNG") and wrong.bundle_version.endswith("-v1")
+
+    page.locator("#clear").click()
+    assert page.locator("#feedback").is_hidden()
+    _draw(page, THREE)
+    page.wait_for_function("document.getElementById('winner').textContent === '3'",
+                           timeout=20_000)
+    page.wait_for_load_state("networkidle")
+    page.wait_for_function("!document.getElementById('feedback').hidden")
+    page.locator("#fb-right").focus()
+    page.keyboard.press("Enter")  # "Right", from the keyboard
+    page.wait_for_function("document.getElementById('fb-ack').textContent.includes('as a 3')")
+    right = store.get(page.locator("#fb-ack").get_attribute("data-record"))
+    assert (right.label, right.answered_digit, right.corrected) == (3, 3, False)
+    assert set(store.ids()) - before == {wrong.id, right.id}

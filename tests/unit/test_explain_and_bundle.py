@@ -8,7 +8,6 @@ import pytest
 from mlpaint.bundle import (
     LATEST,
     BundleIntegrityError,
-    LocalStore,
     load_bundle,
     publish_bundle,
     read_latest,
@@ -17,6 +16,7 @@ from mlpaint.bundle import (
 )
 from mlpaint.explain import AdditivityError, check_additivity, contributions, gallery_rows
 from mlpaint.publish import build_bundle_folder, decide, explain_test_set
+from mlpaint.storage import LocalStore
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
 
 
@@ -159,7 +159,7 @@ def test_latest_moves_only_on_promotion_and_retention_keeps_it(tmp_path, models,
     for day in (3, 4):
         publish_bundle(second, store, f"2026010{day}T000000Z-v2", promote=False, retention=2)
     # retention 2: the newest two stay, and so does the one LATEST names
-    assert store.list_versions() == ["20260101T000000Z-v1", "20260103T000000Z-v2",
+    assert store.list_folders("versions") == ["20260101T000000Z-v1", "20260103T000000Z-v2",
                                      "20260104T000000Z-v2"]
     assert (store.root / LATEST).read_text().strip() == "20260101T000000Z-v1"
 
