@@ -49,6 +49,8 @@ def publish_model(
     gallery_per_digit: int = 50,
     sources: list[str] | None = None,
     cache_dir: str | None = None,
+    feedback_store: str | None = None,
+    wild_share: float = 0.2,
 ) -> PublishReport:
     """Publish a registered `mnist-digits` version with precomputed SHAP explanations.
 
@@ -62,6 +64,9 @@ def publish_model(
         gallery_per_digit: explained test digits stored per digit.
         sources: MNIST sources for the official test set (default: the mirror chain).
         cache_dir: data cache (default ~/.cache/mlpaint).
+        feedback_store: a feedback store (folder or s3://bucket/prefix) whose wild test set
+            the candidate must also not lose on against the champion.
+        wild_share: the share of feedback records in the wild test set (as in training).
     """
     destination = to or default_bundle_destination()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -75,7 +80,7 @@ def publish_model(
     built = build_bundle(candidate, dataset.tables["test"], fingerprint, gallery_per_digit,
                          work_dir, tracking_uri)
     decision = gate(candidate, built.test_accuracy, dataset.tables["test"], margin, force,
-                    tracking_uri)
+                    tracking_uri, feedback_store, wild_share)
     result = upload_bundle(built, destination, decision.promote, retention)
     record_publication(candidate, built, decision, destination, tracking_uri)
     create_markdown_artifact(

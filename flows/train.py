@@ -30,12 +30,14 @@ from mlpaint.training.spec import SpecError, load_spec, parse_folds_option, plan
 from tasks.training import (
     ExperimentSummary,
     fit_threads,
+    log_data_inputs,
     log_experiment_summary,
     log_final_model,
     log_fold_run,
     prepare_augmented,
     prepare_experiment,
     prepare_features,
+    prepare_feedback,
     start_experiment_run,
     train_final,
     train_fold,
@@ -75,6 +77,7 @@ def train_mnist(
     cache_dir: str | None = None,
     publish_to: str | None = None,
     augment: AugmentSpec | None = None,
+    feedback_store: str | None = None,
 ) -> ExperimentSummary:
     """Cross-fold training: one LightGBM model per fold, aggregated statistics, a final model
     on all training rows scored on the official test set, all of it in MLflow.
@@ -101,6 +104,9 @@ def train_mnist(
             s3://bucket/prefix in the same run.
         augment: augmented copies of the training rows (elastic, affine, stroke thickness,
             "as drawn"): how many per row and how they are made.
+        feedback_store: add the drawings people labelled on the page (a folder or
+            s3://bucket/prefix) to every model's training rows, all but the wild test set
+            every model is also scored on; weight and wild share come from the spec.
     """
     algorithms = load_algorithms(Path(algorithms_path) if algorithms_path else None)
     spec = load_spec(
@@ -111,6 +117,9 @@ def train_mnist(
          "augment": augment.model_dump() if augment is not None else None,
          "folds": parse_folds_option(folds).model_dump() if folds is not None else None},
         known_algorithms=frozenset(algorithms))
+    if feedback_store is not None:  # the store only; weight and wild share stay the spec's
+        spec = spec.model_copy(update={"feedback": spec.feedback.model_copy(
+            update={"store": feedback_store})})
     if publish_to and not spec.final_fit:
         raise SpecError(f"publish_to: {publish_to!r} asks to publish, but final_fit is false: "
                         "there would be no final model to publish")
@@ -127,6 +136,8 @@ def train_mnist(
     augmented = (prepare_augmented.submit(dataset.tables["train"], spec.features, spec.limit,
                                           spec.augment, spec.seed, cache)
                  if spec.augment.copies else None)
+    feedback = (prepare_feedback.submit(spec.feedback, spec.features, spec.augment, spec.seed,
+                                        cache) if spec.feedback.store else None)
     # Fail on a fold with an empty side before anything trains.
     row_hash = load_table(Path(dataset.tables["train"])).row_hash[: spec.limit]
     n_folds = len(plan_folds(spec.folds, row_hash))
@@ -135,6 +146,8 @@ def train_mnist(
                                          {f"lightgbm.{k}": str(v) for k, v in
                                           config.params.items()},
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
+    feedback = feedback.result() if feedback is not None else None
+    log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, tracking_uri)
     work_dir = cache / "work" / parent_run_id
     n_fits = n_folds + (1 if spec.final_fit else 0)
     threads = fit_threads(min(n_fits, os.cpu_count() or 1))
@@ -144,9 +157,10 @@ def train_mnist(
     # The final fit is submitted first: it is the longest, and logging its model (seconds of
     # MLflow work) then overlaps the folds' fits instead of following the last of them.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
-                                       work_dir, augmented) if spec.final_fit else None)
+                                       work_dir, augmented, feedback)
+                    if spec.final_fit else None)
     fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, work_dir,
-                                      augmented)
+                                      augmented, feedback)
                     for i in range(n_folds)]
     registered = None
     for done, future in enumerate(as_completed([*fold_futures, *filter(None, [final_future])]),
@@ -162,14 +176,16 @@ def train_mnist(
 
     summary = ExperimentSummary(parent_run_id, fold_results,
                                 aggregate([r.evaluation for r in fold_results]), final,
-                                registered)
+                                registered, feedback=feedback)
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
     if publish_to and registered:
         from flows.publish import publish_model
 
         report = publish_model(model_version=registered.version, to=publish_to,
-                               sources=spec.sources, cache_dir=str(cache))
+                               sources=spec.sources, cache_dir=str(cache),
+                               feedback_store=spec.feedback.store,
+                               wild_share=spec.feedback.wild_share)
         summary = dataclasses.replace(summary, publication=report.to_json())
     return summary
 

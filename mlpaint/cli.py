@@ -105,6 +105,10 @@ def _add_train_command(subcommands) -> None:
     train.add_argument("--augment-copies", type=int, metavar="N",
                        help="augmented copies per training row (0: none); how they are made "
                             "comes from the spec's augment section")
+    train.add_argument("--feedback-store", metavar="URI",
+                       help="also train on the drawings people labelled on the page (a "
+                            "folder or s3://bucket/prefix), all but the wild test set, which "
+                            "every model is scored on too; weight and share from the spec")
     train.add_argument("--cache-dir", metavar="DIR")
     dask = train.add_mutually_exclusive_group()
     dask.add_argument("--dask-address", metavar="ADDR",
@@ -142,6 +146,9 @@ def _add_publish_command(subcommands) -> None:
     publish.add_argument("--source", action="append", default=None, metavar="URI",
                          help="MNIST source for the official test set")
     publish.add_argument("--cache-dir", metavar="DIR")
+    publish.add_argument("--feedback-store", metavar="URI",
+                         help="the candidate must also not lose to the champion on this "
+                              "feedback store's wild test set")
     publish.add_argument("--json", action="store_true")
     publish.set_defaults(handler=_run_publish)
 
@@ -155,7 +162,7 @@ def _run_publish(args: argparse.Namespace) -> int:
     report = publish_model(run_id=args.run_id, model_version=args.model_version, to=args.to,
                            force=args.force, margin=args.margin, retention=args.retention,
                            gallery_per_digit=args.gallery_per_digit, sources=args.source,
-                           cache_dir=args.cache_dir)
+                           cache_dir=args.cache_dir, feedback_store=args.feedback_store)
     _print_publish(report.to_json(), as_json=args.json)
     return 0
 
@@ -207,7 +214,8 @@ def _run_train(args: argparse.Namespace) -> int:
                    experiment=args.experiment, eval_train=args.eval_train,
                    final_fit=args.final_fit, spec_path=args.spec,
                    algorithms_path=args.algorithms, cache_dir=args.cache_dir,
-                   publish_to=args.publish_to, augment=augment)
+                   publish_to=args.publish_to, augment=augment,
+                   feedback_store=args.feedback_store)
     report = summary.to_json()
     if args.json:
         print(json.dumps(report))
@@ -217,6 +225,9 @@ def _run_train(args: argparse.Namespace) -> int:
               f"{accuracy['mean']:.4f} (min {accuracy['min']:.4f}, max {accuracy['max']:.4f})")
         if report["test"]:
             print(f"official test set: accuracy {report['test']['statistics']['accuracy']:.4f}")
+        if report["wild"] and report["wild"]["statistics"]:
+            print(f"wild test set ({report['wild']['wild_rows']} feedback drawings): accuracy "
+                  f"{report['wild']['statistics']['accuracy']:.4f}")
         if report["registered_model"]:
             print(f"registered {report['registered_model']['model_uri']}")
         if report.get("publication"):

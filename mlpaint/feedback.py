@@ -210,3 +210,55 @@ def write_csv(records: list[FeedbackRecord], path: Path) -> int:
         for record in records:
             writer.writerow([record.label, *record.pixels.tolist()])
     return len(records)
+
+
+# --- feedback as training data ---------------------------------------------------------------
+
+#: Row hashes fall in this many buckets; `wild_share` of them hold the wild test set.
+WILD_BUCKETS = 100
+
+
+def feedback_row_hashes(ids: list[str]) -> np.ndarray:
+    """Stable 64-bit row hashes of records, from their ids (the row keys `feedback-<id>`),
+    computed as MNIST's are: the same record hashes the same in every run."""
+    from mlpaint.data.dataset import row_hashes
+
+    return row_hashes([f"feedback-{record_id}" for record_id in ids])
+
+
+def wild_rows(row_hash: np.ndarray, share: float) -> np.ndarray:
+    """Which records form the wild test set: a fixed share chosen by row hash, so a record is
+    in it (never trained on) or out of it in every run, whatever else the store holds."""
+    cut = round(share * WILD_BUCKETS)
+    return (row_hash % np.uint64(WILD_BUCKETS)) < np.uint64(cut)
+
+
+@dataclass(frozen=True)
+class FeedbackSnapshot:
+    """The accepted records of a store at one moment, as arrays, ordered by id."""
+
+    store: str
+    ids: tuple[str, ...]
+    pixels: np.ndarray  # (rows, 784) uint8
+    labels: np.ndarray  # (rows,) uint8
+    rejected: int
+
+    @classmethod
+    def of(cls, store: FeedbackStore) -> FeedbackSnapshot:
+        rejected = store.rejections()
+        records = sorted((r for r in store.records() if r.id not in rejected),
+                         key=lambda r: r.id)
+        pixels = (np.stack([r.pixels for r in records]) if records
+                  else np.zeros((0, N_FEATURES), np.uint8))
+        return cls(store.describe(), tuple(r.id for r in records), pixels,
+                   np.array([r.label for r in records], dtype=np.uint8), len(rejected))
+
+    @property
+    def row_hash(self) -> np.ndarray:
+        return feedback_row_hashes(list(self.ids))
+
+    @property
+    def digest(self) -> str:
+        """What the snapshot holds, by content: its record ids (which hash the drawings and
+        labels). Two snapshots with the same digest train the same."""
+        return hashlib.sha256("\n".join(self.ids).encode()).hexdigest()

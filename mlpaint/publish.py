@@ -65,6 +65,15 @@ def accuracy(model: DigitModel, pixels: np.ndarray, labels: np.ndarray) -> float
 
 
 @dataclass(frozen=True)
+class WildScores:
+    """Candidate and champion on the same wild test set (feedback never trained on)."""
+
+    rows: int
+    candidate_accuracy: float
+    champion_accuracy: float | None
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promote: bool
     alias: str
@@ -74,28 +83,35 @@ class GateDecision:
     margin: float
     forced: bool
     reason: str
+    wild: WildScores | None = None
 
 
 def decide(candidate_accuracy: float, champion_accuracy: float | None,
-           champion_version: str | None, *, margin: float, force: bool) -> GateDecision:
-    """Promote unless the candidate is worse than the champion by more than `margin`
-    (accuracy on the official test set); `force` promotes regardless."""
+           champion_version: str | None, *, margin: float, force: bool,
+           wild: WildScores | None = None) -> GateDecision:
+    """Promote unless the candidate is worse than the champion by more than `margin` on the
+    official test set, or (with a wild set) any worse on the wild set: drawings people made
+    and labelled, which neither model trained on. A flood of wrong labels therefore cannot
+    crown a model that reads MNIST worse. `force` promotes regardless."""
     if champion_accuracy is None:
         promote, reason = True, "no champion yet"
-    elif candidate_accuracy >= champion_accuracy - margin:
-        promote = True
-        reason = (f"accuracy {candidate_accuracy:.4f} is within {margin:.4f} of or above the "
-                  f"champion's {champion_accuracy:.4f} (version {champion_version})")
     else:
-        promote = False
-        reason = (f"accuracy {candidate_accuracy:.4f} is below the champion's "
-                  f"{champion_accuracy:.4f} (version {champion_version}) by more than the "
-                  f"margin {margin:.4f}")
+        test_ok = candidate_accuracy >= champion_accuracy - margin
+        reason = (f"official test accuracy {candidate_accuracy:.4f} against the champion's "
+                  f"{champion_accuracy:.4f} (version {champion_version}, margin {margin:.4f}): "
+                  + ("not worse" if test_ok else "worse by more than the margin"))
+        wild_ok = True
+        if wild is not None and wild.rows and wild.champion_accuracy is not None:
+            wild_ok = wild.candidate_accuracy >= wild.champion_accuracy
+            reason += (f"; wild accuracy {wild.candidate_accuracy:.4f} against "
+                       f"{wild.champion_accuracy:.4f} on {wild.rows} feedback drawings: "
+                       + ("not worse" if wild_ok else "worse"))
+        promote = test_ok and wild_ok
     forced = force and not promote
     if forced:
         promote, reason = True, f"forced by the operator; otherwise: {reason}"
     return GateDecision(promote, CHAMPION if promote else CHALLENGER, candidate_accuracy,
-                        champion_accuracy, champion_version, margin, forced, reason)
+                        champion_accuracy, champion_version, margin, forced, reason, wild)
 
 
 @dataclass(frozen=True)

@@ -242,3 +242,28 @@ def end_open_runs(client, flow_run_id: str, status: str) -> list[str]:
     for run in runs:
         client.set_terminated(run.info.run_id, status=status)
     return [run.info.run_id for run in runs]
+
+
+@dataclass(frozen=True)
+class DatasetUse:
+    """One dataset a run read, as the MLflow dashboard lists it under the run's inputs."""
+
+    name: str
+    digest: str  # content hash: the same digest is the same data
+    source: str  # where it came from (a URI or an origin description)
+    rows: int
+    context: str  # "training", "testing", "wild test"
+
+
+def log_datasets(client, run_id: str, uses: list[DatasetUse]) -> None:
+    """Record the datasets a run trained and was scored on (`mlflow.log_input`'s record,
+    through the client), so the dashboard shows which data made which model."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    client.log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(name=use.name, digest=use.digest[:36], source_type="mlpaint",
+                             source=json.dumps({"uri": use.source}),
+                             profile=json.dumps({"num_rows": use.rows})),
+                     tags=[InputTag(MLFLOW_DATASET_CONTEXT, use.context)])
+        for use in uses])

@@ -21,10 +21,12 @@ from mlpaint.bundle import (
 )
 from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import load_table, row_keys
+from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.publish import (
     CHALLENGER,
     CHAMPION,
     GateDecision,
+    WildScores,
     accuracy,
     build_bundle_folder,
     decide,
@@ -119,11 +121,14 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
 
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)
 def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str,
-         margin: float, force: bool, tracking_uri: str) -> GateDecision:
-    """Score the current champion on the same official test set and decide."""
+         margin: float, force: bool, tracking_uri: str, feedback_store: str | None = None,
+         wild_share: float = 0.2) -> GateDecision:
+    """Score the current champion on the same official test set (and, given a feedback
+    store, candidate and champion on its wild test set) and decide."""
     from mlflow.exceptions import MlflowException
 
     client = tracking_client(tracking_uri)
+    wild = None
     try:
         champion = client.get_model_version_by_alias(REGISTERED_MODEL_NAME, CHAMPION)
     except MlflowException:
@@ -148,10 +153,26 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
             get_run_logger().info("gate: %s — %s", decision.alias, decision.reason)
             return decision
         champion_accuracy = accuracy(model, table.pixels, table.labels)
+        if feedback_store:
+            wild = _wild_scores(candidate, model, feedback_store, wild_share, tracking_uri)
     decision = decide(candidate_accuracy, champion_accuracy,
-                      str(champion.version) if champion else None, margin=margin, force=force)
+                      str(champion.version) if champion else None, margin=margin, force=force,
+                      wild=wild)
     get_run_logger().info("gate: %s — %s", decision.alias, decision.reason)
     return decision
+
+
+def _wild_scores(candidate: CandidateRef, champion_model, feedback_store: str,
+                 wild_share: float, tracking_uri: str) -> WildScores:
+    """Both models on the feedback store's wild test set, as it is now."""
+    snapshot = FeedbackSnapshot.of(FeedbackStore.at(feedback_store))
+    wild = wild_rows(snapshot.row_hash, wild_share)
+    if not wild.any():
+        return WildScores(0, 0.0, None)
+    pixels, labels = snapshot.pixels[wild], snapshot.labels[wild]
+    model = load_registered_model(REGISTERED_MODEL_NAME, candidate.version, tracking_uri)
+    return WildScores(int(wild.sum()), accuracy(model, pixels, labels),
+                      accuracy(champion_model, pixels, labels))
 
 
 @task(name="upload-bundle", **SERVICE_CALL_RETRIES)

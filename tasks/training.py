@@ -19,16 +19,22 @@ from pathlib import Path
 
 import numpy as np
 from prefect import task
+from prefect.artifacts import create_table_artifact
 from prefect.logging import get_run_logger
 
 from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment, fold_training_rows
+from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.dataset import load_table
+from mlpaint.data.explore import render_label_grid
 from mlpaint.features import FeatureStage, apply_feature_stage
+from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.tracking import (
     FLOW_RUN_TAG,
+    DatasetUse,
     RegisteredModel,
     end_open_runs,
     ensure_experiment,
+    log_datasets,
     log_digit_model,
     mark_complete,
     tracking_client,
@@ -40,7 +46,7 @@ from mlpaint.training.algorithms import (
     train_model,
 )
 from mlpaint.training.evaluation import Aggregate, Evaluation, evaluate
-from mlpaint.training.spec import ExperimentSpec, plan_folds
+from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, plan_folds
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
@@ -63,14 +69,14 @@ class FeatureMatrix:
         return _load_matrix(Path(self.folder), "row_hash.npy")
 
 
-def _move_into_cache(staging: Path, folder: Path) -> None:
+def _move_into_cache(staging: Path, folder: Path, marker: str = "features.npy") -> None:
     """Rename a finished staging folder into its cache place. A concurrent run that computed
     the same content first wins; its copy is kept and ours dropped."""
     try:
         staging.rename(folder)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (folder / "features.npy").is_file():
+        if not (folder / marker).is_file():
             raise
 
 
@@ -160,6 +166,93 @@ def _with_augmented(train: tuple[np.ndarray, np.ndarray], train_rows: np.ndarray
 
 
 @dataclass(frozen=True)
+class FeedbackMatrix:
+    """A reference to a feedback snapshot through the feature stage, on disk:
+    `train_features.npy`/`train_labels.npy` (the records outside the wild set, then their
+    augmented copies) and `wild_features.npy`/`wild_labels.npy` (the wild test set, never
+    trained on), plus `ids.json` naming the records of each part."""
+
+    folder: str
+    store: str
+    digest: str
+    train_records: int
+    train_rows: int  # records plus augmented copies
+    wild_rows: int
+    rejected: int
+    weight: float
+
+    def load_train(self) -> tuple[np.ndarray, np.ndarray]:
+        folder = Path(self.folder)
+        return np.load(folder / "train_features.npy"), np.load(folder / "train_labels.npy")
+
+    def load_wild(self) -> tuple[np.ndarray, np.ndarray]:
+        folder = Path(self.folder)
+        return np.load(folder / "wild_features.npy"), np.load(folder / "wild_labels.npy")
+
+    @property
+    def sample_grid(self) -> str:
+        return str(Path(self.folder) / "sample-grid-feedback.png")
+
+    def to_json(self) -> dict:
+        return {"store": self.store, "digest": self.digest,
+                "train_records": self.train_records, "train_rows": self.train_rows,
+                "wild_rows": self.wild_rows, "rejected": self.rejected, "weight": self.weight}
+
+
+@task(name="prepare-feedback", **SERVICE_CALL_RETRIES)
+def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
+                     augment_spec: AugmentSpec, seed: int, cache_dir: Path) -> FeedbackMatrix:
+    """Snapshot the feedback store's accepted records, split off the wild test set by row
+    hash, augment the rest as MNIST's rows are, and apply the feature stage; cached by the
+    snapshot's content and everything else that shapes the result."""
+    logger = get_run_logger()
+    snapshot = FeedbackSnapshot.of(FeedbackStore.at(feedback_spec.store))
+    wild = wild_rows(snapshot.row_hash, feedback_spec.wild_share)
+    material = json.dumps({"digest": snapshot.digest, "stage": stage.value, "seed": seed,
+                           "wild_share": feedback_spec.wild_share,
+                           "augment": augment_spec.model_dump(mode="json"),
+                           "code": AUGMENT_CODE_VERSION}, sort_keys=True)
+    key = hashlib.sha256(material.encode()).hexdigest()[:32]
+    folder = cache_dir / "feedback" / key
+    train_pixels, train_labels = snapshot.pixels[~wild], snapshot.labels[~wild]
+    copies = augment_spec.copies if len(train_labels) else 0
+    reference = FeedbackMatrix(str(folder), snapshot.store, snapshot.digest,
+                               int((~wild).sum()), int((~wild).sum()) * (1 + copies),
+                               int(wild.sum()), snapshot.rejected, feedback_spec.weight)
+    if not (folder / "ids.json").is_file():
+        if copies:
+            extra_pixels, source = augment(train_pixels, augment_spec, seed)
+            train_pixels = np.concatenate([train_pixels, extra_pixels])
+            train_labels = np.concatenate([train_labels, train_labels[source]])
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
+        np.save(staging / "train_features.npy", apply_feature_stage(stage, train_pixels))
+        np.save(staging / "train_labels.npy", train_labels)
+        np.save(staging / "wild_features.npy",
+                apply_feature_stage(stage, snapshot.pixels[wild]))
+        np.save(staging / "wild_labels.npy", snapshot.labels[wild])
+        render_label_grid(snapshot.pixels.reshape(-1, 28, 28), snapshot.labels,
+                          staging / "sample-grid-feedback.png", title="feedback")
+        ids = np.asarray(snapshot.ids, dtype=object)
+        (staging / "ids.json").write_text(json.dumps(
+            {"train": ids[~wild].tolist(), "wild": ids[wild].tolist()}))
+        _move_into_cache(staging, folder, marker="ids.json")
+    logger.info("feedback %s: %d records for training (%d rows with augmented copies), %d in "
+                "the wild test set, %d rejected left out", snapshot.store,
+                reference.train_records, reference.train_rows, reference.wild_rows,
+                reference.rejected)
+    create_table_artifact(
+        key="mnist-feedback-label-counts",
+        table=[{"part": part, **{str(d): int((labels == d).sum()) for d in range(N_CLASSES)},
+                "total": len(labels)}
+               for part, labels in (("training", snapshot.labels[~wild]),
+                                    ("wild test", snapshot.labels[wild]))],
+        description=f"Feedback records per digit in {snapshot.store} "
+                    f"(snapshot {snapshot.digest[:12]}; {snapshot.rejected} rejected)")
+    return reference
+
+
+@dataclass(frozen=True)
 class FitResult:
     name: str  # "fold-0", …, or "final"
     model_dir: str
@@ -169,35 +262,53 @@ class FitResult:
     test_rows: int
     seconds: float
     worker: str  # host:pid that ran the fit (a Dask worker, or the flow's own process)
+    wild_evaluation: Evaluation | None = None  # on the feedback's wild test set, if any
+    feedback_rows: int = 0  # of train_rows, how many came from feedback
 
 
 def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
                       train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                       *, feature_stage: FeatureStage, seed: int, threads: int, eval_train: bool,
-                      work_dir: Path) -> FitResult:
+                      work_dir: Path, feedback: FeedbackMatrix | None = None) -> FitResult:
+    """Train on `train` plus the feedback's training rows (weighted), score on `test` and on
+    the feedback's wild test set."""
     logger = get_run_logger()
-    logger.info("%s: training %s on %d rows with %d thread(s)", name, algorithm,
-                len(train[1]), threads)
+    weights, feedback_rows, wild_evaluation = None, 0, None
+    if feedback is not None and feedback.train_rows:
+        extra_features, extra_labels = feedback.load_train()
+        feedback_rows = len(extra_labels)
+        weights = np.concatenate([np.ones(len(train[1]), np.float32),
+                                  np.full(feedback_rows, feedback.weight, np.float32)])
+        train = (np.concatenate([train[0], extra_features]),
+                 np.concatenate([train[1], extra_labels]))
+    logger.info("%s: training %s on %d rows (%d from feedback) with %d thread(s)", name,
+                algorithm, len(train[1]), feedback_rows, threads)
     start = time.perf_counter()
     model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
-                        seed=seed, num_threads=threads)
+                        seed=seed, num_threads=threads, weights=weights)
     seconds = time.perf_counter() - start
     evaluation = evaluate(test[1], model.predict_proba(test[0]))
     train_evaluation = (evaluate(train[1], model.predict_proba(train[0])) if eval_train
                         else None)
+    if feedback is not None and feedback.wild_rows:
+        wild_features, wild_labels = feedback.load_wild()
+        wild_evaluation = evaluate(wild_labels, model.predict_proba(wild_features))
     model_dir = model.save(work_dir / name / "model")
-    logger.info("%s: accuracy %.4f on %d rows (fit %.1f s)", name, evaluation.accuracy,
-                evaluation.rows, seconds)
+    logger.info("%s: accuracy %.4f on %d rows%s (fit %.1f s)", name, evaluation.accuracy,
+                evaluation.rows, f", {wild_evaluation.accuracy:.4f} on {wild_evaluation.rows} "
+                f"wild rows" if wild_evaluation else "", seconds)
     return FitResult(name, str(model_dir), evaluation, train_evaluation, len(train[1]),
-                     len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}")
+                     len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}",
+                     wild_evaluation, feedback_rows)
 
 
 @task(name="train-fold")
 def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
-               work_dir: Path, augmented: AugmentedMatrix | None = None) -> FitResult:
-    """One model on one fold's training rows (plus the augmented copies of those rows),
-    evaluated on its testing rows."""
+               work_dir: Path, augmented: AugmentedMatrix | None = None,
+               feedback: FeedbackMatrix | None = None) -> FitResult:
+    """One model on one fold's training rows (plus the augmented copies of those rows, and
+    the feedback's training rows), evaluated on its testing rows and the wild set."""
     features, labels, row_hash = matrix.load()
     plan = plan_folds(spec.folds, row_hash)[fold_index]
     train = _with_augmented((np.asarray(features[plan.train_rows]), labels[plan.train_rows]),
@@ -205,23 +316,24 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
     test = (np.asarray(features[plan.test_rows]), labels[plan.test_rows])
     return _fit_and_evaluate(f"fold-{fold_index}", spec.algorithm, config, train, test,
                              feature_stage=spec.features, seed=spec.seed + fold_index,
-                             threads=threads,
-                             eval_train=spec.eval_train, work_dir=work_dir)
+                             threads=threads, eval_train=spec.eval_train, work_dir=work_dir,
+                             feedback=feedback)
 
 
 @task(name="train-final-model")
 def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
                 config: GbdtConfig | BaggedBoostingConfig, threads: int,
-                work_dir: Path, augmented: AugmentedMatrix | None = None) -> FitResult:
-    """One model on every training row (and every augmented copy), scored on the official
-    test set."""
+                work_dir: Path, augmented: AugmentedMatrix | None = None,
+                feedback: FeedbackMatrix | None = None) -> FitResult:
+    """One model on every training row (and every augmented copy, and the feedback's
+    training rows), scored on the official test set and the wild set."""
     features, labels, _ = train_matrix.load()
     test_features, test_labels, _ = test_matrix.load()
     return _fit_and_evaluate("final", spec.algorithm, config,
                              _with_augmented((np.asarray(features), labels), None, augmented),
                              (np.asarray(test_features), test_labels),
                              feature_stage=spec.features, seed=spec.seed, threads=threads,
-                             eval_train=spec.eval_train, work_dir=work_dir)
+                             eval_train=spec.eval_train, work_dir=work_dir, feedback=feedback)
 
 
 # --- MLflow ----------------------------------------------------------------------------------
@@ -246,6 +358,15 @@ def _log_params(client, run_id: str, params: dict[str, str]) -> None:
     batch = [Param(key, value[:6000]) for key, value in params.items()]
     for start in range(0, len(batch), 90):  # the params batch limit is 100
         client.log_batch(run_id, params=batch[start:start + 90])
+
+
+def _wild_metrics(prefix: str, result: FitResult) -> dict[str, float]:
+    """`wild_accuracy` and the rest on the wild test set, and `wild_rows` (0 without one)."""
+    if result.wild_evaluation is None:
+        return {f"{prefix}wild_rows": 0.0} if result.feedback_rows else {}
+    return {**_metrics(f"{prefix}wild_", result.wild_evaluation),
+            f"{prefix}wild_rows": float(result.wild_evaluation.rows),
+            f"{prefix}feedback_train_rows": float(result.feedback_rows)}
 
 
 @task(name="prepare-experiment", **SERVICE_CALL_RETRIES)
@@ -276,6 +397,25 @@ def start_experiment_run(spec: ExperimentSpec, experiment_id: str,
     return run.info.run_id
 
 
+@task(name="log-datasets", **SERVICE_CALL_RETRIES)
+def log_data_inputs(parent_run_id: str, tables: dict[str, str], limit: int | None,
+                    feedback: FeedbackMatrix | None, tracking_uri: str) -> None:
+    """The parent run's inputs: MNIST's training and test splits and, when used, the
+    feedback snapshot's training part and wild test set, each with its digest and rows."""
+    uses = []
+    for split, context in (("train", "training"), ("test", "testing")):
+        meta = load_table(Path(tables[split])).meta
+        digest = hashlib.sha256(json.dumps(sorted(meta.inputs_sha256.values())).encode())
+        uses.append(DatasetUse(f"mnist-{split}", digest.hexdigest(), meta.origin,
+                               min(limit, meta.rows) if limit else meta.rows, context))
+    if feedback is not None:
+        uses += [DatasetUse("feedback", feedback.digest, feedback.store,
+                            feedback.train_records, "training"),
+                 DatasetUse("feedback-wild", feedback.digest, feedback.store,
+                            feedback.wild_rows, "wild test")]
+    log_datasets(tracking_client(tracking_uri), parent_run_id, uses)
+
+
 def _write_fit_artifacts(result: FitResult, folder: Path, title: str) -> list[Path]:
     paths = write_evaluation_artifacts(result.evaluation, folder, title)
     statistics = folder / "statistics.json"
@@ -296,7 +436,7 @@ def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> st
     run_id = run.info.run_id
     _log_params(client, run_id, {"fold": result.name, "train_rows": str(result.train_rows),
                                  "test_rows": str(result.test_rows)})
-    metrics = _metrics("", result.evaluation)
+    metrics = {**_metrics("", result.evaluation), **_wild_metrics("", result)}
     if result.train_evaluation:
         metrics.update(_metrics("train_", result.train_evaluation))
     metrics["fit_seconds"] = result.seconds
@@ -328,13 +468,17 @@ class ExperimentSummary:
     final: FitResult | None
     registered: RegisteredModel | None
     publication: dict | None = None  # the publish flow's report, when it ran
+    feedback: FeedbackMatrix | None = None  # the feedback snapshot it trained with
 
     def to_json(self) -> dict:
         def fit_json(result: FitResult) -> dict:
             return {"name": result.name, "train_rows": result.train_rows,
                     "test_rows": result.test_rows, "fit_seconds": round(result.seconds, 3),
                     "worker": result.worker,
+                    "feedback_rows": result.feedback_rows,
                     "statistics": result.evaluation.to_json(),
+                    "wild_statistics": (result.wild_evaluation.to_json()
+                                        if result.wild_evaluation else None),
                     "train_statistics": (result.train_evaluation.to_json()
                                          if result.train_evaluation else None)}
 
@@ -345,6 +489,10 @@ class ExperimentSummary:
             "test": fit_json(self.final) if self.final else None,
             "registered_model": asdict(self.registered) if self.registered else None,
             "publication": self.publication,
+            "wild": ({**self.feedback.to_json(), "statistics": (
+                self.final.wild_evaluation.to_json()
+                if self.final and self.final.wild_evaluation else None)}
+                if self.feedback else None),
         }
 
 
@@ -359,6 +507,7 @@ def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
         metrics.update({f"folds_{name}_{k}": v for k, v in asdict(stats).items()})
     if summary.final:
         metrics.update(_metrics("test_", summary.final.evaluation))
+        metrics.update(_wild_metrics("", summary.final))
     _log_metrics(client, run_id, metrics)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
@@ -371,6 +520,8 @@ def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
         client.log_artifact(run_id, str(folder / "summary.json"))
     if sample_grid:
         client.log_artifact(run_id, sample_grid, "data")
+    if summary.feedback:
+        client.log_artifact(run_id, summary.feedback.sample_grid, "data")
     if summary.registered:
         mark_complete(client, summary.registered)
     client.set_terminated(run_id)

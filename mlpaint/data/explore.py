@@ -53,13 +53,20 @@ def sample_mosaic(images: np.ndarray, chosen: list[np.ndarray], per_label: int,
 def render_sample_grid(table: SplitTable, destination: Path, *, per_label: int = 10,
                        seed: int = 0) -> Path:
     """A PNG with one row per digit and `per_label` sampled images in each."""
+    return render_label_grid(table.images(), table.labels, destination,
+                             title=table.split.value, per_label=per_label, seed=seed)
+
+
+def render_label_grid(images: np.ndarray, labels: np.ndarray, destination: Path, *,
+                      title: str, per_label: int = 10, seed: int = 0) -> Path:
+    """A PNG with one row per digit and up to `per_label` sampled images (N x 28 x 28) of
+    it; a digit with fewer examples leaves its row short."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless; called at run time, never at import
     import matplotlib.pyplot as plt
 
-    chosen = sample_indices(table.labels, per_label, seed)
-    images = table.images()
+    chosen = sample_indices(labels, per_label, seed)
     # One image drawn once: a hundred separate axes took matplotlib 1.5 s per grid.
     mosaic = sample_mosaic(images, chosen, per_label)
     cell = (mosaic.shape[0] + 2) / N_CLASSES
@@ -71,7 +78,7 @@ def render_sample_grid(table: SplitTable, destination: Path, *, per_label: int =
     axis.tick_params(length=0)
     for spine in axis.spines.values():
         spine.set_visible(False)
-    axis.set_title(f"{table.split.value}: {per_label} samples per digit (seed {seed})")
+    axis.set_title(f"{title}: {per_label} samples per digit (seed {seed})")
     figure.tight_layout()
     destination.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(destination, dpi=80)

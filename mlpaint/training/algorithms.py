@@ -156,13 +156,14 @@ class DigitModel:
 
 def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: np.ndarray,
                 labels: np.ndarray, *, feature_stage: FeatureStage | str, seed: int,
-                num_threads: int) -> DigitModel:
-    """Train on `features` (pixels already through `feature_stage`, which the model keeps)."""
+                num_threads: int, weights: np.ndarray | None = None) -> DigitModel:
+    """Train on `features` (pixels already through `feature_stage`, which the model keeps),
+    each row counting `weights[i]` times (None: once)."""
     import lightgbm as lgb
 
     params = lightgbm_params(config.params, seed=seed, num_threads=num_threads)
     if isinstance(config, GbdtConfig):
-        booster = lgb.train(params, lgb.Dataset(features, labels, params=params),
+        booster = lgb.train(params, lgb.Dataset(features, labels, weight=weights, params=params),
                             num_boost_round=config.rounds)
         return DigitModel([booster], algorithm=name, rounds=[config.rounds],
                           feature_stage=feature_stage)
@@ -174,8 +175,10 @@ def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: 
         cut = round(config.bag_train_fraction * len(labels))
         train_rows, held_out = np.sort(order[:cut]), np.sort(order[cut:])
         bag_params = {**params, "seed": seed + bag}
-        train_set = lgb.Dataset(features[train_rows], labels[train_rows], params=bag_params)
-        valid_set = lgb.Dataset(features[held_out], labels[held_out], reference=train_set)
+        train_set = lgb.Dataset(features[train_rows], labels[train_rows], params=bag_params,
+                                weight=None if weights is None else weights[train_rows])
+        valid_set = lgb.Dataset(features[held_out], labels[held_out], reference=train_set,
+                                weight=None if weights is None else weights[held_out])
         history: dict = {}
         booster = lgb.train(bag_params, train_set, num_boost_round=config.max_rounds,
                             valid_sets=[valid_set], valid_names=["held_out"],

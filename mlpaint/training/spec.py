@@ -96,6 +96,18 @@ class KFolds(BaseModel):
 FoldSpec = Annotated[MldbFolds | KFolds, Field(discriminator="kind")]
 
 
+class FeedbackSpec(BaseModel):
+    """Drawings people labelled on the page (mlpaint.feedback), added to training."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    store: str | None = Field(None, description="a feedback store: a folder or "
+                                                "s3://bucket/prefix; none: MNIST alone")
+    weight: float = Field(1.0, gt=0, le=100, description="how many MNIST rows one feedback "
+                                                         "record counts as in training")
+    wild_share: float = Field(0.2, gt=0, lt=1, description="the share of records, chosen by "
+                              "row hash, kept out of training as the wild test set")
+
+
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -109,6 +121,7 @@ class ExperimentSpec(BaseModel):
     seed: int = 0
     final_fit: bool = True
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
 
     def flat_params(self) -> dict[str, str]:
         """The whole spec as flat `a.b` keys, for MLflow params."""

@@ -11,6 +11,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -149,7 +150,7 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
         client.update_flow_run(scheduled.id, parameters={
             **scheduled.parameters, "sources": [str(shared_mnist)], "limit": 3000,
             "algorithms_path": str(algorithms), "experiment": "e2e-scheduled",
-            "publish_to": str(bundles)})
+            "publish_to": str(bundles), "feedback_store": str(tmp_path / "no-feedback")})
         client.set_flow_run_state(scheduled.id, Scheduled(scheduled_time=datetime.now(UTC)),
                                   force=True)
         scheduled_state = _wait_until_final(client, scheduled.id)
@@ -190,3 +191,92 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
         f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
         params={"experiment_name": "e2e-scheduled"}, timeout=10).json()
     assert scheduled_experiment["experiment"]["name"] == "e2e-scheduled"
+
+
+FEEDBACK_ALGORITHMS = """
+lgbm:
+  kind: gbdt
+  rounds: 40
+  params: {learning_rate: 0.3, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}
+weak:
+  kind: gbdt
+  rounds: 2
+  params: {learning_rate: 0.1, num_leaves: 4, min_data_in_leaf: 10, max_bin: 31}
+"""
+
+
+def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
+        stack, shared_mnist, tmp_path):
+    """The loop closed on real services: people label 100 drawings through a running
+    `mlpaint serve`; each stored record is an event on the Prefect server; the
+    train-on-feedback deployment's trigger starts a run after 100 of them; the worker trains
+    on MNIST plus the feedback, the gate weighs the wild set, and the server swaps."""
+    import gzip
+
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    algorithms = tmp_path / "algorithms.yaml"
+    algorithms.write_text(FEEDBACK_ALGORITHMS)
+    bundles, feedback = tmp_path / "bundles", tmp_path / "feedback"
+    common = {"sources": [str(shared_mnist)], "algorithms_path": str(algorithms),
+              "publish_to": str(bundles)}
+    with _prefect_client(stack["prefect"]) as client:
+        # A deliberately weak first champion for the server to start from.
+        first = client.create_flow_run_from_deployment(
+            client.read_deployment_by_name("train-mnist/train").id,
+            parameters={**common, "algorithm": "weak", "limit": 1200, "folds": "2",
+                        "experiment": "e2e-weak"})
+        assert _wait_until_final(client, first.id).is_completed()
+        triggered = client.read_deployment_by_name("train-mnist/train-on-feedback")
+        assert triggered.parameters["feedback_store"] == ".mlpaint/feedback"
+        client.update_deployment(triggered.id, DeploymentUpdate(parameters={
+            **triggered.parameters, **common, "limit": 3000, "experiment": "e2e-feedback",
+            "feedback_store": str(feedback)}))
+
+        port = free_port()
+        server = f"http://127.0.0.1:{port}"
+        env = {**os.environ, "PREFECT_API_URL": stack["prefect"]}
+        process = start_service(
+            [str(Path(sys.executable).parent / "mlpaint"), "serve", "--bundle", str(bundles),
+             "--port", str(port), "--watch-seconds", "1", "--workers", "1",
+             "--feedback-store", str(feedback), "--feedback-rate", "1000/minute"],
+            f"{server}/readyz", env=env, log=tmp_path / "serve.log", timeout_s=120)
+        try:
+            weak_bundle = requests.get(f"{server}/readyz", timeout=5).json()["bundle_version"]
+            with gzip.open(shared_mnist / "t10k-images-idx3-ubyte.gz") as handle:
+                pixels = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 784)
+            with gzip.open(shared_mnist / "t10k-labels-idx1-ubyte.gz") as handle:
+                labels = np.frombuffer(handle.read(), np.uint8, offset=8)
+            for i in range(5000, 5100):
+                response = requests.post(f"{server}/v1/feedback", timeout=10, json={
+                    "pixels": pixels[i].tolist(), "label": int(labels[i])})
+                assert response.status_code == 201, response.text
+
+            deadline = time.monotonic() + 120
+            runs = []
+            while not runs and time.monotonic() < deadline:
+                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
+                    id=DeploymentFilterId(any_=[triggered.id])))
+                time.sleep(2)
+            assert len(runs) == 1, "100 feedback events did not trigger one run"
+            state = _wait_until_final(client, runs[0].id)
+            assert state.is_completed(), f"{state.type}: {state.message}"
+            new_bundle = (bundles / "LATEST").read_text().strip()
+            assert new_bundle != weak_bundle
+            assert _wait_for_bundle(server, new_bundle)["bundle_version"] == new_bundle
+        finally:
+            stop_service(process)
+
+    mlflow = stack["mlflow"]
+    experiment = requests.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
+                              params={"experiment_name": "e2e-feedback"}, timeout=10).json()
+    runs = requests.post(f"{mlflow}/api/2.0/mlflow/runs/search", timeout=10, json={
+        "experiment_ids": [experiment["experiment"]["experiment_id"]]}).json()["runs"]
+    parent = next(r for r in runs if not any(t["key"] == "mlflow.parentRunId"
+                                             for t in r["data"]["tags"]))
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert metrics["wild_rows"] + metrics["feedback_train_rows"] / 2 == 100  # 1 copy each
+    assert 0.5 < metrics["wild_accuracy"] <= 1.0
+    inputs = {d["dataset"]["name"] for d in parent["inputs"]["dataset_inputs"]}
+    assert inputs == {"mnist-train", "mnist-test", "feedback", "feedback-wild"}

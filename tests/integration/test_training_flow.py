@@ -186,6 +186,95 @@ def test_mlflow_scoring_server_answers_pixels(harness, training_inputs, tracking
     assert (served.argmax(axis=1) == labels).mean() > 0.7
 
 
+def _feedback_store(root, mnist: str, count: int = 150):
+    """A feedback store of `count` official test digits (rows 2000 on, labelled as MNIST
+    labels them; the app "answered" every fourth wrongly), ten of them rejected."""
+    from mlpaint.feedback import FeedbackRecord, FeedbackStore
+
+    pixels, labels = _official_test_digits(mnist, 2000 + count)
+    store = FeedbackStore.at(str(root))
+    records = [FeedbackRecord.new(label=int(labels[i]), pixels=pixels[i],
+                                  answered_digit=(int(labels[i]) + (i % 4 == 0)) % 10)
+               for i in range(2000, 2000 + count)]
+    for record in records:
+        store.add(record)
+    rejected = {records[i].id for i in range(0, 100, 10)}
+    for record_id in rejected:
+        store.reject(record_id, "test")
+    return store, rejected
+
+
+def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, training_inputs,
+                                                                  tracking, tmp_path):
+    from mlpaint.feedback import feedback_row_hashes, wild_rows
+
+    store, rejected = _feedback_store(tmp_path / "feedback", training_inputs["source"])
+    summary = train_mnist(folds="mldb", limit=1500, sources=[training_inputs["source"]],
+                          algorithms_path=training_inputs["algorithms"],
+                          cache_dir=training_inputs["cache"], experiment="tiny-feedback",
+                          feedback_store=store.describe())
+    feedback = summary.feedback
+    assert feedback.rejected == 10 and feedback.train_records + feedback.wild_rows == 140
+    assert 10 <= feedback.wild_rows <= 50  # a 20% share of 140 by row hash
+    # No record of the wild set, and no rejected record, is among the training rows.
+    with open(os.path.join(feedback.folder, "ids.json")) as handle:
+        ids = json.load(handle)
+    assert not set(ids["wild"]) & set(ids["train"]) and not rejected & set(ids["train"])
+    assert set(ids["wild"]) == {i for i, w in zip(
+        ids["train"] + ids["wild"],
+        wild_rows(feedback_row_hashes(ids["train"] + ids["wild"]), 0.2), strict=True) if w}
+    # Every fit trains on its MNIST rows and copies plus the feedback's (with one copy each).
+    assert feedback.train_rows == 2 * feedback.train_records
+    (fold,) = summary.folds
+    assert fold.train_rows == 2 * (1500 - fold.test_rows) + feedback.train_rows
+    assert fold.feedback_rows == feedback.train_rows
+    assert summary.final.train_rows == 3000 + feedback.train_rows
+    assert summary.final.wild_evaluation.rows == feedback.wild_rows
+    assert 0.5 < summary.final.wild_evaluation.accuracy <= 1.0
+
+    parent = tracking.get_run(summary.parent_run_id)
+    assert parent.data.metrics["wild_accuracy"] == pytest.approx(
+        summary.final.wild_evaluation.accuracy)
+    assert parent.data.metrics["wild_rows"] == feedback.wild_rows
+    (child,) = tracking.search_runs([parent.info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert child.data.metrics["wild_accuracy"] == pytest.approx(fold.wild_evaluation.accuracy)
+    inputs = {(d.dataset.name, d.tags[0].value): d for d in parent.inputs.dataset_inputs}
+    assert set(inputs) == {("mnist-train", "training"), ("mnist-test", "testing"),
+                           ("feedback", "training"), ("feedback-wild", "wild test")}
+    assert json.loads(inputs[("feedback-wild", "wild test")].dataset.profile)["num_rows"] == (
+        feedback.wild_rows)
+    assert json.loads(inputs[("mnist-train", "training")].dataset.profile)["num_rows"] == 1500
+    assert "data/sample-grid-feedback.png" in _artifact_paths(tracking, parent.info.run_id,
+                                                              "data")
+    report = summary.to_json()
+    assert report["wild"]["wild_rows"] == feedback.wild_rows
+    assert report["wild"]["statistics"]["accuracy"] == pytest.approx(
+        summary.final.wild_evaluation.accuracy)
+
+
+def test_the_gate_weighs_the_wild_set_too(harness, training_inputs, tracking, tmp_path):
+    store, _ = _feedback_store(tmp_path / "feedback", training_inputs["source"])
+    bundles = str(tmp_path / "bundles")
+    runs = [train_mnist(limit=1500, seed=seed, sources=[training_inputs["source"]],
+                        algorithms_path=training_inputs["algorithms"],
+                        cache_dir=training_inputs["cache"], experiment="tiny-gate",
+                        augment=AugmentSpec(copies=0), feedback_store=store.describe(),
+                        publish_to=bundles)
+            for seed in (0, 1)]
+    assert runs[0].publication["gate"]["reason"] == "no champion yet"
+    second = runs[1].publication["gate"]
+    assert second["wild"]["rows"] == runs[1].feedback.wild_rows > 0
+    assert second["wild"]["candidate_accuracy"] == pytest.approx(
+        runs[1].final.wild_evaluation.accuracy)
+    assert second["wild"]["champion_accuracy"] == pytest.approx(
+        runs[0].final.wild_evaluation.accuracy)
+    assert "wild accuracy" in second["reason"] and "official test accuracy" in second["reason"]
+    wild_ok = second["wild"]["candidate_accuracy"] >= second["wild"]["champion_accuracy"]
+    test_ok = second["candidate_accuracy"] >= second["champion_accuracy"]
+    assert second["promote"] == (wild_ok and test_ok)
+
+
 def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):
     with pytest.raises(Exception, match="algorithm: unknown 'svm'"):
         train_mnist(algorithm="svm", sources=[training_inputs["source"]],

@@ -96,3 +96,24 @@ def test_pixels_go_through_the_models_own_stage(tmp_path):
     assert np.allclose(model.predict_pixels(pixels[:5].astype(np.float32)), expected)
     with pytest.raises(ValueError, match=r"0\.\.255"):
         model.predict_pixels(pixels[:5].astype(np.float32) / 255 - 0.5)
+
+
+@pytest.mark.parametrize("config", [
+    GbdtConfig(rounds=20, params={"num_leaves": 4, "min_data_in_leaf": 1}),
+    BaggedBoostingConfig(bags=2, bag_train_fraction=0.7, min_rounds=3, max_rounds=10,
+                         params={"num_leaves": 4, "min_data_in_leaf": 1})])
+def test_row_weights_decide_between_conflicting_labels(separable, config):
+    """The same rows labelled twice, 1 and 2: the weighted labelling wins."""
+    features, labels = separable
+    blob = labels == 1
+    rows = np.concatenate([features, features[blob]])
+    relabelled = np.concatenate([labels, np.full(blob.sum(), 2)])
+    for heavy in (1, 2):
+        weights = np.ones(len(rows), np.float32)
+        if heavy == 1:
+            weights[np.flatnonzero(blob)] = 5.0  # the rows labelled 1
+        else:
+            weights[len(features):] = 5.0  # their copies labelled 2
+        model = train_model("lgbm", config, rows, relabelled, feature_stage="raw", seed=0,
+                            num_threads=1, weights=weights)
+        assert (model.predict_proba(features[blob]).argmax(axis=1) == heavy).mean() > 0.9

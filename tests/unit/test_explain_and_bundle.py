@@ -15,7 +15,7 @@ from mlpaint.bundle import (
     write_manifest,
 )
 from mlpaint.explain import AdditivityError, check_additivity, contributions, gallery_rows
-from mlpaint.publish import build_bundle_folder, decide, explain_test_set
+from mlpaint.publish import WildScores, build_bundle_folder, decide, explain_test_set
 from mlpaint.storage import LocalStore
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
 
@@ -97,6 +97,17 @@ def test_gate_decision(candidate, champion, force, alias, forced):
     assert (decision.alias, decision.forced, decision.promote) == (alias, forced,
                                                                    alias == "champion")
     assert decision.reason
+
+
+@pytest.mark.parametrize(
+    ("test_acc", "wild_acc", "alias"),
+    [(0.95, 0.80, "champion"), (0.95, 0.79, "challenger"), (0.93, 0.90, "challenger")])
+def test_the_gate_needs_both_the_test_set_and_the_wild_set(test_acc, wild_acc, alias):
+    wild = WildScores(rows=200, candidate_accuracy=wild_acc, champion_accuracy=0.80)
+    decision = decide(test_acc, 0.94, "3", margin=0.0, force=False, wild=wild)
+    assert decision.alias == alias
+    assert f"{wild_acc:.4f}" in decision.reason and f"{test_acc:.4f}" in decision.reason
+    assert "200 feedback drawings" in decision.reason
 
 
 def test_margin_admits_a_slightly_worse_candidate():

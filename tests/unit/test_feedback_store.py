@@ -104,3 +104,33 @@ def test_sibling_locations():
     assert sibling_uri("/srv/mlpaint/bundles", "feedback") == "/srv/mlpaint/feedback"
     assert sibling_uri("s3://b/app/bundles/", "feedback") == "s3://b/app/feedback"
     assert sibling_uri("s3://b/bundles", "feedback") == "s3://b/feedback"
+
+
+def test_the_wild_set_is_a_stable_share_chosen_by_record():
+    from mlpaint.feedback import feedback_row_hashes, record_id, wild_rows
+
+    ids = [record_id(i % 10, i.to_bytes(4, "little")) for i in range(3000)]
+    wild = wild_rows(feedback_row_hashes(ids), 0.2)
+    assert 0.17 < wild.mean() < 0.23
+    # A record's membership does not depend on what else the store holds.
+    subset = ids[::7]
+    assert np.array_equal(wild_rows(feedback_row_hashes(subset), 0.2), wild[::7])
+    assert not wild_rows(feedback_row_hashes(ids), 0.01).sum() > wild.sum()
+
+
+def test_snapshot_leaves_rejected_records_out(tmp_path):
+    from mlpaint.feedback import FeedbackSnapshot
+
+    store = FeedbackStore.at(str(tmp_path / "fb"))
+    records = [_record(seed, seed % 10) for seed in range(6)]
+    for record in records:
+        store.add(record)
+    store.reject(records[2].id, "")
+    snapshot = FeedbackSnapshot.of(store)
+    assert snapshot.rejected == 1 and len(snapshot.ids) == 5
+    assert records[2].id not in snapshot.ids and list(snapshot.ids) == sorted(snapshot.ids)
+    by_id = {r.id: r for r in records}
+    assert [int(label) for label in snapshot.labels] == [by_id[i].label for i in snapshot.ids]
+    before = snapshot.digest
+    store.add(_record(99, 9))
+    assert FeedbackSnapshot.of(store).digest != before
