@@ -291,6 +291,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     feedback_rate = args.feedback_rate or DEFAULT_FEEDBACK_RATE
     parse_rate(feedback_rate)  # a malformed rate fails here, not in every worker
     feedback_store = feedback_store_option(args.feedback_store, args.bundle)
+    _check_before_serving(args.bundle, args.cache_dir, feedback_store, args.host, args.port)
     settings = ServeSettings(bundle=args.bundle, cache_dir=args.cache_dir,
                              watch_seconds=args.watch_seconds, feedback_store=feedback_store,
                              feedback_rate=feedback_rate)
@@ -384,6 +385,45 @@ def _run_feedback(args: argparse.Namespace) -> int:
         record_id, new = store.reject(args.id, args.reason)
         print(f"{record_id} rejected" + ("" if new else " (it already was)"))
     return 0
+
+
+def _check_before_serving(bundle: str, cache_dir: str | None, feedback_store: str | None,
+                          host: str, port: int) -> None:
+    """What would otherwise fail inside uvicorn's workers, as a lifespan traceback and a
+    zero exit status a supervisor takes for a clean stop: the port, the bundle (verified
+    file by file, which also fills the download cache the workers then reuse) and the
+    feedback store. Each failure raises with what is wrong and what to do."""
+    import errno
+    import socket
+    from pathlib import Path
+
+    from mlpaint.bundle import current_pointer, load_bundle
+    from mlpaint.storage import store_for
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OSError(f"port {port} on {host} is in use: stop what holds it or "
+                              "choose another with --port") from exc
+            raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    try:
+        load_bundle(bundle, version=current_pointer(bundle),
+                    cache_dir=Path(cache_dir) if cache_dir else None)
+    except Exception as exc:
+        raise RuntimeError(f"cannot serve {bundle}: {exc}. Publish a model there (mlpaint "
+                           "train --publish-to URI, or mlpaint publish --to URI), or serve "
+                           "another with --bundle") from exc
+    if feedback_store:
+        try:
+            store_for(feedback_store).check_writable()
+        except OSError as exc:
+            raise OSError(f"feedback store: {exc}. Fix it, choose another with "
+                          "--feedback-store, or turn feedback off with --feedback-store off"
+                          ) from exc
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,6 +40,12 @@ class ObjectStore(Protocol):
 
     def delete_prefix(self, prefix: str) -> None: ...
 
+    def check_writable(self) -> None: ...
+
+
+class StoreUnavailableError(OSError):
+    """A store that cannot be reached or written: the message says which and why."""
+
 
 @dataclass(frozen=True)
 class LocalStore:
@@ -89,6 +95,15 @@ class LocalStore:
 
     def delete_prefix(self, prefix: str) -> None:
         shutil.rmtree(self.root / prefix, ignore_errors=True)
+
+    def check_writable(self) -> None:
+        """Create the folder if needed; raise if it cannot be written."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailableError(f"{self.root}: cannot create the folder ({exc})") from exc
+        if not os.access(self.root, os.W_OK | os.X_OK):
+            raise StoreUnavailableError(f"{self.root}: not writable by this user")
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,18 @@ class S3Store:
         return sorted(entry["Prefix"].rstrip("/").rsplit("/", 1)[-1]
                       for page in self._pages(prefix, Delimiter="/")
                       for entry in page.get("CommonPrefixes", []))
+
+    def check_writable(self) -> None:
+        """Raise unless the bucket answers to these credentials (writing needs no probe
+        object: a store that is read this far is normally writable, and a denied PUT is
+        reported per request)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._client().head_bucket(Bucket=self.bucket)
+        except (BotoCoreError, ClientError) as exc:
+            raise StoreUnavailableError(f"{self.describe()}: bucket not reachable ({exc})") \
+                from exc
 
     def delete_prefix(self, prefix: str) -> None:
         client = self._client()

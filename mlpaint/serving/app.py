@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from limits import parse as parse_rate
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.json_schema import SkipJsonSchema
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,41 +55,79 @@ STATUS_DESCRIPTION = ("'ok'; 'low_confidence' when the top probability is below 
                       f"{LOW_CONFIDENCE} (see `candidates`); 'nothing_drawn' for a blank drawing, "
                       "a dot or a faint smudge, with no digit, probabilities or explanations")
 
-Pixel = Annotated[float, Field(ge=0, le=255, allow_inf_nan=False)]
+def _json_integer(value: object) -> object:
+    """JSON Schema's "integer", which the OpenAPI document promises: a whole number, `6` or
+    `6.0`; not `true` (pydantic's lax mode read it as 1) and not the string "6"."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        return int(value)
+    return value
+
+
+# Strict: a JSON `true` or "7" is not a pixel value (lax parsing read them as 1 and 7, which
+# the schema's "number" does not allow); a whole number still is.
+Pixel = Annotated[float, Field(strict=True, ge=0, le=255, allow_inf_nan=False)]
+Digit = Annotated[int, Field(ge=0, le=N_CLASSES - 1), BeforeValidator(_json_integer)]
+PixelList = Annotated[list[Pixel], Field(min_length=N_FEATURES, max_length=N_FEATURES)]
+
+
+def _no_default(schema: dict) -> None:
+    """An optional field of a `oneOf` body has no default worth showing: null is not a value
+    it takes."""
+    schema.pop("default", None)
+
+
+def _exactly_one_of(model: BaseModel, names: tuple[str, ...]) -> None:
+    """The rule the schema states with `oneOf` (see `_one_of_schema`), enforced."""
+    for name in names:
+        if name in model.model_fields_set and getattr(model, name) is None:
+            raise ValueError(f"'{name}' may not be null: leave it out")
+    if sum(getattr(model, name) is not None for name in names) != 1:
+        raise ValueError("give exactly one of " + ", ".join(f"'{n}'" for n in names))
+
+
+def _one_of_schema(*names: str) -> dict:
+    """JSON Schema for "exactly one of these fields": a body naming two matches two branches
+    of `oneOf` and is invalid, as is one naming none; clients and fuzzers read it from
+    /openapi.json."""
+    return {"oneOf": [{"required": [name]} for name in names]}
 
 
 class DigitInput(BaseModel):
     """One digit: either 784 pixel values (28x28, row by row, 0-255, ink high as in MNIST),
     or a drawing as a PNG/JPEG data URL of any size (dark ink on a light or transparent
-    background), which is cropped, scaled and centred like MNIST first."""
+    background), which is cropped, scaled and centred like MNIST first. Exactly one."""
 
-    model_config = ConfigDict(extra="forbid")
-    pixels: list[Pixel] | None = Field(None, min_length=N_FEATURES, max_length=N_FEATURES)
-    image: str | None = Field(None, description="data:image/png;base64,…")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_schema("pixels", "image"))
+    pixels: SkipJsonSchema[None] | PixelList = Field(None, json_schema_extra=_no_default)
+    image: SkipJsonSchema[None] | str = Field(None, description="data:image/png;base64,…",
+                                              json_schema_extra=_no_default)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DigitInput:
-        if (self.pixels is None) == (self.image is None):
-            raise ValueError("give exactly one of 'pixels' (784 numbers) or 'image' (a data "
-                             "URL)")
+        _exactly_one_of(self, ("pixels", "image"))
         return self
 
 
 class PredictRequest(DigitInput):
-    pixels: list[Pixel] | None = Field(None, min_length=N_FEATURES, max_length=N_FEATURES)
-    image: str | None = None
-    batch: list[DigitInput] | None = Field(None, min_length=1, max_length=MAX_BATCH)
+    """One digit (`pixels` or `image`) or a `batch` of them: exactly one of the three."""
+
+    model_config = ConfigDict(extra="forbid",
+                              json_schema_extra=_one_of_schema("pixels", "image", "batch"))
+    batch: SkipJsonSchema[None] | Annotated[list[DigitInput], Field(
+        min_length=1, max_length=MAX_BATCH)] = Field(None, json_schema_extra=_no_default)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> PredictRequest:
-        given = sum(x is not None for x in (self.pixels, self.image, self.batch))
-        if given != 1:
-            raise ValueError("give exactly one of 'pixels', 'image' or 'batch'")
+        _exactly_one_of(self, ("pixels", "image", "batch"))
         return self
 
 
 class ExplainRequest(DigitInput):
-    labels: list[Annotated[int, Field(ge=0, le=N_CLASSES - 1)]] | Literal["all"] | None = Field(
+    labels: list[Digit] | Literal["all"] | None = Field(
         None, description="digits to explain: a list, 'all', or omitted for the top three")
 
 
@@ -144,9 +183,8 @@ class ExampleResponse(BaseModel):
 class FeedbackRequest(DigitInput):
     """A person's label for a drawing: the same `image` (or `pixels`) the app was shown."""
 
-    label: int = Field(ge=0, le=N_CLASSES - 1, description="the digit the person drew")
-    digit: int | None = Field(None, ge=0, le=N_CLASSES - 1,
-                              description="the digit the app answered, if it answered one")
+    label: Digit = Field(description="the digit the person drew")
+    digit: Digit | None = Field(None, description="the digit the app answered, if it did")
     bundle_version: str | None = Field(None, max_length=80, pattern=r"^[\w.:@-]+$",
                                        description="the bundle that answered")
 
@@ -157,6 +195,29 @@ class FeedbackResponse(BaseModel):
     created: bool = Field(description="false when this drawing with this label was already "
                                       "stored; the first record is kept")
     label: int
+
+
+class ErrorResponse(BaseModel):
+    detail: str = Field(description="what is wrong and what to fix")
+
+
+class ReadyResponse(BaseModel):
+    ready: bool
+    bundle_version: str | None = None
+    last_refresh_error: str | None = None
+    error: str | None = None
+
+
+def _errors(*codes: int) -> dict[int | str, dict]:
+    """The documented error answers of an endpoint, for /openapi.json."""
+    described = {
+        400: "a body that keeps the schema but whose drawing cannot be used: an `image` that "
+             "is not a data URL or does not decode as an image, or (feedback) nothing drawn",
+        404: "nothing there (the endpoint says what)",
+        413: f"a request body over {MAX_BODY_BYTES} bytes",
+        429: "too many requests from this address; see Retry-After",
+        503: "no model loaded yet"}
+    return {code: {"model": ErrorResponse, "description": described[code]} for code in codes}
 
 
 class ModelResponse(BaseModel):
@@ -332,7 +393,8 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=ReadyResponse, responses={
+        503: {"model": ReadyResponse, "description": "no model loaded (yet, or it failed)"}})
     def readyz() -> JSONResponse:
         current = holder.current
         if current is None:
@@ -340,7 +402,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         return JSONResponse({"ready": True, "bundle_version": current.version,
                              "last_refresh_error": holder.last_error})
 
-    @app.get("/v1/model", response_model=ModelResponse)
+    @app.get("/v1/model", response_model=ModelResponse, responses=_errors(503))
     def model_info() -> ModelResponse:
         current = served()
         info = current.bundle.info
@@ -357,7 +419,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
     # thread, as FastAPI does for plain `def`, made concurrent requests fight over the GIL,
     # which cost more than the work and stretched the tail latency (bench/serve.py). The
     # largest unit of work, a batch of 256 digits, takes about 25 ms.
-    @app.post("/v1/predict", response_model=PredictResponse)
+    @app.post("/v1/predict", response_model=PredictResponse, responses=_errors(400, 413, 503))
     async def predict(request: PredictRequest) -> PredictResponse:
         current = served()
         items = request.batch if request.batch is not None else [request]
@@ -378,7 +440,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
                     bundle_version=info.version))
         return PredictResponse(predictions=predictions)
 
-    @app.post("/v1/explain", response_model=ExplainResponse)
+    @app.post("/v1/explain", response_model=ExplainResponse, responses=_errors(400, 413, 503))
     async def explain(request: ExplainRequest) -> ExplainResponse:
         current = served()
         all_pixels, drawn = await _pixels_of_all([request])
@@ -410,7 +472,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
                           for i, label in enumerate(labels)],
             model_version=info.model_version, bundle_version=info.version)
 
-    @app.get("/v1/examples", response_model=ExampleResponse)
+    @app.get("/v1/examples", response_model=ExampleResponse, responses=_errors(404, 503))
     def examples(digit: Annotated[int, Query(ge=0, le=N_CLASSES - 1)],
                  offset: Annotated[int, Query(ge=0)] = 0) -> ExampleResponse:
         current = served()
@@ -431,9 +493,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
 
     @app.post("/v1/feedback", response_model=FeedbackResponse, status_code=201, responses={
         200: {"model": FeedbackResponse, "description": "already stored"},
-        404: {"description": "feedback is off on this server"},
-        422: {"description": "a label outside 0-9, or nothing drawn"},
-        429: {"description": "this client posted too often; see Retry-After"}})
+        **_errors(400, 404, 413, 429, 503)})
     async def post_feedback(body: FeedbackRequest, request: Request,
                             response: Response) -> FeedbackResponse:
         if feedback is None:
@@ -455,7 +515,9 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             else:
                 (media_type, drawing), (pixels, drawn) = (None, None), _pixels_of(body)
             if not drawn:
-                raise HTTPException(422, "nothing drawn: draw a digit before labelling it")
+                # 400, like an undecodable image: the body keeps the schema (422 is for
+                # bodies that break it), but its drawing cannot be used.
+                raise HTTPException(400, "nothing drawn: draw a digit before labelling it")
             answered_by = body.bundle_version or (current.version if current else None)
             model_version = (current.bundle.info.model_version
                              if current and current.version == answered_by else None)

@@ -89,7 +89,7 @@ def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path
     assert str(client.get_model_version_by_alias("mnist-digits", "champion").version) == "1"
     assert read_latest(load_store(dest)) == latest_after_first  # LATEST untouched
     run = client.get_run(client.get_model_version("mnist-digits", "2").run_id)
-    assert "below the champion" in run.data.tags["mlpaint.gate_reason"]
+    assert "worse by more than the margin" in run.data.tags["mlpaint.gate_reason"]
 
     equal = _publish(registry, monkeypatch, model_version="3", to=dest)
     assert equal.decision.alias == "champion"

@@ -79,12 +79,17 @@ def test_bad_feedback_is_told_what_to_fix(feedback_app, mnist_tables):
             "body", "label"]
         nothing = client.post("/v1/feedback", json={"image": _data_url(blank.getvalue()),
                                                      "label": 1})
-        assert nothing.status_code == 422 and "nothing drawn" in nothing.json()["detail"]
+        assert nothing.status_code == 400 and "nothing drawn" in nothing.json()["detail"]
         garbage = client.post("/v1/feedback", json={
             "image": "data:image/png;base64," + base64.b64encode(b"not a png").decode(),
             "label": 1})
         assert garbage.status_code == 400 and "decoded" in garbage.json()["detail"]
         assert client.post("/v1/feedback", json={"label": 1}).status_code == 422
+        assert client.post("/v1/feedback", json={"pixels": digit, "label": False}
+                           ).status_code == 422  # not a digit 0
+        oversize = client.post("/v1/feedback", json={
+            "image": "data:image/png;base64," + "A" * (1 << 20), "label": 1})
+        assert oversize.status_code == 413 and "over" in oversize.json()["detail"]
         assert client.post("/v1/feedback", json={"pixels": digit, "label": 1}).status_code == 201
 
 
