@@ -163,12 +163,12 @@ def test_right_and_wrong_are_stored_as_feedback(server, browser, bundle_root):
                            timeout=20_000)
     page.wait_for_load_state("networkidle")
     page.wait_for_function("!document.getElementById('feedback').hidden")
-    page.locator("#fb-digits button[data-digit='8']").tap()  # "Wrong: it is an 8", by touch
-    page.wait_for_function("document.getElementById('fb-ack').textContent.includes('saved as a 8')")
+    page.locator("#fb-digits button[data-digit='4']").tap()  # "Wrong: it is a 4", by touch
+    page.wait_for_function("document.getElementById('fb-ack').textContent.includes('saved as a 4')")
     wrong_id = page.locator("#fb-ack").get_attribute("data-record")
     assert page.locator("#fb-right").is_disabled()  # one label per drawing
     wrong = store.get(wrong_id)
-    assert (wrong.label, wrong.answered_digit, wrong.corrected) == (8, 3, True)
+    assert (wrong.label, wrong.answered_digit, wrong.corrected) == (4, 3, True)
     assert wrong.drawing.startswith(b"\x89PNG") and wrong.bundle_version.endswith("-v1")
 
     page.locator("#clear").click()
