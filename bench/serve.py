@@ -44,6 +44,17 @@ def _percentiles(latencies: list[float]) -> dict:
             "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 2)}
 
 
+def run_clients(client, clients: int) -> float:
+    """Run `client(index)` on `clients` threads at once; the wall time until all return."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
+
+
 def _load(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
     latencies: list[float] = []
     errors = 0
@@ -65,13 +76,7 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
                     errors += 1
             i += clients
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - started
+    wall = run_clients(client, clients)
     return {"clients": clients, "requests": len(latencies), "errors": errors,
             "throughput_rps": round(len(latencies) / wall, 1), **_percentiles(latencies)}
 

@@ -136,8 +136,9 @@ def train_mnist(
     augmented = (prepare_augmented.submit(dataset.tables["train"], spec.features, spec.limit,
                                           spec.augment, spec.seed, cache)
                  if spec.augment.copies else None)
-    feedback = (prepare_feedback.submit(spec.feedback, spec.features, spec.augment, spec.seed,
-                                        cache) if spec.feedback.store else None)
+    feedback_future = (prepare_feedback.submit(spec.feedback, spec.features, spec.augment,
+                                               spec.seed, cache)
+                       if spec.feedback.store else None)
     # Fail on a fold with an empty side before anything trains.
     row_hash = load_table(Path(dataset.tables["train"])).row_hash[: spec.limit]
     n_folds = len(plan_folds(spec.folds, row_hash))
@@ -146,7 +147,7 @@ def train_mnist(
                                          {f"lightgbm.{k}": str(v) for k, v in
                                           config.params.items()},
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
-    feedback = feedback.result() if feedback is not None else None
+    feedback = feedback_future.result() if feedback_future is not None else None
     log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, tracking_uri)
     work_dir = cache / "work" / parent_run_id
     n_fits = n_folds + (1 if spec.final_fit else 0)
