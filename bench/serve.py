@@ -83,9 +83,15 @@ def _load(url: str, bodies: list[dict], clients: int, seconds: float) -> dict:
 
 def _wrk(url: str, body: dict, clients: int, seconds: float, workdir: Path) -> dict:
     """Run wrk with a POST body; parse its latency distribution and counts."""
-    script = workdir / "post.lua"
-    script.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                      f"wrk.body = [[{json.dumps(body)}]]\n")
+    return run_wrk(url, 'wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                        f"wrk.body = [[{json.dumps(body)}]]\n", clients, seconds, workdir)
+
+
+def run_wrk(url: str, lua: str, clients: int, seconds: float, workdir: Path) -> dict:
+    """Run wrk (one thread, `clients` connections) with a Lua script; parse its latency
+    distribution and counts."""
+    script = workdir / "load.lua"
+    script.write_text(lua)
     completed = subprocess.run(
         ["wrk", "-t", "1", "-c", str(clients), "-d", f"{int(seconds)}s", "--latency",
          "-s", str(script), url], capture_output=True, text=True, check=True)
@@ -104,6 +110,7 @@ def _wrk(url: str, body: dict, clients: int, seconds: float, workdir: Path) -> d
 
     socket_errors = re.findall(r"(?:connect|read|write|timeout) (\d+)", text)
     errors = int(number(r"Non-2xx or 3xx responses: (\d+)")) + sum(map(int, socket_errors))
+    # wrk counts 201 Created as success like any 2xx
     return {"clients": clients, "requests": int(number(r"(\d+) requests in")),
             "errors": errors, "throughput_rps": number(r"Requests/sec:\s+([\d.]+)"),
             "p50_ms": round(millis(" 50%"), 2), "p99_ms": round(millis(" 99%"), 2)}
