@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # The local mlpaint stack, started and stopped with one command each:
 #
-#   infra/stack.sh up       Prefect server, the mlpaint-process work pool and a process worker,
-#                           an MLflow tracking server (SQLite backend, local artifacts), and
-#                           the deployments of prefect.yaml
+#   infra/stack.sh up       PostgreSQL (Debian's package, its data in the stack folder), the
+#                           Prefect server and an MLflow tracking server both on it (MLflow's
+#                           artifacts in local files), the mlpaint-process work pool and a
+#                           process worker, and the deployments of prefect.yaml
 #   infra/stack.sh down     stop all of it (each service's whole process group)
 #   infra/stack.sh status   what is running, and where
 #   infra/stack.sh deploy   (re)register the deployments of prefect.yaml
 #
 # Settings (environment): MLPAINT_STACK_DIR (state, logs, databases; default .mlpaint/stack),
-# PREFECT_PORT (4200), MLFLOW_PORT (5000), MLPAINT_BIN (the virtualenv's bin, default .venv/bin),
-# PREFECT_WORKER_QUERY_SECONDS (5: how often the worker polls for runs).
+# PREFECT_PORT (4200), MLFLOW_PORT (5000), PG_PORT (5439), PG_BIN (PostgreSQL's programs,
+# default the newest /usr/lib/postgresql/*/bin), MLPAINT_BIN (the virtualenv's bin, default
+# .venv/bin), PREFECT_WORKER_QUERY_SECONDS (5: how often the worker polls for runs).
+#
+# PostgreSQL refuses to run as root: as root, the script runs its server as the `postgres`
+# user (who must be able to reach the stack folder). It listens on 127.0.0.1 only, with
+# trust authentication: a local development stack, not a hardened one.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,10 +24,16 @@ STATE="${MLPAINT_STACK_DIR:-$REPO/.mlpaint/stack}"
 BIN="${MLPAINT_BIN:-$REPO/.venv/bin}"
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
+PG_PORT="${PG_PORT:-5439}"
+PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}"
+PG_DATA="$STATE/postgres"
+PG_USER="mlpaint"
 POOL="mlpaint-process"
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export PREFECT_HOME="$STATE/prefect"
+export PREFECT_API_DATABASE_CONNECTION_URL="postgresql+asyncpg://${PG_USER}@127.0.0.1:${PG_PORT}/prefect"
+MLFLOW_BACKEND="postgresql+psycopg2://${PG_USER}@127.0.0.1:${PG_PORT}/mlflow"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-mlpaint}"
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"
@@ -64,12 +76,58 @@ stop() {  # stop NAME: SIGTERM to the process group, SIGKILL after 15 s
   rm -f "$pidfile"
 }
 
+as_db_owner() {  # as_db_owner COMMAND...: PostgreSQL's programs refuse to run as root
+  if [[ $EUID -eq 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+postgres_up() {
+  if [[ -z "$PG_BIN" || ! -x "$PG_BIN/initdb" ]]; then
+    log "PostgreSQL not found (set PG_BIN, or: apt-get install postgresql; make postgres does it)"
+    exit 1
+  fi
+  if [[ ! -f "$PG_DATA/PG_VERSION" ]]; then
+    mkdir -p "$PG_DATA"
+    [[ $EUID -eq 0 ]] && chown postgres: "$PG_DATA"
+    chmod 700 "$PG_DATA"
+    if ! as_db_owner test -w "$PG_DATA"; then
+      log "the postgres user cannot reach $PG_DATA: every folder above it must be searchable (o+x)"
+      exit 1
+    fi
+    as_db_owner "$PG_BIN/initdb" -D "$PG_DATA" -U "$PG_USER" --auth=trust -E UTF8 >"$STATE/initdb.log"
+    log "postgres: cluster created in $PG_DATA"
+  fi
+  if as_db_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
+    log "postgres already running"
+  else
+    as_db_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w -t 60 \
+      -o "-p $PG_PORT -h 127.0.0.1 -k $PG_DATA" start >/dev/null
+    log "postgres started on 127.0.0.1:$PG_PORT (log $PG_DATA/server.log)"
+  fi
+  local db
+  for db in prefect mlflow; do
+    if ! "$PG_BIN/psql" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" -d postgres -tAc \
+        "SELECT 1 FROM pg_database WHERE datname = '$db'" | grep -q 1; then
+      "$PG_BIN/createdb" -h 127.0.0.1 -p "$PG_PORT" -U "$PG_USER" "$db"
+      log "postgres: database $db created"
+    fi
+  done
+}
+
+postgres_down() {
+  [[ -f "$PG_DATA/PG_VERSION" && -n "$PG_BIN" ]] || return 0
+  if as_db_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
+    as_db_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" -m fast -w -t 60 stop >/dev/null
+    log "postgres stopped"
+  fi
+}
+
 deploy() {
   (cd "$REPO" && "$BIN/prefect" --no-prompt deploy --all)
 }
 
 up() {
   mkdir -p "$STATE/prefect" "$STATE/mlflow/artifacts"
+  postgres_up
   start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   wait_for prefect-server "$PREFECT_API_URL/health" 120
   "$BIN/prefect" work-pool inspect "$POOL" >/dev/null 2>&1 \
@@ -78,7 +136,7 @@ up() {
   # mlflow server forks uvicorn workers and job consumers that outlive a SIGTERM to the
   # parent; its own session lets `down` end the whole group.
   start mlflow-server "$BIN/mlflow" server \
-    --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" \
+    --backend-store-uri "$MLFLOW_BACKEND" \
     --artifacts-destination "$STATE/mlflow/artifacts" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
   wait_for mlflow-server "$MLFLOW_TRACKING_URI/health" 120
@@ -88,6 +146,11 @@ up() {
 }
 
 status() {
+  if [[ -n "$PG_BIN" ]] && as_db_owner "$PG_BIN/pg_ctl" -D "$PG_DATA" status >/dev/null 2>&1; then
+    echo "postgres: running on 127.0.0.1:$PG_PORT (databases prefect, mlflow)"
+  else
+    echo "postgres: stopped"
+  fi
   for name in prefect-server mlflow-server prefect-worker; do
     if running "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; fi
   done
@@ -97,6 +160,7 @@ status() {
 
 down() {
   for name in prefect-worker mlflow-server prefect-server; do stop "$name"; done
+  postgres_down
 }
 
 case "${1:-}" in

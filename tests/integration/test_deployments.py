@@ -5,8 +5,10 @@ MLflow server's REST API shows the run and the registered model."""
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,11 +34,14 @@ champion:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    state = tmp_path_factory.mktemp("stack")
+def stack():
+    # Not under pytest's temporary folder: that is private to its owner, and the stack's
+    # PostgreSQL runs as the `postgres` user, who must reach its data folder.
+    state = Path(tempfile.mkdtemp(prefix="mlpaint-stack-"))
+    state.chmod(0o711)
     env = {**os.environ, "MLPAINT_STACK_DIR": str(state), "PREFECT_PORT": str(free_port()),
-           "MLFLOW_PORT": str(free_port()), "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "MLPAINT_CACHE_DIR": str(state / "cache")}
+           "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()),
+           "PREFECT_WORKER_QUERY_SECONDS": "2", "MLPAINT_CACHE_DIR": str(state / "cache")}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     script = str(REPO / "infra" / "stack.sh")
@@ -44,11 +49,24 @@ def stack(tmp_path_factory):
     try:
         assert up.returncode == 0, up.stderr[-4000:]
         yield {"prefect": f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
-               "mlflow": f"http://127.0.0.1:{env['MLFLOW_PORT']}", "state": state}
+               "mlflow": f"http://127.0.0.1:{env['MLFLOW_PORT']}", "state": state,
+               "postgres_port": env["PG_PORT"]}
     finally:
-        subprocess.run([script, "down"], env=env, capture_output=True, timeout=120)
+        down = subprocess.run([script, "down"], env=env, capture_output=True, text=True,
+                              timeout=120)
         for name in ("prefect-server", "mlflow-server", "prefect-worker"):
             assert not (state / f"{name}.pid").exists()
+        assert "postgres stopped" in down.stderr
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _postgres_count(stack: dict, database: str, sql: str) -> int:
+    """A count from the stack's PostgreSQL, through its own client."""
+    psql = sorted(Path("/usr/lib/postgresql").glob("*/bin/psql"))[-1]
+    done = subprocess.run([str(psql), "-h", "127.0.0.1", "-p", stack["postgres_port"], "-U",
+                           "mlpaint", "-d", database, "-tAc", sql], capture_output=True,
+                          text=True, check=True, timeout=30)
+    return int(done.stdout.strip())
 
 
 @contextlib.contextmanager
@@ -187,6 +205,10 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
                             timeout=10).json()["model_versions"]
     assert any(v["run_id"] == parent["info"]["run_id"] for v in versions)
     assert len(versions) == 2  # the UI-style run's and the scheduled run's final models
+    # Both servers keep their state in the stack's PostgreSQL, not in SQLite files.
+    assert _postgres_count(stack, "prefect", "SELECT count(*) FROM flow_run") >= 2
+    assert _postgres_count(stack, "mlflow", "SELECT count(*) FROM model_versions") == 2
+    assert not list(stack["state"].rglob("*.db"))
     scheduled_experiment = requests.get(
         f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
         params={"experiment_name": "e2e-scheduled"}, timeout=10).json()
