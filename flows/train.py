@@ -149,7 +149,7 @@ def train_mnist(
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
     feedback = feedback_future.result() if feedback_future is not None else None
     log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, tracking_uri)
-    work_dir = cache / "work" / parent_run_id
+    fits_dir = cache / "fits"  # finished fits by content, reused by reruns and retries
     n_fits = n_folds + (1 if spec.final_fit else 0)
     threads = fit_threads(min(n_fits, os.cpu_count() or 1))
     progress_id = create_progress_artifact(0.0, key="mnist-training-progress",
@@ -158,9 +158,9 @@ def train_mnist(
     # The final fit is submitted first: it is the longest, and logging its model (seconds of
     # MLflow work) then overlaps the folds' fits instead of following the last of them.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
-                                       work_dir, augmented, feedback)
+                                       fits_dir, augmented, feedback)
                     if spec.final_fit else None)
-    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, work_dir,
+    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, fits_dir,
                                       augmented, feedback)
                     for i in range(n_folds)]
     registered = None

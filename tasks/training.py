@@ -7,6 +7,7 @@ is I/O that can fail and is safe to repeat.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ from mlpaint.training.algorithms import (
     GbdtConfig,
     train_model,
 )
-from mlpaint.training.evaluation import Aggregate, Evaluation, evaluate
+from mlpaint.training.evaluation import Aggregate, Evaluation, LabelStatistics, evaluate
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, plan_folds
 from tasks.retries import SERVICE_CALL_RETRIES
 
@@ -264,12 +265,38 @@ class FitResult:
     worker: str  # host:pid that ran the fit (a Dask worker, or the flow's own process)
     wild_evaluation: Evaluation | None = None  # on the feedback's wild test set, if any
     feedback_rows: int = 0  # of train_rows, how many came from feedback
+    reused: bool = False  # taken from an earlier run's finished fit, not trained now
+
+    def to_json(self) -> dict:
+        """Everything but where the model is and whether it was reused: what a later run
+        needs to reuse this fit."""
+        return {"name": self.name, "evaluation": asdict(self.evaluation),
+                "train_evaluation": asdict(self.train_evaluation)
+                if self.train_evaluation else None,
+                "wild_evaluation": asdict(self.wild_evaluation)
+                if self.wild_evaluation else None,
+                "train_rows": self.train_rows, "test_rows": self.test_rows,
+                "seconds": self.seconds, "worker": self.worker,
+                "feedback_rows": self.feedback_rows}
+
+    @classmethod
+    def from_json(cls, data: dict, model_dir: Path) -> FitResult:
+        def evaluation(doc: dict | None) -> Evaluation | None:
+            if doc is None:
+                return None
+            return Evaluation(**{**doc, "labels": [LabelStatistics(**s)
+                                                   for s in doc["labels"]]})
+
+        return cls(data["name"], str(model_dir), evaluation(data["evaluation"]),
+                   evaluation(data["train_evaluation"]), data["train_rows"],
+                   data["test_rows"], data["seconds"], data["worker"],
+                   evaluation(data["wild_evaluation"]), data["feedback_rows"])
 
 
 def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
                       train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                       *, feature_stage: FeatureStage, seed: int, threads: int, eval_train: bool,
-                      work_dir: Path, feedback: FeedbackMatrix | None = None) -> FitResult:
+                      model_dir: Path, feedback: FeedbackMatrix | None = None) -> FitResult:
     """Train on `train` plus the feedback's training rows (weighted), score on `test` and on
     the feedback's wild test set."""
     logger = get_run_logger()
@@ -293,7 +320,7 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     if feedback is not None and feedback.wild_rows:
         wild_features, wild_labels = feedback.load_wild()
         wild_evaluation = evaluate(wild_labels, model.predict_proba(wild_features))
-    model_dir = model.save(work_dir / name / "model")
+    model.save(model_dir)
     logger.info("%s: accuracy %.4f on %d rows%s (fit %.1f s)", name, evaluation.accuracy,
                 evaluation.rows, f", {wild_evaluation.accuracy:.4f} on {wild_evaluation.rows} "
                 f"wild rows" if wild_evaluation else "", seconds)
@@ -302,38 +329,97 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
                      wild_evaluation, feedback_rows)
 
 
+#: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
+FIT_CODE_VERSION = "1"
+
+
+def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+             matrices: list[str], feedback: FeedbackMatrix | None) -> str:
+    """What a fit's result depends on, hashed: its name, the spec (less the experiment's
+    name, where the data came from and whether a final fit follows, none of which changes
+    this fit), the algorithm's configuration, the content-keyed folders of its inputs, the
+    feedback's weight, and the code and LightGBM versions."""
+    import lightgbm
+
+    material = json.dumps({
+        "fit": name, "code": FIT_CODE_VERSION, "lightgbm": lightgbm.__version__,
+        "spec": spec.model_dump(mode="json", exclude={"experiment", "sources", "final_fit"}),
+        "config": config.model_dump(mode="json"),
+        "inputs": [Path(folder).name for folder in matrices],
+        "feedback_weight": feedback.weight if feedback else None}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def _reuse_or_fit(key: str, fits_dir: Path, fit) -> FitResult:
+    """The finished fit stored under `key`, or `fit(staging)` run now and stored there. A
+    rerun of a killed or failed experiment, or a retry, thus redoes only the fits that had
+    not finished. The folder appears whole (a staging folder renamed into place), so a fit
+    killed halfway leaves nothing to reuse."""
+    folder = fits_dir / key
+    result_file = folder / "fit.json"
+    if result_file.is_file():
+        result = FitResult.from_json(json.loads(result_file.read_text()), folder / "model")
+        get_run_logger().info("%s: reusing the finished fit %s (accuracy %.4f)", result.name,
+                              key, result.evaluation.accuracy)
+        return dataclasses.replace(result, reused=True)
+    fits_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=fits_dir))
+    try:
+        result = fit(staging)
+        (staging / "fit.json").write_text(json.dumps(result.to_json()))
+        _move_into_cache(staging, folder, marker="fit.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dataclasses.replace(result, model_dir=str(folder / "model"))
+
+
 @task(name="train-fold")
 def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
-               work_dir: Path, augmented: AugmentedMatrix | None = None,
+               fits_dir: Path, augmented: AugmentedMatrix | None = None,
                feedback: FeedbackMatrix | None = None) -> FitResult:
     """One model on one fold's training rows (plus the augmented copies of those rows, and
-    the feedback's training rows), evaluated on its testing rows and the wild set."""
-    features, labels, row_hash = matrix.load()
-    plan = plan_folds(spec.folds, row_hash)[fold_index]
-    train = _with_augmented((np.asarray(features[plan.train_rows]), labels[plan.train_rows]),
-                            plan.train_rows, augmented)
-    test = (np.asarray(features[plan.test_rows]), labels[plan.test_rows])
-    return _fit_and_evaluate(f"fold-{fold_index}", spec.algorithm, config, train, test,
-                             feature_stage=spec.features, seed=spec.seed + fold_index,
-                             threads=threads, eval_train=spec.eval_train, work_dir=work_dir,
-                             feedback=feedback)
+    the feedback's training rows), evaluated on its testing rows and the wild set; reused
+    from `fits_dir` when this very fit has finished before."""
+    name = f"fold-{fold_index}"
+    inputs = [matrix.folder, *(m.folder for m in (augmented, feedback) if m is not None)]
+
+    def fit(staging: Path) -> FitResult:
+        features, labels, row_hash = matrix.load()
+        plan = plan_folds(spec.folds, row_hash)[fold_index]
+        train = _with_augmented((np.asarray(features[plan.train_rows]),
+                                 labels[plan.train_rows]), plan.train_rows, augmented)
+        test = (np.asarray(features[plan.test_rows]), labels[plan.test_rows])
+        return _fit_and_evaluate(name, spec.algorithm, config, train, test,
+                                 feature_stage=spec.features, seed=spec.seed + fold_index,
+                                 threads=threads, eval_train=spec.eval_train,
+                                 model_dir=staging / "model", feedback=feedback)
+
+    return _reuse_or_fit(_fit_key(name, spec, config, inputs, feedback), fits_dir, fit)
 
 
 @task(name="train-final-model")
 def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
                 config: GbdtConfig | BaggedBoostingConfig, threads: int,
-                work_dir: Path, augmented: AugmentedMatrix | None = None,
+                fits_dir: Path, augmented: AugmentedMatrix | None = None,
                 feedback: FeedbackMatrix | None = None) -> FitResult:
     """One model on every training row (and every augmented copy, and the feedback's
-    training rows), scored on the official test set and the wild set."""
-    features, labels, _ = train_matrix.load()
-    test_features, test_labels, _ = test_matrix.load()
-    return _fit_and_evaluate("final", spec.algorithm, config,
-                             _with_augmented((np.asarray(features), labels), None, augmented),
-                             (np.asarray(test_features), test_labels),
-                             feature_stage=spec.features, seed=spec.seed, threads=threads,
-                             eval_train=spec.eval_train, work_dir=work_dir, feedback=feedback)
+    training rows), scored on the official test set and the wild set; reused from
+    `fits_dir` when this very fit has finished before."""
+    inputs = [train_matrix.folder, test_matrix.folder,
+              *(m.folder for m in (augmented, feedback) if m is not None)]
+
+    def fit(staging: Path) -> FitResult:
+        features, labels, _ = train_matrix.load()
+        test_features, test_labels, _ = test_matrix.load()
+        return _fit_and_evaluate(
+            "final", spec.algorithm, config,
+            _with_augmented((np.asarray(features), labels), None, augmented),
+            (np.asarray(test_features), test_labels), feature_stage=spec.features,
+            seed=spec.seed, threads=threads, eval_train=spec.eval_train,
+            model_dir=staging / "model", feedback=feedback)
+
+    return _reuse_or_fit(_fit_key("final", spec, config, inputs, feedback), fits_dir, fit)
 
 
 # --- MLflow ----------------------------------------------------------------------------------
@@ -472,7 +558,8 @@ class ExperimentSummary:
 
     def to_json(self) -> dict:
         def fit_json(result: FitResult) -> dict:
-            return {"name": result.name, "train_rows": result.train_rows,
+            return {"name": result.name, "reused": result.reused,
+                    "train_rows": result.train_rows,
                     "test_rows": result.test_rows, "fit_seconds": round(result.seconds, 3),
                     "worker": result.worker,
                     "feedback_rows": result.feedback_rows,

@@ -275,6 +275,36 @@ def test_the_gate_weighs_the_wild_set_too(harness, training_inputs, tracking, tm
     assert second["promote"] == (wild_ok and test_ok)
 
 
+def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, tracking, tmp_path):
+    """A run killed after some fits finished, run again: only the missing fit trains (here
+    the final model's, whose stored result is removed as if the kill came before it)."""
+    import shutil
+
+    cache = str(tmp_path / "cache")
+    args = {"folds": "2", "limit": 1200, "sources": [training_inputs["source"]],
+            "algorithms_path": training_inputs["algorithms"], "cache_dir": cache,
+            "experiment": "tiny-rerun", "augment": AugmentSpec(copies=0)}
+    first = train_mnist(**args)
+    assert not any(f.reused for f in [*first.folds, first.final])
+    final_fit = next(p for p in (tmp_path / "cache" / "fits").iterdir()
+                     if json.loads((p / "fit.json").read_text())["name"] == "final")
+    shutil.rmtree(final_fit)
+
+    second = train_mnist(**args)
+    assert [f.reused for f in second.folds] == [True, True] and not second.final.reused
+    for before, after in zip(first.folds, second.folds, strict=True):
+        assert after.evaluation == before.evaluation and after.model_dir == before.model_dir
+    assert second.final.evaluation == first.final.evaluation  # retrained, same seed
+    runs = tracking.search_runs([tracking.get_experiment_by_name("tiny-rerun").experiment_id],
+                                "tags.mlflow.runName = 'fold-0'")
+    assert len(runs) == 2 and {r.data.metrics["accuracy"] for r in runs} == {
+        first.folds[0].evaluation.accuracy}
+    assert second.to_json()["folds"][0]["reused"] is True
+    # A changed spec is a different fit: nothing is reused.
+    third = train_mnist(**{**args, "seed": 7})
+    assert not any(f.reused for f in [*third.folds, third.final])
+
+
 def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):
     with pytest.raises(Exception, match="algorithm: unknown 'svm'"):
         train_mnist(algorithm="svm", sources=[training_inputs["source"]],
@@ -366,7 +396,7 @@ def test_cli_train_on_a_local_dask_cluster(training_inputs, cli_env, tmp_path):
     process = subprocess.Popen(
         [mlpaint, "train", "--source", training_inputs["source"], "--folds", "2",
          "--limit", "800", "--algorithms", training_inputs["algorithms"], "--features", "raw",
-         "--dask-workers", "2", "--no-final-fit", "--cache-dir", training_inputs["cache"],
+         "--dask-workers", "2", "--no-final-fit", "--cache-dir", str(tmp_path / "cache"),
          "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = process.communicate(timeout=600)
     assert process.returncode == 0, stderr[-3000:]
@@ -411,7 +441,9 @@ def test_cli_train_on_a_running_dask_cluster(training_inputs, cli_env, dask_clus
     completed = subprocess.run(
         [mlpaint, "train", "--source", training_inputs["source"], "--folds", "2",
          "--limit", "800", "--algorithms", training_inputs["algorithms"], "--features", "raw",
-         "--dask-address", address, "--no-final-fit", "--cache-dir", training_inputs["cache"],
+         # A cache of its own: with the shared one, the same fits, finished by the local
+         # cluster's test, would be reused instead of run on this worker.
+         "--dask-address", address, "--no-final-fit", "--cache-dir", str(tmp_path / "cache"),
          "--json"], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout)
