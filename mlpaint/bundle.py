@@ -106,12 +106,9 @@ def verify_folder(folder: Path) -> dict:
     return manifest
 
 
-# --- stores ----------------------------------------------------------------------------------
+# --- pointer, upload, pruning, download -------------------------------------------------
 
-BundleStore = ObjectStore
-
-
-def read_latest(store: BundleStore) -> str | None:
+def read_latest(store: ObjectStore) -> str | None:
     data = store.get_bytes(LATEST)
     return data.decode().strip() if data else None
 
@@ -125,7 +122,7 @@ class PublishResult:
     pruned: list[str]
 
 
-def publish_bundle(staging: Path, store: BundleStore, version: str, *, promote: bool,
+def publish_bundle(staging: Path, store: ObjectStore, version: str, *, promote: bool,
                    retention: int) -> PublishResult:
     """Upload a built bundle under `versions/<version>/`, verify every byte that landed, and
     only then, if promoted, point LATEST at it. Readers that follow LATEST never see a
@@ -151,7 +148,7 @@ def publish_bundle(staging: Path, store: BundleStore, version: str, *, promote: 
     return PublishResult(store.describe(), version, latest, promote, pruned)
 
 
-def prune_versions(store: BundleStore, *, retention: int, keep: set[str]) -> list[str]:
+def prune_versions(store: ObjectStore, *, retention: int, keep: set[str]) -> list[str]:
     """Delete all but the newest `retention` versions, never one in `keep`."""
     versions = store.list_folders(VERSIONS)
     doomed = [v for v in versions[:-retention] if v not in keep] if retention > 0 else []
@@ -181,7 +178,7 @@ class LoadedBundle:
             return {key: data[key] for key in data.files}
 
 
-def _download_version(store: BundleStore, version: str, destination: Path) -> Path:
+def _download_version(store: ObjectStore, version: str, destination: Path) -> Path:
     """Download one version into `destination` and verify it. Several processes may fetch the
     same version at once (each worker of `mlpaint serve --workers N` loads the bundle itself),
     so each writes its own staging folder and renames it into place; one that finds the
@@ -225,7 +222,7 @@ def _holds_verified_copy(folder: Path, manifest_bytes: bytes) -> bool:
         return False
 
 
-def _is_version_folder(store: BundleStore) -> bool:
+def _is_version_folder(store: ObjectStore) -> bool:
     """A local folder holding one version's files (its own manifest), not a destination root."""
     return isinstance(store, LocalStore) and (store.root / MANIFEST).is_file()
 

@@ -173,12 +173,11 @@ class FeedbackStore:
         return FeedbackRecord.from_bytes(data, where=self.store.describe(key))
 
     def records(self) -> Iterator[FeedbackRecord]:
-        """Every record, oldest id order (ids are hashes: the order is stable, not temporal)."""
+        """Every record, in id order (ids are hashes: the order is stable, not temporal)."""
         for key in self.store.list_keys(RECORDS):
-            if key.endswith(".json"):
-                data = self.store.get_bytes(key)
-                if data is not None:
-                    yield FeedbackRecord.from_bytes(data, where=self.store.describe(key))
+            data = self.store.get_bytes(key) if key.endswith(".json") else None
+            if data is not None:
+                yield FeedbackRecord.from_bytes(data, where=self.store.describe(key))
 
     def reject(self, id_or_prefix: str, reason: str) -> tuple[str, bool]:
         """Exclude a record from training; (its id, False if it was already rejected)."""
@@ -189,15 +188,16 @@ class FeedbackStore:
     def rejections(self) -> dict[str, Rejection]:
         found = {}
         for key in self.store.list_keys(REJECTIONS):
-            data = self.store.get_bytes(key)
-            if data is not None and key.endswith(".json"):
+            data = self.store.get_bytes(key) if key.endswith(".json") else None
+            if data is not None:
                 doc = json.loads(data)
                 found[doc["id"]] = Rejection(doc["id"], doc["reason"], doc["rejected_at"])
         return found
 
-    def accepted(self) -> list[FeedbackRecord]:
-        """The records training may read: all but the rejected, by id."""
-        rejected = self.rejections()
+    def accepted(self, rejected: dict[str, Rejection] | None = None) -> list[FeedbackRecord]:
+        """The records training may read: all but the rejected (`rejected`, or the store's
+        rejections read now), by id."""
+        rejected = self.rejections() if rejected is None else rejected
         return sorted((r for r in self.records() if r.id not in rejected), key=lambda r: r.id)
 
 
@@ -246,8 +246,7 @@ class FeedbackSnapshot:
     @classmethod
     def of(cls, store: FeedbackStore) -> FeedbackSnapshot:
         rejected = store.rejections()
-        records = sorted((r for r in store.records() if r.id not in rejected),
-                         key=lambda r: r.id)
+        records = store.accepted(rejected)
         pixels = (np.stack([r.pixels for r in records]) if records
                   else np.zeros((0, N_FEATURES), np.uint8))
         return cls(store.describe(), tuple(r.id for r in records), pixels,

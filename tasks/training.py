@@ -334,19 +334,19 @@ FIT_CODE_VERSION = "1"
 
 
 def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-             matrices: list[str], feedback: FeedbackMatrix | None) -> str:
+             matrices: list[str]) -> str:
     """What a fit's result depends on, hashed: its name, the spec (less the experiment's
-    name, where the data came from and whether a final fit follows, none of which changes
-    this fit), the algorithm's configuration, the content-keyed folders of its inputs, the
-    feedback's weight, and the code and LightGBM versions."""
+    name, where the data and feedback came from, and whether a final fit follows, none of
+    which changes this fit), the algorithm's configuration, the content-keyed folders of its
+    inputs, and the code and LightGBM versions."""
     import lightgbm
 
     material = json.dumps({
         "fit": name, "code": FIT_CODE_VERSION, "lightgbm": lightgbm.__version__,
-        "spec": spec.model_dump(mode="json", exclude={"experiment", "sources", "final_fit"}),
+        "spec": spec.model_dump(mode="json", exclude={
+            "experiment": True, "sources": True, "final_fit": True, "feedback": {"store"}}),
         "config": config.model_dump(mode="json"),
-        "inputs": [Path(folder).name for folder in matrices],
-        "feedback_weight": feedback.weight if feedback else None}, sort_keys=True)
+        "inputs": [Path(folder).name for folder in matrices]}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
@@ -395,7 +395,7 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                                  threads=threads, eval_train=spec.eval_train,
                                  model_dir=staging / "model", feedback=feedback)
 
-    return _reuse_or_fit(_fit_key(name, spec, config, inputs, feedback), fits_dir, fit)
+    return _reuse_or_fit(_fit_key(name, spec, config, inputs), fits_dir, fit)
 
 
 @task(name="train-final-model")
@@ -419,7 +419,7 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
             model_dir=staging / "model", feedback=feedback)
 
-    return _reuse_or_fit(_fit_key("final", spec, config, inputs, feedback), fits_dir, fit)
+    return _reuse_or_fit(_fit_key("final", spec, config, inputs), fits_dir, fit)
 
 
 # --- MLflow ----------------------------------------------------------------------------------

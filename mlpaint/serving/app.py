@@ -509,11 +509,12 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         def store() -> tuple[FeedbackRecord, bool]:
             # Decoding a drawing and writing to the store (a file, or a PUT to S3) both take
             # milliseconds: a worker thread, not the event loop.
-            if body.image is not None:
+            media_type = drawing = None
+            if body.image is not None:  # kept as received, so decoded here, not in _pixels_of
                 media_type, drawing = _drawing_bytes(body.image)
                 pixels, drawn = _digit_of_drawing(drawing)
             else:
-                (media_type, drawing), (pixels, drawn) = (None, None), _pixels_of(body)
+                pixels, drawn = _pixels_of(body)
             if not drawn:
                 # 400, like an undecodable image: the body keeps the schema (422 is for
                 # bodies that break it), but its drawing cannot be used.
