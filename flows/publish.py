@@ -9,11 +9,13 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
+from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
 from mlpaint.bundle import PublishResult
 from mlpaint.data.integrity import default_cache_dir
-from mlpaint.locations import default_bundle_destination
+from mlpaint.locations import default_bundle_destination, work_area
 from mlpaint.publish import GateDecision
+from mlpaint.storage import store_for
 from mlpaint.tracking import resolve_tracking_uri
 from tasks.publish import (
     build_bundle,
@@ -22,6 +24,8 @@ from tasks.publish import (
     resolve_candidate,
     upload_bundle,
 )
+
+PUBLISH_LOCK = "publish"
 
 
 @dataclass(frozen=True)
@@ -68,21 +72,25 @@ def publish_model(
             the candidate must also not lose on against the champion.
         wild_share: the share of feedback records in the wild test set (as in training).
     """
+    check_attempts()
     destination = to or default_bundle_destination()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     tracking_uri = resolve_tracking_uri()
     candidate = resolve_candidate(run_id, model_version, tracking_uri)
     dataset = ingest_mnist(sources=sources, cache_dir=str(cache))
-    work_dir = cache / "publish"
-    work_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = {"dataset": dataset.fingerprint,
                    "training_run_dataset": candidate.data_fingerprint}
-    built = build_bundle(candidate, dataset.tables["test"], fingerprint, gallery_per_digit,
-                         work_dir, tracking_uri)
-    decision = gate(candidate, built.test_accuracy, dataset.tables["test"], margin, force,
-                    tracking_uri, feedback_store, wild_share)
-    result = upload_bundle(built, destination, decision.promote, retention)
-    record_publication(candidate, built, decision, destination, tracking_uri)
+    with work_area(cache, f"publish-v{candidate.version}") as work_dir:
+        built = build_bundle(candidate, dataset.tables["test"], fingerprint,
+                             gallery_per_digit, work_dir, tracking_uri)
+        # Read the champion, compare, move LATEST and the alias as one critical section per
+        # destination: two publishers at once (a scheduled run and a UI run) otherwise can
+        # leave the alias and LATEST naming different versions.
+        with store_for(destination).lock(PUBLISH_LOCK):
+            decision = gate(candidate, built.test_accuracy, dataset.tables["test"], margin,
+                            force, tracking_uri, feedback_store, wild_share)
+            result = upload_bundle(built, destination, decision.promote, retention)
+            record_publication(candidate, built, decision, destination, tracking_uri)
     create_markdown_artifact(
         key="mnist-model-publication",
         markdown="\n".join([

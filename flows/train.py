@@ -14,21 +14,38 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture, as_completed
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.ingest import ingest_mnist
+from flows.attempts import check_attempts
+from flows.ingest import DatasetReport, ingest_mnist
 from mlpaint.augment import AugmentSpec
 from mlpaint.data.dataset import load_table
 from mlpaint.data.integrity import default_cache_dir
 from mlpaint.features import FeatureStage
-from mlpaint.tracking import end_open_runs, resolve_tracking_uri, tracking_client
-from mlpaint.training.algorithms import load_algorithms
+from mlpaint.locations import sweep_stale_work
+from mlpaint.tracking import (
+    end_open_runs,
+    recording_resources,
+    resolve_tracking_uri,
+    tracking_client,
+)
+from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, load_algorithms
 from mlpaint.training.evaluation import aggregate
-from mlpaint.training.spec import SpecError, load_spec, parse_folds_option, plan_folds
+from mlpaint.training.spec import (
+    ExperimentSpec,
+    SpecError,
+    load_spec,
+    parse_folds_option,
+    plan_folds,
+)
 from tasks.training import (
+    AugmentedMatrix,
     ExperimentSummary,
+    FeatureMatrix,
+    FeedbackMatrix,
     fit_threads,
     log_data_inputs,
     log_experiment_summary,
@@ -108,6 +125,7 @@ def train_mnist(
             s3://bucket/prefix) to every model's training rows, all but the wild test set
             every model is also scored on; weight and wild share come from the spec.
     """
+    check_attempts()
     algorithms = load_algorithms(Path(algorithms_path) if algorithms_path else None)
     spec = load_spec(
         spec_path,
@@ -125,6 +143,9 @@ def train_mnist(
                         "there would be no final model to publish")
     config = algorithms[spec.algorithm]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if stale := sweep_stale_work(cache):
+        get_run_logger().info("removed %d staging folders and work areas that runs killed "
+                              "a day or more ago left in %s", len(stale), cache)
     tracking_uri = resolve_tracking_uri()
     experiment_id = prepare_experiment.submit(spec.experiment, tracking_uri)  # beside ingest
 
@@ -147,6 +168,29 @@ def train_mnist(
                                          {f"lightgbm.{k}": str(v) for k, v in
                                           config.params.items()},
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
+    with recording_resources(tracking_uri, parent_run_id, cache):
+        summary = _train_and_log(spec, config, dataset, cache, tracking_uri, parent_run_id,
+                                 n_folds, train_matrix, test_matrix, augmented,
+                                 feedback_future)
+    if publish_to and summary.registered:
+        from flows.publish import publish_model
+
+        report = publish_model(model_version=summary.registered.version, to=publish_to,
+                               sources=spec.sources, cache_dir=str(cache),
+                               feedback_store=spec.feedback.store,
+                               wild_share=spec.feedback.wild_share)
+        summary = dataclasses.replace(summary, publication=report.to_json())
+    return summary
+
+
+def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                   dataset: DatasetReport, cache: Path, tracking_uri: str, parent_run_id: str,
+                   n_folds: int, train_matrix: PrefectFuture[FeatureMatrix],
+                   test_matrix: PrefectFuture[FeatureMatrix],
+                   augmented: PrefectFuture[AugmentedMatrix] | None,
+                   feedback_future: PrefectFuture[FeedbackMatrix] | None
+                   ) -> ExperimentSummary:
+    """Every fit, each logged to MLflow as it finishes, then the experiment's summary."""
     feedback = feedback_future.result() if feedback_future is not None else None
     log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, tracking_uri)
     fits_dir = cache / "fits"  # finished fits by content, reused by reruns and retries
@@ -180,14 +224,6 @@ def train_mnist(
                                 registered, feedback=feedback)
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
-    if publish_to and registered:
-        from flows.publish import publish_model
-
-        report = publish_model(model_version=registered.version, to=publish_to,
-                               sources=spec.sources, cache_dir=str(cache),
-                               feedback_store=spec.feedback.store,
-                               wild_share=spec.feedback.wild_share)
-        summary = dataclasses.replace(summary, publication=report.to_json())
     return summary
 
 

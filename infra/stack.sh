@@ -7,12 +7,23 @@
 #                           process worker, and the deployments of prefect.yaml
 #   infra/stack.sh down     stop all of it (each service's whole process group)
 #   infra/stack.sh status   what is running, and where
-#   infra/stack.sh deploy   (re)register the deployments of prefect.yaml
+#   infra/stack.sh deploy   (re)register the deployments of prefect.yaml and the automations
+#                           of infra/automations.py
+#   infra/stack.sh worker   start one more process worker (a live worker takes over the runs
+#                           of one that died)
+#   infra/stack.sh restart SERVICE [SECONDS]
+#                           stop one of postgres, prefect-server, mlflow-server,
+#                           prefect-worker, keep it down SECONDS (default 0), start it again
+#
+# Runs whose worker dies are picked up again with nobody watching: flow runs send a heartbeat
+# every 30 s; a run silent for MLPAINT_ZOMBIE_SECONDS (90) is marked Crashed and scheduled
+# again for any live worker (infra/automations.py).
 #
 # Settings (environment): MLPAINT_STACK_DIR (state, logs, databases; default .mlpaint/stack),
 # PREFECT_PORT (4200), MLFLOW_PORT (5000), PG_PORT (5439), PG_BIN (PostgreSQL's programs,
 # default the newest /usr/lib/postgresql/*/bin), MLPAINT_BIN (the virtualenv's bin, default
-# .venv/bin), PREFECT_WORKER_QUERY_SECONDS (5: how often the worker polls for runs).
+# .venv/bin), PREFECT_WORKER_QUERY_SECONDS (5: how often the worker polls for runs),
+# MLPAINT_ZOMBIE_SECONDS (90).
 #
 # PostgreSQL refuses to run as root: as root, the script runs its server as the `postgres`
 # user (who must be able to reach the stack folder). It listens on 127.0.0.1 only, with
@@ -37,6 +48,8 @@ MLFLOW_BACKEND="postgresql+psycopg2://${PG_USER}@127.0.0.1:${PG_PORT}/mlflow"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 export PREFECT_LOGGING_EXTRA_LOGGERS="${PREFECT_LOGGING_EXTRA_LOGGERS:-mlpaint}"
 export PREFECT_WORKER_QUERY_SECONDS="${PREFECT_WORKER_QUERY_SECONDS:-5}"
+# Flow runs started by the stack's workers inherit this: Prefect's minimum beat.
+export PREFECT_FLOWS_HEARTBEAT_FREQUENCY="${PREFECT_FLOWS_HEARTBEAT_FREQUENCY:-30}"
 
 log() { printf '%s stack: %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -123,16 +136,21 @@ postgres_down() {
 
 deploy() {
   (cd "$REPO" && "$BIN/prefect" --no-prompt deploy --all)
+  "$BIN/python" "$REPO/infra/automations.py"
 }
 
-up() {
-  mkdir -p "$STATE/prefect" "$STATE/mlflow/artifacts"
-  postgres_up
+worker() {  # one more process worker, named by the first free number
+  local n=2
+  while running "prefect-worker-$n"; do n=$((n + 1)); done
+  start "prefect-worker-$n" "$BIN/prefect" worker start --pool "$POOL" --type process
+}
+
+prefect_server_up() {
   start prefect-server "$BIN/prefect" server start --host 127.0.0.1 --port "$PREFECT_PORT"
   wait_for prefect-server "$PREFECT_API_URL/health" 120
-  "$BIN/prefect" work-pool inspect "$POOL" >/dev/null 2>&1 \
-    || "$BIN/prefect" work-pool create "$POOL" --type process >/dev/null
-  log "work pool $POOL ready"
+}
+
+mlflow_server_up() {
   # mlflow server forks uvicorn workers and job consumers that outlive a SIGTERM to the
   # parent; its own session lets `down` end the whole group.
   start mlflow-server "$BIN/mlflow" server \
@@ -140,9 +158,35 @@ up() {
     --artifacts-destination "$STATE/mlflow/artifacts" \
     --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
   wait_for mlflow-server "$MLFLOW_TRACKING_URI/health" 120
+}
+
+prefect_worker_up() {
   start prefect-worker "$BIN/prefect" worker start --pool "$POOL" --type process
+}
+
+up() {
+  mkdir -p "$STATE/prefect" "$STATE/mlflow/artifacts"
+  postgres_up
+  prefect_server_up
+  "$BIN/prefect" work-pool inspect "$POOL" >/dev/null 2>&1 \
+    || "$BIN/prefect" work-pool create "$POOL" --type process >/dev/null
+  log "work pool $POOL ready"
+  mlflow_server_up
+  prefect_worker_up
   deploy
   status
+}
+
+restart() {  # restart SERVICE [SECONDS]: stop one service, keep it down SECONDS (0), start it
+  local name="${1:-}" pause="${2:-0}"
+  case "$name" in
+    postgres) postgres_down; sleep "$pause"; postgres_up ;;
+    prefect-server) stop prefect-server; sleep "$pause"; prefect_server_up ;;
+    mlflow-server) stop mlflow-server; sleep "$pause"; mlflow_server_up ;;
+    prefect-worker) stop prefect-worker; sleep "$pause"; prefect_worker_up ;;
+    *) echo "usage: $0 restart postgres|prefect-server|mlflow-server|prefect-worker [SECONDS]" >&2
+       exit 2 ;;
+  esac
 }
 
 status() {
@@ -151,15 +195,23 @@ status() {
   else
     echo "postgres: stopped"
   fi
-  for name in prefect-server mlflow-server prefect-worker; do
+  for name in prefect-server mlflow-server prefect-worker $(extra_workers); do
     if running "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; fi
   done
   echo "Prefect UI:  http://127.0.0.1:${PREFECT_PORT}"
   echo "MLflow UI:   $MLFLOW_TRACKING_URI"
 }
 
+extra_workers() {  # the names of the workers `worker` started
+  local pidfile
+  for pidfile in "$STATE"/prefect-worker-*.pid; do
+    [[ -e "$pidfile" ]] && basename "$pidfile" .pid
+  done
+  return 0
+}
+
 down() {
-  for name in prefect-worker mlflow-server prefect-server; do stop "$name"; done
+  for name in $(extra_workers) prefect-worker mlflow-server prefect-server; do stop "$name"; done
   postgres_down
 }
 
@@ -168,5 +220,7 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   deploy) deploy ;;
-  *) echo "usage: $0 up|down|status|deploy" >&2; exit 2 ;;
+  worker) worker ;;
+  restart) shift; restart "$@" ;;
+  *) echo "usage: $0 up|down|status|deploy|worker|restart SERVICE [SECONDS]" >&2; exit 2 ;;
 esac

@@ -6,7 +6,12 @@ so `make run` on a fresh clone needs no configuration and leaves nothing elsewhe
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from mlpaint.storage import sibling_uri
@@ -38,3 +43,51 @@ def feedback_store_option(value: str | None, bundle_uri: str | None = None) -> s
     if value is not None and value.strip().lower() == FEEDBACK_OFF:
         return None
     return value or default_feedback_store(bundle_uri)
+
+
+# --- work areas in the cache -----------------------------------------------------------------
+
+#: Cache folders whose entries are built in hidden staging folders (`.<key>.<random>`) and
+#: renamed into place when whole.
+STAGED_CACHE_FOLDERS = ("tables", "features", "augmented", "feedback", "fits")
+#: Cache folders that hold per-run work areas (`publish` is where older versions kept them).
+WORK_FOLDERS = ("work", "publish")
+#: A staging folder or work area untouched this long belongs to a run that was killed
+#: outright: no fit or publication runs for a day.
+STALE_AFTER_SECONDS = 24 * 3600
+
+
+@contextlib.contextmanager
+def work_area(cache_dir: Path, name: str) -> Iterator[Path]:
+    """A folder of this run's own under `<cache>/work/`, removed when the block ends, however
+    it ends, so runs at once never share one and finished or failed runs leave nothing."""
+    parent = cache_dir / "work"
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_stale_work(cache_dir: Path, older_than_s: float = STALE_AFTER_SECONDS) -> list[Path]:
+    """Remove what runs killed outright left in the cache (their hook-less deaths skip
+    `work_area`'s cleanup): staging folders and work areas not modified for `older_than_s`.
+    What was removed."""
+    now, removed = time.time(), []
+    candidates = [entry for name in STAGED_CACHE_FOLDERS if (cache_dir / name).is_dir()
+                  for entry in (cache_dir / name).rglob(".*") if entry.is_dir()]
+    candidates += [entry for name in WORK_FOLDERS if (cache_dir / name).is_dir()
+                   for entry in (cache_dir / name).iterdir()]
+    for entry in candidates:
+        try:
+            if now - entry.stat().st_mtime < older_than_s:
+                continue
+        except FileNotFoundError:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

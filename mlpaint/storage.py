@@ -8,19 +8,38 @@ Guarantees both kinds keep:
 - `put_bytes`/`put_file` replace an object whole: a reader sees the old or the new bytes;
 - `create` writes an object only if its key is free, atomically, and never overwrites: of
   two concurrent creators of one key exactly one wins, which is what makes a
-  content-addressed store safe to append to from many processes.
+  content-addressed store safe to append to from many processes;
+- `lock(name)` is a critical section shared by every process using the store, on any
+  machine: the publishing gate's read-compare-flip runs under it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import os
 import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
 from mlpaint.data.integrity import atomic_path, scratch_path
+
+logger = logging.getLogger(__name__)
+
+LOCKS_FOLDER = ".locks"
+# How long a waiter waits for a lock before giving up, and how long an S3 lease lasts: a
+# publisher that died holding one blocks the next for at most this long. Both are far above
+# the few tens of seconds a gate and an upload take.
+LOCK_TIMEOUT_S = 900.0
+LEASE_SECONDS = 900.0
+_LOCK_POLL_S = 0.5
 
 
 class ObjectStore(Protocol):
@@ -42,9 +61,20 @@ class ObjectStore(Protocol):
 
     def check_writable(self) -> None: ...
 
+    def lock(self, name: str,
+             timeout_s: float = LOCK_TIMEOUT_S) -> contextlib.AbstractContextManager[None]: ...
+
 
 class StoreUnavailableError(OSError):
     """A store that cannot be reached or written: the message says which and why."""
+
+
+class LockTimeoutError(TimeoutError):
+    """Another process held a store's lock for longer than this one would wait."""
+
+
+def _lock_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 @dataclass(frozen=True)
@@ -105,6 +135,29 @@ class LocalStore:
         if not os.access(self.root, os.W_OK | os.X_OK):
             raise StoreUnavailableError(f"{self.root}: not writable by this user")
 
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """An OS file lock (flock) beside the folder's contents: the kernel releases it when
+        its holder dies, however it dies, so no stale lock is ever left behind."""
+        from filelock import FileLock, Timeout
+
+        path = self.root / LOCKS_FOLDER / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path))
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            logger.info("%s: held by another process; waiting up to %.0f s", path, timeout_s)
+            try:
+                lock.acquire(timeout=timeout_s)
+            except Timeout as exc:
+                raise LockTimeoutError(f"{path}: held by another process for over "
+                                       f"{timeout_s:.0f} s") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
 
 @dataclass(frozen=True)
 class S3Store:
@@ -150,9 +203,7 @@ class S3Store:
             self._client().put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
                                       IfNoneMatch="*")
         except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code")
-            # 412: the key exists; 409: a concurrent conditional write to it is in flight.
-            if code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+            if _is_precondition_failure(exc):  # the key exists, or is being created
                 return False
             raise
         return True
@@ -192,6 +243,86 @@ class S3Store:
             keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
             if keys:
                 client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys})
+
+    @contextlib.contextmanager
+    def lock(self, name: str, timeout_s: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """A lease object taken with S3's conditional writes. It is created only if absent
+        (`If-None-Match: *`); a lease past its expiry is taken over only by replacing the
+        exact object seen (`If-Match` on its ETag), so of two waiters one wins; the holder
+        deletes it on exit only if it is still its own. A holder that died leaves a lease
+        that blocks others until it expires (`LEASE_SECONDS`)."""
+        from botocore.exceptions import ClientError
+
+        client, key = self._client(), self._key(f"{LOCKS_FOLDER}/{name}.lock")
+        owner = _lock_owner()
+        deadline = time.monotonic() + timeout_s
+        etag, waited = None, False
+        while etag is None:
+            body = json.dumps({"owner": owner,
+                               "expires_at": time.time() + LEASE_SECONDS}).encode()
+            etag = self._take_lease(client, key, body)
+            if etag is None and not waited:
+                waited = True
+                logger.info("%s: held by another process; waiting up to %.0f s",
+                            self.describe(key), timeout_s)
+            if etag is None:
+                if time.monotonic() > deadline:
+                    holder = self.get_bytes(f"{LOCKS_FOLDER}/{name}.lock") or b"{}"
+                    raise LockTimeoutError(
+                        f"{self.describe(f'{LOCKS_FOLDER}/{name}.lock')}: held by "
+                        f"{json.loads(holder).get('owner', 'another process')} for over "
+                        f"{timeout_s:.0f} s")
+                time.sleep(_LOCK_POLL_S)
+        try:
+            yield
+        finally:
+            try:
+                client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+            except ClientError as exc:
+                if not _is_precondition_failure(exc):
+                    raise
+                logger.warning("%s: the lease expired and was taken over before this holder "
+                               "finished", self.describe(key))
+
+    def _take_lease(self, client, key: str, body: bytes) -> str | None:
+        """Create the lease, or take over an expired one; its ETag if this process holds it."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                     IfNoneMatch="*")["ETag"]
+        except ClientError as exc:
+            if not _is_precondition_failure(exc):
+                raise
+        try:
+            current = client.get_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                return None  # released meanwhile: the next attempt creates it
+            raise
+        try:
+            expires_at = float(json.loads(current["Body"].read())["expires_at"])
+        except (ValueError, KeyError, TypeError):
+            expires_at = 0.0  # unreadable: treat as expired rather than block forever
+        if expires_at > time.time():
+            return None
+        try:
+            taken = client.put_object(Bucket=self.bucket, Key=key, Body=body,
+                                      IfMatch=current["ETag"])["ETag"]
+        except ClientError as exc:
+            if not _is_precondition_failure(exc):
+                raise
+            return None
+        logger.warning("%s: took over a lease that expired (its holder died or hung)",
+                       self.describe(key))
+        return taken
+
+
+def _is_precondition_failure(exc) -> bool:
+    """412 (the condition did not hold) or 409 (a concurrent conditional write is in flight):
+    another writer got there first."""
+    return exc.response.get("Error", {}).get("Code") in {
+        "PreconditionFailed", "ConditionalRequestConflict", "412", "409"}
 
 
 def store_for(uri: str) -> ObjectStore:

@@ -6,9 +6,13 @@ the working directory, with artifacts beside it. Nothing is configured at import
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -17,6 +21,8 @@ import numpy as np
 
 from mlpaint.locations import LOCAL_STORE_DIR
 from mlpaint.training.evaluation import Evaluation
+
+logger = logging.getLogger(__name__)
 
 REGISTERED_MODEL_NAME = "mnist-digits"
 # The MLflow UI opens an experiment of this kind on its training runs (not on GenAI traces).
@@ -267,3 +273,49 @@ def log_datasets(client, run_id: str, uses: list[DatasetUse]) -> None:
                              profile=json.dumps({"num_rows": use.rows})),
                      tags=[InputTag(MLFLOW_DATASET_CONTEXT, use.context)])
         for use in uses])
+
+
+def _folder_megabytes(folder: Path) -> float:
+    total = 0
+    for path in folder.rglob("*"):
+        with contextlib.suppress(OSError):  # removed meanwhile by a concurrent run
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_size
+    return total / 1e6
+
+
+def _peak_rss_megabytes() -> float:
+    """The largest resident memory of this process and of its finished children (Linux
+    reports kilobytes)."""
+    import resource
+
+    return max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1e3
+
+
+@contextlib.contextmanager
+def recording_resources(tracking_uri: str, run_id: str, cache_dir: Path,
+                        sampling_seconds: float = 10.0) -> Iterator[None]:
+    """MLflow's system metrics (CPU, memory, disk and network under `system/`, sampled every
+    `sampling_seconds` by a background thread) on `run_id` while the block runs; at its end,
+    whatever the outcome, the process's peak memory and the size of the cache the run
+    reads and fills (`resources/peak_rss_mb`, `resources/cache_mb`)."""
+    from mlflow.entities import Metric
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=sampling_seconds,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        try:
+            tracking_client(tracking_uri).log_batch(run_id, metrics=[
+                Metric("resources/peak_rss_mb", round(_peak_rss_megabytes(), 1),
+                       int(time.time() * 1000), 0),
+                Metric("resources/cache_mb", round(_folder_megabytes(cache_dir), 1),
+                       int(time.time() * 1000), 0)])
+        except Exception:  # the run's outcome matters more than its resource figures
+            logger.warning("could not log the resources of MLflow run %s", run_id,
+                           exc_info=True)

@@ -512,14 +512,33 @@ def _write_fit_artifacts(result: FitResult, folder: Path, title: str) -> list[Pa
     return [*paths, statistics]
 
 
+#: On a fold run: "true" when its fit was taken from an earlier attempt's finished work.
+FIT_REUSED_TAG = "mlpaint.fit_reused"
+
+
 @task(name="log-fold-run", **SERVICE_CALL_RETRIES)
 def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> str:
-    """A nested run for one fold: its metrics, evaluation artifacts and model files."""
+    """A nested run for one fold: its metrics, evaluation artifacts and model files.
+
+    Idempotent: a retry after a failed call (the tracking server went away halfway) finishes
+    the fold run the first try created instead of creating a second one. The run carries
+    the parent's Prefect flow run tag, so a dead attempt's open fold runs are ended too."""
     client = tracking_client(tracking_uri)
     parent = client.get_run(parent_run_id)
-    run = client.create_run(parent.info.experiment_id, tags={
-        "mlflow.parentRunId": parent_run_id, "mlflow.runName": result.name})
-    run_id = run.info.run_id
+    earlier = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                      f"tags.`mlflow.runName` = '{result.name}'")
+    if earlier and earlier[0].info.status == "FINISHED":
+        return earlier[0].info.run_id
+    if earlier:
+        run_id = earlier[0].info.run_id
+    else:
+        tags = {"mlflow.parentRunId": parent_run_id, "mlflow.runName": result.name,
+                FIT_REUSED_TAG: str(result.reused).lower()}
+        if FLOW_RUN_TAG in parent.data.tags:
+            tags[FLOW_RUN_TAG] = parent.data.tags[FLOW_RUN_TAG]
+        run_id = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
     _log_params(client, run_id, {"fold": result.name, "train_rows": str(result.train_rows),
                                  "test_rows": str(result.test_rows)})
     metrics = {**_metrics("", result.evaluation), **_wild_metrics("", result)}

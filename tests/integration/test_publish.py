@@ -187,3 +187,48 @@ def test_a_version_from_an_unfinished_experiment_is_never_published(harness, reg
         _publish(registry, monkeypatch, model_version=version, to=str(tmp_path / "b1"))
     newest = _publish(registry, monkeypatch, to=str(tmp_path / "b2"))
     assert newest.model_version != version
+
+
+def test_two_publishers_at_once_leave_the_alias_and_latest_agreeing(harness, registry,
+                                                                    monkeypatch, tmp_path,
+                                                                    prefect_api):
+    """The gate's read-compare-flip is one critical section per destination. The first
+    publisher (version 3, as good as the champion) pauses inside it, between uploading its
+    bundle and moving LATEST; a second (version 2, forced) arrives meanwhile and waits. It
+    then reads the champion the first one made, and the alias and LATEST end naming the
+    same version."""
+    client = MlflowClient(registry["uri"], registry["uri"])
+    dest = tmp_path / "bundles"
+    _publish(registry, monkeypatch, model_version="1", to=str(dest), force=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registry["uri"], "PREFECT_API_URL": prefect_api,
+           "PREFECT_HOME": str(tmp_path / "prefect-client"),
+           "PREFECT_LOGGING_EXTRA_LOGGERS": "mlpaint"}
+    mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
+
+    def publisher(version: str, *extra: str, pause: str = "0") -> subprocess.Popen:
+        return subprocess.Popen(
+            [mlpaint, "publish", "--model-version", version, "--to", str(dest), "--json",
+             "--gallery-per-digit", "5", "--source", registry["source"], "--cache-dir",
+             registry["cache"], *extra],
+            env={**env, "MLPAINT_FAULT_PAUSE_BEFORE_POINTER": pause}, cwd=REPO,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first = publisher("3", pause="45")
+    deadline = time.monotonic() + 300
+    while not list((dest / "versions").glob("*-v3/manifest.json")):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+        time.sleep(0.5)
+    second = publisher("2", "--force")
+    reports = []
+    for process in (first, second):
+        stdout, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr[-3000:]
+        reports.append((json.loads(stdout.strip().splitlines()[-1]), stderr))
+    (first_report, _), (second_report, second_log) = reports
+    assert first_report["gate"]["alias"] == "champion"
+    assert "held by another process; waiting" in second_log
+    assert second_report["gate"]["champion_version"] == "3"  # read after the first's flip
+    champion = client.get_model_version_by_alias("mnist-digits", "champion")
+    latest = load_bundle(str(dest), cache_dir=tmp_path / "cache")
+    assert str(champion.version) == latest.info.model_version == "2"
+    assert latest.info.version == second_report["bundle"]["version"]

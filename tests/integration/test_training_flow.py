@@ -91,6 +91,10 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     assert parent.data.metrics["test_accuracy"] == pytest.approx(
         summary.final.evaluation.accuracy)
     assert 0.7 < summary.final.evaluation.accuracy <= 1.0  # a real model, even a tiny one
+    # The run's resources: this process's peak memory (at least the 1,500-row matrices and
+    # Python itself) and the cache it filled.
+    assert 100 < parent.data.metrics["resources/peak_rss_mb"] < 24_000
+    assert parent.data.metrics["resources/cache_mb"] > 1
 
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
