@@ -72,19 +72,77 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
     finds the schema complete. Once per store per process."""
     if tracking_uri in _prepared_stores:
         return
+    import sqlite3
+
     from filelock import FileLock
     from mlflow.store.model_registry.sqlalchemy_store import (
         SqlAlchemyStore as RegistryStore,
     )
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from sqlalchemy.exc import SQLAlchemyError
 
     database = Path(tracking_uri.removeprefix(SQLITE_PREFIX))
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock"):
-        # Opening the stores runs MLflow's schema creation and migrations.
-        TrackingStore(tracking_uri, _sqlite_artifact_root(tracking_uri))
-        RegistryStore(tracking_uri)
+        _repair_interrupted_migration(database)
+        try:
+            # Opening the stores runs MLflow's schema creation and migrations.
+            TrackingStore(tracking_uri, _sqlite_artifact_root(tracking_uri))
+            RegistryStore(tracking_uri)
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            raise TrackingStoreError(
+                f"{database}: MLflow could not open or upgrade this store ({exc}). Back the "
+                f"file up, then run `mlflow db upgrade {tracking_uri}`, or move the file "
+                "away to start a new store") from exc
     _prepared_stores.add(tracking_uri)
+
+
+class TrackingStoreError(RuntimeError):
+    """A local MLflow store that cannot be opened: the message says what to do."""
+
+
+_ALEMBIC_TMP_PREFIX = "_alembic_tmp_"
+
+
+def _repair_interrupted_migration(database: Path) -> list[str]:
+    """Finish what an interrupted schema migration left, before MLflow migrates again.
+
+    On SQLite, Alembic changes a table by copying it to `_alembic_tmp_<table>`, dropping the
+    original and renaming the copy. A migration killed between the copy and the drop, or
+    two run at once (older mlpaint, or MLflow without its own lock), leaves the copy beside
+    an intact original, and every later open fails with `table _alembic_tmp_<table> already
+    exists`. Such a copy holds nothing the original lacks: it is dropped, after a backup of
+    the database beside it, and the migration then runs again. A copy whose original is gone
+    is not guessed at: the error names the command that finishes it. Returns the tables
+    repaired."""
+    import sqlite3
+
+    if not database.is_file():
+        return []
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        leftovers = sorted(t for t in tables if t.startswith(_ALEMBIC_TMP_PREFIX))
+        if not leftovers:
+            return []
+        orphans = [t for t in leftovers if t.removeprefix(_ALEMBIC_TMP_PREFIX) not in tables]
+        if orphans:
+            commands = "; ".join(f"ALTER TABLE {t} RENAME TO "
+                                 f"{t.removeprefix(_ALEMBIC_TMP_PREFIX)}" for t in orphans)
+            raise TrackingStoreError(
+                f"{database}: an interrupted MLflow migration left {', '.join(orphans)} "
+                f"without its original table. Back the file up, then run "
+                f"`sqlite3 {database} '{commands}'` and "
+                f"`mlflow db upgrade {SQLITE_PREFIX}{database}`")
+        backup = database.with_name(f"{database.name}.before-repair-{int(time.time())}")
+        with contextlib.closing(sqlite3.connect(backup)) as copy:
+            connection.backup(copy)
+        for table in leftovers:
+            connection.execute(f'DROP TABLE "{table}"')
+        connection.commit()
+    logger.warning("%s: dropped %s, left by an interrupted MLflow schema migration (backup "
+                   "at %s); the migration runs again", database, ", ".join(leftovers), backup)
+    return leftovers
 
 
 def ensure_experiment(client, name: str, tracking_uri: str) -> str:

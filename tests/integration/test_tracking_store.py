@@ -1,0 +1,68 @@
+"""The embedded SQLite MLflow store: one left half-migrated (as two first opens at once used
+to leave it) is repaired on the next open, with a backup; one that cannot be repaired safely
+is reported with the commands that finish it, never as a raw SQL error."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from alembic import command
+from mlflow import MlflowClient
+from mlflow.store.db.utils import _get_alembic_config
+from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
+
+from mlpaint.tracking import TrackingStoreError, prepare_sqlite_store
+
+pytestmark = pytest.mark.integration
+
+# The MLflow schema revision just before the migration that rebuilds `experiments` (adding
+# workspace columns, by Alembic's copy-and-rename on SQLite). Revisions are never removed, so
+# newer MLflow versions still migrate through it.
+BEFORE_EXPERIMENTS_REBUILD = "c8d9e0f1a2b3"
+
+
+def _interrupted_store(folder: Path) -> tuple[Path, str]:
+    """A store whose migration of `experiments` died after copying the table: the schema at
+    the revision before, plus the copy Alembic had made."""
+    database = folder / "mlflow.db"
+    uri = f"sqlite:///{database}"
+    engine = sqlalchemy.create_engine(uri)
+    InitialBase.metadata.create_all(engine)
+    config = _get_alembic_config(uri)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, BEFORE_EXPERIMENTS_REBUILD)
+    engine.dispose()
+    with sqlite3.connect(database) as connection:
+        connection.execute("CREATE TABLE _alembic_tmp_experiments AS SELECT * FROM experiments")
+    return database, uri
+
+
+def _tables(database: Path) -> set[str]:
+    with sqlite3.connect(database) as connection:
+        return {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def test_a_half_migrated_store_is_repaired_and_backed_up(tmp_path):
+    database, uri = _interrupted_store(tmp_path)
+    prepare_sqlite_store(uri)
+    assert not {t for t in _tables(database) if t.startswith("_alembic_tmp_")}
+    backups = list(tmp_path.glob("mlflow.db.before-repair-*"))
+    assert len(backups) == 1 and "_alembic_tmp_experiments" in _tables(backups[0])
+    client = MlflowClient(uri, uri)
+    experiment = client.create_experiment("after-repair")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "accuracy", 0.9)
+    assert client.get_run(run.info.run_id).data.metrics == {"accuracy": 0.9}
+
+
+def test_a_copy_without_its_original_is_reported_with_the_fix(tmp_path):
+    database, uri = _interrupted_store(tmp_path)
+    with sqlite3.connect(database) as connection:
+        connection.execute("DROP TABLE experiments")
+    with pytest.raises(TrackingStoreError, match=r"ALTER TABLE _alembic_tmp_experiments "
+                                                 r"RENAME TO experiments.*mlflow db upgrade"):
+        prepare_sqlite_store(uri)
+    assert "_alembic_tmp_experiments" in _tables(database)  # nothing guessed at
