@@ -9,6 +9,8 @@
     .venv/bin/python -m bench.train --part size       # accuracy vs explanation cost
     .venv/bin/python -m bench.train --part champion --candidate c4-31leaves
                                       # a champion candidate: held-out and redrawn digits
+    .venv/bin/python -m bench.train --part resume --runs 2
+                                      # a rerun after a crash at the last fold vs a full run
 
 `accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
 on the official 10,000-row test set; wall time of the fit alone.
@@ -25,6 +27,11 @@ on MLDB's 80% of the training rows and their augmented copies; every 200 rounds,
 the held-out 20% and on `--digits` of those held-out digits redrawn by bench/robustness.py's
 generator, and the time to explain one digit for all ten classes. No official test digit is
 read: the champion is chosen without it.
+`resume`: `mlpaint train --folds 5` on full MNIST three ways, `--runs` times each, in one
+cache per run: cold (nothing cached), full (the data stages cached, no fit: a run from
+scratch on a machine that has the data), and resumed (every fit cached but the last fold's,
+which is removed: the state a run killed while the last fold trained leaves). Medians, and
+the resumed run's share of the full run's wall time.
 `ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
 IDX files, the same feature stage, the same six fits with the same parameters, threads and
 concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
@@ -319,6 +326,47 @@ def part_default(mnist: Path, port: int) -> dict:
     return result
 
 
+def _remove_fit(cache: Path, name: str) -> None:
+    """Remove the stored fit named `name` (`fold-4`, `final`) from a cache's finished fits."""
+    import shutil
+
+    stored = [folder for folder in (cache / "fits").iterdir()
+              if (folder / "fit.json").is_file()
+              and json.loads((folder / "fit.json").read_text())["name"] == name]
+    if len(stored) != 1:
+        raise RuntimeError(f"expected one stored {name} fit, found {len(stored)}")
+    shutil.rmtree(stored[0])
+
+
+def part_resume(mnist: Path, runs: int, folds: int) -> dict:
+    """Cold, full and resumed `mlpaint train --folds K` wall times; see the module docstring."""
+    import shutil
+
+    args = ["--source", str(mnist), "--folds", str(folds)]
+    times: dict[str, list[float]] = {"cold": [], "full": [], "resumed": []}
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as folder:
+            workdir = Path(folder)
+            seconds, _ = _mlpaint_train(args, workdir)
+            times["cold"].append(seconds)
+            shutil.rmtree(workdir / "cache" / "fits")
+            seconds, report = _mlpaint_train(args, workdir)
+            assert not any(f["reused"] for f in report["folds"])
+            times["full"].append(seconds)
+            _remove_fit(workdir / "cache", f"fold-{folds - 1}")
+            seconds, report = _mlpaint_train(args, workdir)
+            reused = [f["name"] for f in [*report["folds"], report["test"]] if f["reused"]]
+            assert len(reused) == folds, reused  # all but the last fold
+            times["resumed"].append(seconds)
+        logger.info("%s", times)
+    medians = {name: round(statistics.median(values), 1) for name, values in times.items()}
+    result = {"runs": runs, "seconds": times, "medians": medians,
+              "resumed_share_of_full": round(medians["resumed"] / medians["full"], 3),
+              "resumed_share_of_cold": round(medians["resumed"] / medians["cold"], 3)}
+    logger.info("%s", result)
+    return result
+
+
 def _bare(mnist: Path, folds: int, stage: str) -> float:
     """The same fits as `mlpaint train --folds K --features STAGE`, with nothing around them."""
     import lightgbm as lgb
@@ -406,7 +454,7 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",
-                                           "champion"], required=True)
+                                           "champion", "resume"], required=True)
     parser.add_argument("--candidate", choices=["shipped", *sorted(CHAMPION_CANDIDATES)],
                         help="with --part champion")
     parser.add_argument("--digits", type=int, default=1000,
@@ -438,6 +486,8 @@ def main() -> None:
         result = part_champion(args.mnist, args.candidate, args.digits, args.repeats)
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
+    elif args.part == "resume":
+        result = part_resume(args.mnist, args.runs, args.folds)
     else:
         result = part_ratio(args.mnist, args.runs, args.folds, args.features,
                             prefect_server_port=args.prefect_server_port)

@@ -13,7 +13,7 @@ from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
 from mlpaint.bundle import PublishResult
 from mlpaint.data.integrity import default_cache_dir
-from mlpaint.locations import default_bundle_destination, work_area
+from mlpaint.locations import BUILT_BUNDLES, default_bundle_destination, work_area
 from mlpaint.publish import GateDecision
 from mlpaint.storage import store_for
 from mlpaint.tracking import resolve_tracking_uri
@@ -82,7 +82,7 @@ def publish_model(
                    "training_run_dataset": candidate.data_fingerprint}
     with work_area(cache, f"publish-v{candidate.version}") as work_dir:
         built = build_bundle(candidate, dataset.tables["test"], fingerprint,
-                             gallery_per_digit, work_dir, tracking_uri)
+                             gallery_per_digit, cache / BUILT_BUNDLES, work_dir, tracking_uri)
         # Read the champion, compare, move LATEST and the alias as one critical section per
         # destination: two publishers at once (a scheduled run and a UI run) otherwise can
         # leave the alias and LATEST naming different versions.

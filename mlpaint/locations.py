@@ -50,11 +50,26 @@ def feedback_store_option(value: str | None, bundle_uri: str | None = None) -> s
 #: Cache folders whose entries are built in hidden staging folders (`.<key>.<random>`) and
 #: renamed into place when whole.
 STAGED_CACHE_FOLDERS = ("tables", "features", "augmented", "feedback", "fits")
-#: Cache folders that hold per-run work areas (`publish` is where older versions kept them).
-WORK_FOLDERS = ("work", "publish")
+#: Built bundles, kept for a retry or rerun of the same publication only.
+BUILT_BUNDLES = "built-bundles"
+#: Cache folders whose entries serve one run and its retries: per-run work areas (`publish`
+#: is where older versions kept them) and built bundles.
+WORK_FOLDERS = ("work", "publish", BUILT_BUNDLES)
 #: A staging folder or work area untouched this long belongs to a run that was killed
 #: outright: no fit or publication runs for a day.
 STALE_AFTER_SECONDS = 24 * 3600
+
+
+def place_in_cache(staging: Path, folder: Path, *, marker: str) -> None:
+    """Rename a finished staging folder into its cache place, whole. A concurrent run that
+    computed the same content first wins (its `marker` file is there): its copy is kept and
+    ours dropped."""
+    try:
+        staging.rename(folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / marker).is_file():
+            raise
 
 
 @contextlib.contextmanager

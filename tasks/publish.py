@@ -4,6 +4,7 @@ the bundle is compute and does not."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import tempfile
 from dataclasses import asdict, dataclass
@@ -22,6 +23,7 @@ from mlpaint.bundle import (
 from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import load_table, row_keys
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
+from mlpaint.locations import place_in_cache
 from mlpaint.publish import (
     CHALLENGER,
     CHAMPION,
@@ -95,11 +97,40 @@ class BuiltBundle:
     test_accuracy: float
 
 
+#: Bump when a change to explaining or bundling makes earlier built bundles wrong to reuse.
+BUILD_CODE_VERSION = 1
+_BUILT = "built.json"
+
+
+def _build_key(candidate: CandidateRef, test_table_dir: str, data_fingerprint: dict,
+               per_digit: int) -> str:
+    """Everything a built bundle depends on: the registered version (its run's id pins the
+    model), the content-keyed test table, the fingerprints, the gallery size, the code."""
+    table = Path(test_table_dir)
+    material = json.dumps({"model": [candidate.name, candidate.version, candidate.run_id],
+                           "test_table": f"{table.parent.name}/{table.name}",
+                           "fingerprint": data_fingerprint, "per_digit": per_digit,
+                           "code": BUILD_CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
 @task(name="build-bundle")
 def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint: dict,
-                 per_digit: int, work_dir: Path, tracking_uri: str) -> BuiltBundle:
-    """Load the candidate, explain the whole official test set exactly, build the bundle."""
+                 per_digit: int, built_dir: Path, work_dir: Path,
+                 tracking_uri: str) -> BuiltBundle:
+    """Load the candidate, explain the whole official test set exactly, build the bundle.
+
+    The bundle is kept under `built_dir`, keyed by all it depends on, so a retry or rerun of
+    a publication that died after this step (at the gate, the upload, the registry) takes it
+    from there instead of explaining 10,000 digits again."""
     logger = get_run_logger()
+    folder = built_dir / _build_key(candidate, test_table_dir, data_fingerprint, per_digit)
+    if (folder / _BUILT).is_file():
+        built = json.loads((folder / _BUILT).read_text())
+        logger.info("reusing the bundle built for version %s by an earlier attempt (%s)",
+                    candidate.version, folder)
+        return BuiltBundle(str(folder / "bundle"), BundleInfo(**built["info"]),
+                           built["test_accuracy"])
     table = load_table(Path(test_table_dir))
     model = load_registered_model(candidate.name, candidate.version, tracking_uri)
     features = model.features(table.pixels)
@@ -111,12 +142,18 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
                 explanations.max_additivity_error)
     staging = Path(tempfile.mkdtemp(prefix=f"bundle-v{candidate.version}-", dir=work_dir))
     info = build_bundle_folder(
-        staging, model, explanations, model_name=candidate.name,
+        staging / "bundle", model, explanations, model_name=candidate.name,
         model_version=candidate.version, run_id=candidate.run_id,
         metrics={"test_accuracy": explanations.test_accuracy,
                  "test_rows": float(table.meta.rows)},
         data_fingerprint={**data_fingerprint, **table.meta.inputs_sha256})
-    return BuiltBundle(str(staging), info, explanations.test_accuracy)
+    (staging / _BUILT).write_text(json.dumps({"info": asdict(info),
+                                              "test_accuracy": explanations.test_accuracy}))
+    built_dir.mkdir(parents=True, exist_ok=True)
+    place_in_cache(staging, folder, marker=_BUILT)
+    built = json.loads((folder / _BUILT).read_text())  # a concurrent run's, if it won
+    return BuiltBundle(str(folder / "bundle"), BundleInfo(**built["info"]),
+                       built["test_accuracy"])
 
 
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)

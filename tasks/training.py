@@ -29,6 +29,7 @@ from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import render_label_grid
 from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
+from mlpaint.locations import place_in_cache
 from mlpaint.tracking import (
     FLOW_RUN_TAG,
     DatasetUse,
@@ -70,17 +71,6 @@ class FeatureMatrix:
         return _load_matrix(Path(self.folder), "row_hash.npy")
 
 
-def _move_into_cache(staging: Path, folder: Path, marker: str = "features.npy") -> None:
-    """Rename a finished staging folder into its cache place. A concurrent run that computed
-    the same content first wins; its copy is kept and ours dropped."""
-    try:
-        staging.rename(folder)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (folder / marker).is_file():
-            raise
-
-
 @task(name="prepare-features")
 def prepare_features(table_dir: str, stage: FeatureStage, limit: int | None,
                      cache_dir: Path) -> FeatureMatrix:
@@ -99,7 +89,7 @@ def prepare_features(table_dir: str, stage: FeatureStage, limit: int | None,
     np.save(staging / "features.npy", apply_feature_stage(stage, table.pixels[:rows]))
     np.save(staging / "labels.npy", np.asarray(table.labels[:rows]))
     np.save(staging / "row_hash.npy", np.asarray(table.row_hash[:rows]))
-    _move_into_cache(staging, folder)
+    place_in_cache(staging, folder, marker="features.npy")
     get_run_logger().info("%s features of %d %s rows in %s", stage.value, rows,
                           table.meta.split, folder)
     return FeatureMatrix(str(folder), rows, stage.value)
@@ -147,7 +137,7 @@ def prepare_augmented(table_dir: str, stage: FeatureStage, limit: int | None,
     np.save(staging / "features.npy", apply_feature_stage(stage, pixels))
     np.save(staging / "labels.npy", np.asarray(table.labels[:rows])[source])
     np.save(staging / "source_row.npy", source)
-    _move_into_cache(staging, folder)
+    place_in_cache(staging, folder, marker="features.npy")
     logger.info("%d augmented copies of %d %s rows in %.1f s, in %s", augment_spec.copies,
                 rows, table.meta.split, time.perf_counter() - start, folder)
     return AugmentedMatrix(str(folder), len(source))
@@ -237,7 +227,7 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
         ids = np.asarray(snapshot.ids, dtype=object)
         (staging / "ids.json").write_text(json.dumps(
             {"train": ids[~wild].tolist(), "wild": ids[wild].tolist()}))
-        _move_into_cache(staging, folder, marker="ids.json")
+        place_in_cache(staging, folder, marker="ids.json")
     logger.info("feedback %s: %d records for training (%d rows with augmented copies), %d in "
                 "the wild test set, %d rejected left out", snapshot.store,
                 reference.train_records, reference.train_rows, reference.wild_rows,
@@ -367,7 +357,7 @@ def _reuse_or_fit(key: str, fits_dir: Path, fit) -> FitResult:
     try:
         result = fit(staging)
         (staging / "fit.json").write_text(json.dumps(result.to_json()))
-        _move_into_cache(staging, folder, marker="fit.json")
+        place_in_cache(staging, folder, marker="fit.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dataclasses.replace(result, model_dir=str(folder / "model"))

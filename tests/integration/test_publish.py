@@ -232,3 +232,20 @@ def test_two_publishers_at_once_leave_the_alias_and_latest_agreeing(harness, reg
     latest = load_bundle(str(dest), cache_dir=tmp_path / "cache")
     assert str(champion.version) == latest.info.model_version == "2"
     assert latest.info.version == second_report["bundle"]["version"]
+
+
+def test_a_rerun_reuses_the_built_bundle_and_leaves_no_work_area(harness, registry,
+                                                                 monkeypatch, tmp_path):
+    """Explaining the test set is publishing's expensive step: a rerun of a publication
+    (a retry after the gate or the upload failed) takes the bundle its first attempt built,
+    the very bundle (same version id, which holds its build time). Each run's work area is
+    gone when it ends."""
+    dest = str(tmp_path / "bundles")
+    work = Path(registry["cache"]) / "work"
+    left_before = set(work.iterdir()) if work.exists() else set()  # by a killed publisher
+    first = _publish(registry, monkeypatch, model_version="1", to=dest, force=True)
+    again = _publish(registry, monkeypatch, model_version="1", to=dest, force=True)
+    assert again.bundle.version == first.bundle.version
+    other = _publish(registry, monkeypatch, model_version="3", to=dest, force=True)
+    assert other.bundle.version != first.bundle.version  # another model, built anew
+    assert set(work.iterdir()) == left_before

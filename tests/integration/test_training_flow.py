@@ -15,6 +15,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
 from mlpaint.augment import AugmentSpec
+from mlpaint.bundle import load_bundle
 from tests.conftest import free_port, start_service, stop_service
 
 pytestmark = pytest.mark.integration
@@ -388,7 +389,10 @@ def test_two_cli_runs_at_once_on_embedded_defaults(training_inputs, cli_env, tmp
         assert report["publication"] is not None
     versions = {r["registered_model"]["version"] for r in reports}
     assert versions == {"1", "2"}
-    assert (tmp_path / "bundles" / "LATEST").is_file()
+    # The gates ran one after the other: the registry's champion is what LATEST serves.
+    champion = client.get_model_version_by_alias("mnist-digits", "champion")
+    served = load_bundle(str(tmp_path / "bundles"), cache_dir=tmp_path / "bundle-cache")
+    assert served.info.model_version == str(champion.version)
     # Nothing went to MLflow's process-wide default store (./mlflow.db or ./mlruns).
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
 
