@@ -9,10 +9,11 @@ automations, both restricted to runs tagged `mlpaint` (every deployment of prefe
 1. "crash silent runs": a running flow run that has sent a heartbeat and then nothing for
    `MLPAINT_ZOMBIE_SECONDS` (default 90: three missed beats at the stack's 30 s) is set
    Crashed;
-2. "rerun crashed runs": a Crashed run is scheduled again (AwaitingRetry), so any live worker
-   of the pool takes it. The rerun reuses every fit that finished (see flows/train.py) and
-   ends the MLflow runs its dead attempt left open as KILLED; `flows.attempts` bounds the
-   starts of one run, so a run that crashes every time ends Failed instead of looping.
+2. "rerun crashed runs": a Crashed run that had sent a heartbeat (its flow code was running)
+   is scheduled again (AwaitingRetry), so any live worker of the pool takes it. The rerun
+   reuses every fit that finished (see flows/train.py) and ends the MLflow runs its dead
+   attempt left open as KILLED; `flows.attempts` bounds the starts of one run, so a run
+   that crashes every time ends Failed instead of looping.
 
 Run by `infra/stack.sh up` (and `deploy`) against PREFECT_API_URL; running it again
 replaces the two automations with the current definitions.
@@ -63,15 +64,20 @@ def automations(silence: timedelta) -> list[Automation]:
         ),
         Automation(
             name=RERUN_CRASHED_RUNS,
-            description="A crashed flow run is scheduled again, for any live worker.",
+            description="A flow run that crashed after it started beating is scheduled "
+                        "again, for any live worker.",
+            # `after` a heartbeat: only a run whose flow code was running is rerun. One that
+            # crashes before its code starts (a broken checkout, say) never beats, so it is
+            # not rescheduled into the same crash forever. The window outlasts any run.
             trigger=EventTrigger(
                 match={"prefect.resource.id": "prefect.flow-run.*"},
                 match_related=ours,
+                after={"prefect.flow-run.heartbeat"},
                 expect={"prefect.flow-run.Crashed"},
                 for_each={"prefect.resource.id"},
                 posture=Posture.Reactive,
                 threshold=1,
-                within=timedelta(0),
+                within=timedelta(days=7),
             ),
             # Crashed is a final state, which only a forced transition leaves.
             actions=[ChangeFlowRunState(

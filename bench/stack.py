@@ -1,0 +1,77 @@
+"""How long `infra/stack.sh up` takes on this machine: PostgreSQL, the Prefect server, the work
+pool, the MLflow server, a worker, the deployments and the automations.
+
+    .venv/bin/python -m bench.stack --runs 3
+
+Each run starts the stack twice in a folder of its own, on free ports: first on a new folder
+(PostgreSQL's `initdb`, both servers creating their schemas), then again after `down` (the
+state kept, as an operator's restart). `up` returns once both servers answer, the worker is
+started, and the deployments and automations are registered. Medians are quoted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+logger = logging.getLogger("bench.stack")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _timed(command: list[str], env: dict[str, str]) -> float:
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return time.perf_counter() - start
+
+
+def run(runs: int) -> dict:
+    script = str(REPO / "infra" / "stack.sh")
+    times: dict[str, list[float]] = {"new_folder": [], "restart": []}
+    for _ in range(runs):
+        # Not under a private temporary folder: PostgreSQL runs as `postgres` when root.
+        state = Path(tempfile.mkdtemp(prefix="mlpaint-bench-stack-"))
+        state.chmod(0o711)
+        env = {**os.environ, "MLPAINT_STACK_DIR": str(state),
+               "PREFECT_PORT": str(_free_port()), "MLFLOW_PORT": str(_free_port()),
+               "PG_PORT": str(_free_port())}
+        env.pop("PREFECT_API_URL", None)
+        env.pop("MLFLOW_TRACKING_URI", None)
+        try:
+            times["new_folder"].append(_timed([script, "up"], env))
+            _timed([script, "down"], env)
+            times["restart"].append(_timed([script, "up"], env))
+        finally:
+            subprocess.run([script, "down"], env=env, capture_output=True, timeout=300)
+            shutil.rmtree(state, ignore_errors=True)
+        logger.info("%s", times)
+    return {"runs": runs, "seconds": {k: [round(v, 1) for v in vs] for k, vs in times.items()},
+            "medians": {k: round(statistics.median(vs), 1) for k, vs in times.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    print(json.dumps(run(args.runs), indent=1))
+
+
+if __name__ == "__main__":
+    main()
