@@ -89,13 +89,14 @@ def automations(silence: timedelta) -> list[Automation]:
 
 def install(silence: timedelta) -> list[str]:
     """Create the automations, replacing any of the same names; their names."""
+    wanted = automations(silence)
     with get_client(sync_client=True) as client:
-        for automation in automations(silence):
+        for automation in wanted:
             for existing in client.read_automations_by_name(automation.name):
                 client.delete_automation(existing.id)
             automation.create()
             logger.info("automation %r installed", automation.name)
-    return [a.name for a in automations(silence)]
+    return [a.name for a in wanted]
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ deploy() {
 worker() {  # one more process worker, named by the first free number
   local n=2
   while running "prefect-worker-$n"; do n=$((n + 1)); done
-  start "prefect-worker-$n" "$BIN/prefect" worker start --pool "$POOL" --type process
+  prefect_worker_up "prefect-worker-$n"
 }
 
 prefect_server_up() {
@@ -160,8 +160,8 @@ mlflow_server_up() {
   wait_for mlflow-server "$MLFLOW_TRACKING_URI/health" 120
 }
 
-prefect_worker_up() {
-  start prefect-worker "$BIN/prefect" worker start --pool "$POOL" --type process
+prefect_worker_up() {  # prefect_worker_up [NAME]: a process worker of the pool
+  start "${1:-prefect-worker}" "$BIN/prefect" worker start --pool "$POOL" --type process
 }
 
 up() {

@@ -186,7 +186,7 @@ class S3Store:
             return self._client().get_object(Bucket=self.bucket,
                                              Key=self._key(key))["Body"].read()
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+            if _is_missing(exc):
                 return None
             raise
 
@@ -253,26 +253,20 @@ class S3Store:
         that blocks others until it expires (`LEASE_SECONDS`)."""
         from botocore.exceptions import ClientError
 
-        client, key = self._client(), self._key(f"{LOCKS_FOLDER}/{name}.lock")
-        owner = _lock_owner()
+        lease = f"{LOCKS_FOLDER}/{name}.lock"
+        client, key, owner = self._client(), self._key(lease), _lock_owner()
         deadline = time.monotonic() + timeout_s
-        etag, waited = None, False
-        while etag is None:
-            body = json.dumps({"owner": owner,
-                               "expires_at": time.time() + LEASE_SECONDS}).encode()
-            etag = self._take_lease(client, key, body)
-            if etag is None and not waited:
+        waited = False
+        while (etag := self._take_lease(client, lease, owner)) is None:
+            if not waited:
                 waited = True
                 logger.info("%s: held by another process; waiting up to %.0f s",
-                            self.describe(key), timeout_s)
-            if etag is None:
-                if time.monotonic() > deadline:
-                    holder = self.get_bytes(f"{LOCKS_FOLDER}/{name}.lock") or b"{}"
-                    raise LockTimeoutError(
-                        f"{self.describe(f'{LOCKS_FOLDER}/{name}.lock')}: held by "
-                        f"{json.loads(holder).get('owner', 'another process')} for over "
-                        f"{timeout_s:.0f} s")
-                time.sleep(_LOCK_POLL_S)
+                            self.describe(lease), timeout_s)
+            if time.monotonic() > deadline:
+                holder = _read_lease(self.get_bytes(lease)).get("owner", "another process")
+                raise LockTimeoutError(f"{self.describe(lease)}: held by {holder} for over "
+                                       f"{timeout_s:.0f} s")
+            time.sleep(_LOCK_POLL_S)
         try:
             yield
         finally:
@@ -282,12 +276,14 @@ class S3Store:
                 if not _is_precondition_failure(exc):
                     raise
                 logger.warning("%s: the lease expired and was taken over before this holder "
-                               "finished", self.describe(key))
+                               "finished", self.describe(lease))
 
-    def _take_lease(self, client, key: str, body: bytes) -> str | None:
+    def _take_lease(self, client, lease: str, owner: str) -> str | None:
         """Create the lease, or take over an expired one; its ETag if this process holds it."""
         from botocore.exceptions import ClientError
 
+        key = self._key(lease)
+        body = json.dumps({"owner": owner, "expires_at": time.time() + LEASE_SECONDS}).encode()
         try:
             return client.put_object(Bucket=self.bucket, Key=key, Body=body,
                                      IfNoneMatch="*")["ETag"]
@@ -297,14 +293,10 @@ class S3Store:
         try:
             current = client.get_object(Bucket=self.bucket, Key=key)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+            if _is_missing(exc):
                 return None  # released meanwhile: the next attempt creates it
             raise
-        try:
-            expires_at = float(json.loads(current["Body"].read())["expires_at"])
-        except (ValueError, KeyError, TypeError):
-            expires_at = 0.0  # unreadable: treat as expired rather than block forever
-        if expires_at > time.time():
+        if _lease_expiry(current["Body"].read()) > time.time():
             return None
         try:
             taken = client.put_object(Bucket=self.bucket, Key=key, Body=body,
@@ -314,8 +306,30 @@ class S3Store:
                 raise
             return None
         logger.warning("%s: took over a lease that expired (its holder died or hung)",
-                       self.describe(key))
+                       self.describe(lease))
         return taken
+
+
+def _read_lease(data: bytes | None) -> dict:
+    """A lease object's fields; empty if it is gone or unreadable."""
+    try:
+        lease = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return lease if isinstance(lease, dict) else {}
+
+
+def _lease_expiry(data: bytes) -> float:
+    """When a lease expires; an unreadable one counts as expired rather than blocking
+    forever."""
+    try:
+        return float(_read_lease(data).get("expires_at", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _is_missing(exc) -> bool:
+    return exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}
 
 
 def _is_precondition_failure(exc) -> bool:

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -72,8 +73,6 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
     finds the schema complete. Once per store per process."""
     if tracking_uri in _prepared_stores:
         return
-    import sqlite3
-
     from filelock import FileLock
     from mlflow.store.model_registry.sqlalchemy_store import (
         SqlAlchemyStore as RegistryStore,
@@ -115,8 +114,6 @@ def _repair_interrupted_migration(database: Path) -> list[str]:
     the database beside it, and the migration then runs again. A copy whose original is gone
     is not guessed at: the error names the command that finishes it. Returns the tables
     repaired."""
-    import sqlite3
-
     if not database.is_file():
         return []
     with contextlib.closing(sqlite3.connect(database)) as connection:
@@ -369,11 +366,11 @@ def recording_resources(tracking_uri: str, run_id: str, cache_dir: Path,
     finally:
         monitor.finish()
         try:
+            now_ms = int(time.time() * 1000)
             tracking_client(tracking_uri).log_batch(run_id, metrics=[
-                Metric("resources/peak_rss_mb", round(_peak_rss_megabytes(), 1),
-                       int(time.time() * 1000), 0),
-                Metric("resources/cache_mb", round(_folder_megabytes(cache_dir), 1),
-                       int(time.time() * 1000), 0)])
+                Metric("resources/peak_rss_mb", round(_peak_rss_megabytes(), 1), now_ms, 0),
+                Metric("resources/cache_mb", round(_folder_megabytes(cache_dir), 1), now_ms,
+                       0)])
         except Exception:  # the run's outcome matters more than its resource figures
             logger.warning("could not log the resources of MLflow run %s", run_id,
                            exc_info=True)

@@ -126,11 +126,9 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
     logger = get_run_logger()
     folder = built_dir / _build_key(candidate, test_table_dir, data_fingerprint, per_digit)
     if (folder / _BUILT).is_file():
-        built = json.loads((folder / _BUILT).read_text())
         logger.info("reusing the bundle built for version %s by an earlier attempt (%s)",
                     candidate.version, folder)
-        return BuiltBundle(str(folder / "bundle"), BundleInfo(**built["info"]),
-                           built["test_accuracy"])
+        return _read_built(folder)
     table = load_table(Path(test_table_dir))
     model = load_registered_model(candidate.name, candidate.version, tracking_uri)
     features = model.features(table.pixels)
@@ -151,7 +149,11 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
                                               "test_accuracy": explanations.test_accuracy}))
     built_dir.mkdir(parents=True, exist_ok=True)
     place_in_cache(staging, folder, marker=_BUILT)
-    built = json.loads((folder / _BUILT).read_text())  # a concurrent run's, if it won
+    return _read_built(folder)  # a concurrent run's, if it placed its bundle first
+
+
+def _read_built(folder: Path) -> BuiltBundle:
+    built = json.loads((folder / _BUILT).read_text())
     return BuiltBundle(str(folder / "bundle"), BundleInfo(**built["info"]),
                        built["test_accuracy"])
 
