@@ -46,7 +46,10 @@ from tasks.training import (
     ExperimentSummary,
     FeatureMatrix,
     FeedbackMatrix,
+    final_fit_key,
     fit_threads,
+    fold_fit_key,
+    is_fit_stored,
     log_data_inputs,
     log_experiment_summary,
     log_final_model,
@@ -195,7 +198,16 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, tracking_uri)
     fits_dir = cache / "fits"  # finished fits by content, reused by reruns and retries
     n_fits = n_folds + (1 if spec.final_fit else 0)
-    threads = fit_threads(min(n_fits, os.cpu_count() or 1))
+    # The cores are shared among the fits that will train, not those a rerun reuses: the
+    # one fold a crash left unfinished gets every core.
+    to_train = _fits_to_train(spec, config, n_folds, fits_dir, train_matrix.result(),
+                              test_matrix.result(), augmented.result() if augmented else None,
+                              feedback)
+    threads = fit_threads(min(max(to_train, 1), os.cpu_count() or 1))
+    if to_train < n_fits:
+        get_run_logger().info("%d of %d fits are stored from an earlier run and will be "
+                              "reused; %d train, with %d thread(s) each", n_fits - to_train,
+                              n_fits, to_train, threads)
     progress_id = create_progress_artifact(0.0, key="mnist-training-progress",
                                            description=f"fits done of {n_fits}")
 
@@ -225,6 +237,18 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
     return summary
+
+
+def _fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                   n_folds: int, fits_dir: Path, train_matrix: FeatureMatrix,
+                   test_matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
+                   feedback: FeedbackMatrix | None) -> int:
+    """How many of this experiment's fits have no finished fit stored to reuse."""
+    keys = [fold_fit_key(spec, config, i, train_matrix, augmented, feedback)
+            for i in range(n_folds)]
+    if spec.final_fit:
+        keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback))
+    return sum(not is_fit_stored(key, fits_dir) for key in keys)
 
 
 def _publish_prefect_artifacts(summary: ExperimentSummary) -> None:

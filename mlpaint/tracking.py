@@ -190,17 +190,62 @@ def log_digit_model(client, run_id: str, model_dir: Path, example_pixels: np.nda
     whose exit would end the run (the parent run of an experiment stays open while its
     folds still train). The model's own model.json travels inside it as its meaning, and
     the same card is the MLmodel metadata. `complete=False` registers it as part of a run
-    still going (RUN_STATE_TAG incomplete): publishing refuses it until `mark_complete`."""
-    import mlflow.pyfunc
-    from mlflow.entities import LoggedModelOutput
-    from mlflow.exceptions import MlflowException
-    from mlflow.models import Model
+    still going (RUN_STATE_TAG incomplete): publishing refuses it until `mark_complete`.
 
-    from mlpaint.serving_model import DigitModelPyfunc, pixel_signature
+    One version per run: a retry after a failure halfway (the tracking server went away
+    after the version was created, or after the model was logged) returns the version this
+    run already registered, or registers the model it already logged, instead of a second
+    version that would make the registry disagree with what the run reports."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.exceptions import MlflowException
+
     from mlpaint.training.algorithms import DigitModel
 
     card = DigitModel.load(model_dir).card()
+    if earlier := _version_of_run(client, name, run_id):
+        return earlier
     run = client.get_run(run_id)
+    # Filtered here: the SQL store compares `status` with its stored number, not the name.
+    ready = [logged for logged in client.search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
+        if logged.status == LoggedModelStatus.READY]
+    logged = ready[0] if ready else _log_pyfunc(client, run, model_dir, example_pixels, card)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # The artifact location, not `models:/<model id>`: MLflow's SQL registry resolves the
+    # latter through the process-wide tracking URI rather than this client's.
+    registered = client.create_model_version(
+        name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
+        tags={"mlflow_run_id": run_id,
+              RUN_STATE_TAG: RUN_COMPLETE if complete else RUN_INCOMPLETE},
+        description=f"{card['algorithm']} on {card['feature_stage']} features. "
+                    f"Input: {card['input']}. Output: probabilities of 0..9.")
+    return RegisteredModel(name, str(registered.version), f"models:/{name}/{registered.version}")
+
+
+def _version_of_run(client, name: str, run_id: str) -> RegisteredModel | None:
+    """The version of `name` that `run_id` registered (its first, should there be more)."""
+    versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
+                if v.name == name]
+    if not versions:
+        return None
+    first = min(versions, key=lambda v: int(v.version))
+    return RegisteredModel(name, str(first.version), f"models:/{name}/{first.version}")
+
+
+def _log_pyfunc(client, run, model_dir: Path, example_pixels: np.ndarray, card: dict):
+    """The saved DigitModel logged under `run` as a READY logged model (FAILED if logging
+    its files failed), and recorded as the run's output."""
+    import mlflow.pyfunc
+    from mlflow.entities import LoggedModelOutput
+    from mlflow.models import Model
+
+    from mlpaint.serving_model import DigitModelPyfunc, pixel_signature
+
+    run_id = run.info.run_id
     logged = client.create_logged_model(run.info.experiment_id, name="model",
                                         source_run_id=run_id, model_type="digit-classifier")
     try:
@@ -217,22 +262,9 @@ def log_digit_model(client, run_id: str, model_dir: Path, example_pixels: np.nda
     except BaseException:
         client.finalize_logged_model(logged.model_id, "FAILED")
         raise
-    client.finalize_logged_model(logged.model_id, "READY")
+    logged = client.finalize_logged_model(logged.model_id, "READY")
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
-    try:
-        client.create_registered_model(name)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-    # The artifact location, not `models:/<model id>`: MLflow's SQL registry resolves the
-    # latter through the process-wide tracking URI rather than this client's.
-    registered = client.create_model_version(
-        name, source=logged.artifact_location, run_id=run_id, model_id=logged.model_id,
-        tags={"mlflow_run_id": run_id,
-              RUN_STATE_TAG: RUN_COMPLETE if complete else RUN_INCOMPLETE},
-        description=f"{card['algorithm']} on {card['feature_stage']} features. "
-                    f"Input: {card['input']}. Output: probabilities of 0..9.")
-    return RegisteredModel(name, str(registered.version), f"models:/{name}/{registered.version}")
+    return logged
 
 
 def write_evaluation_artifacts(evaluation: Evaluation, folder: Path, title: str) -> list[Path]:
@@ -339,7 +371,7 @@ def _folder_megabytes(folder: Path) -> float:
     return total / 1e6
 
 
-def _peak_rss_megabytes() -> float:
+def peak_rss_megabytes() -> float:
     """The largest resident memory of this process and of its finished children (Linux
     reports kilobytes)."""
     import resource
@@ -368,7 +400,7 @@ def recording_resources(tracking_uri: str, run_id: str, cache_dir: Path,
         try:
             now_ms = int(time.time() * 1000)
             tracking_client(tracking_uri).log_batch(run_id, metrics=[
-                Metric("resources/peak_rss_mb", round(_peak_rss_megabytes(), 1), now_ms, 0),
+                Metric("resources/peak_rss_mb", round(peak_rss_megabytes(), 1), now_ms, 0),
                 Metric("resources/cache_mb", round(_folder_megabytes(cache_dir), 1), now_ms,
                        0)])
         except Exception:  # the run's outcome matters more than its resource figures

@@ -39,6 +39,7 @@ from mlpaint.tracking import (
     log_datasets,
     log_digit_model,
     mark_complete,
+    peak_rss_megabytes,
     tracking_client,
     write_evaluation_artifacts,
 )
@@ -256,6 +257,9 @@ class FitResult:
     wild_evaluation: Evaluation | None = None  # on the feedback's wild test set, if any
     feedback_rows: int = 0  # of train_rows, how many came from feedback
     reused: bool = False  # taken from an earlier run's finished fit, not trained now
+    threads: int = 0  # LightGBM threads it trained with (0: stored before this was recorded)
+    # Peak resident memory of the process that trained it, a Dask worker's included.
+    peak_rss_mb: float = 0.0
 
     def to_json(self) -> dict:
         """Everything but where the model is and whether it was reused: what a later run
@@ -267,7 +271,8 @@ class FitResult:
                 if self.wild_evaluation else None,
                 "train_rows": self.train_rows, "test_rows": self.test_rows,
                 "seconds": self.seconds, "worker": self.worker,
-                "feedback_rows": self.feedback_rows}
+                "feedback_rows": self.feedback_rows, "threads": self.threads,
+                "peak_rss_mb": self.peak_rss_mb}
 
     @classmethod
     def from_json(cls, data: dict, model_dir: Path) -> FitResult:
@@ -280,7 +285,9 @@ class FitResult:
         return cls(data["name"], str(model_dir), evaluation(data["evaluation"]),
                    evaluation(data["train_evaluation"]), data["train_rows"],
                    data["test_rows"], data["seconds"], data["worker"],
-                   evaluation(data["wild_evaluation"]), data["feedback_rows"])
+                   evaluation(data["wild_evaluation"]), data["feedback_rows"],
+                   threads=data.get("threads", 0),
+                   peak_rss_mb=data.get("peak_rss_mb", 0.0))
 
 
 def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
@@ -316,7 +323,8 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
                 f"wild rows" if wild_evaluation else "", seconds)
     return FitResult(name, str(model_dir), evaluation, train_evaluation, len(train[1]),
                      len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}",
-                     wild_evaluation, feedback_rows)
+                     wild_evaluation, feedback_rows, threads=threads,
+                     peak_rss_mb=round(peak_rss_megabytes(), 1))
 
 
 #: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
@@ -340,15 +348,37 @@ def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostin
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
+def fold_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                 fold_index: int, matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
+                 feedback: FeedbackMatrix | None) -> str:
+    """The key fold `fold_index`'s finished fit is stored under."""
+    inputs = [matrix.folder, *(m.folder for m in (augmented, feedback) if m is not None)]
+    return _fit_key(f"fold-{fold_index}", spec, config, inputs)
+
+
+def final_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                  train_matrix: FeatureMatrix, test_matrix: FeatureMatrix,
+                  augmented: AugmentedMatrix | None, feedback: FeedbackMatrix | None) -> str:
+    """The key the final model's finished fit is stored under."""
+    inputs = [train_matrix.folder, test_matrix.folder,
+              *(m.folder for m in (augmented, feedback) if m is not None)]
+    return _fit_key("final", spec, config, inputs)
+
+
+def is_fit_stored(key: str, fits_dir: Path) -> bool:
+    """Whether a finished fit is stored under `key`: a rerun will reuse it, not train."""
+    return (fits_dir / key / "fit.json").is_file()
+
+
 def _reuse_or_fit(key: str, fits_dir: Path, fit) -> FitResult:
     """The finished fit stored under `key`, or `fit(staging)` run now and stored there. A
     rerun of a killed or failed experiment, or a retry, thus redoes only the fits that had
     not finished. The folder appears whole (a staging folder renamed into place), so a fit
     killed halfway leaves nothing to reuse."""
     folder = fits_dir / key
-    result_file = folder / "fit.json"
-    if result_file.is_file():
-        result = FitResult.from_json(json.loads(result_file.read_text()), folder / "model")
+    if is_fit_stored(key, fits_dir):
+        result = FitResult.from_json(json.loads((folder / "fit.json").read_text()),
+                                     folder / "model")
         get_run_logger().info("%s: reusing the finished fit %s (accuracy %.4f)", result.name,
                               key, result.evaluation.accuracy)
         return dataclasses.replace(result, reused=True)
@@ -372,7 +402,6 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
     the feedback's training rows), evaluated on its testing rows and the wild set; reused
     from `fits_dir` when this very fit has finished before."""
     name = f"fold-{fold_index}"
-    inputs = [matrix.folder, *(m.folder for m in (augmented, feedback) if m is not None)]
 
     def fit(staging: Path) -> FitResult:
         features, labels, row_hash = matrix.load()
@@ -385,7 +414,8 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                                  threads=threads, eval_train=spec.eval_train,
                                  model_dir=staging / "model", feedback=feedback)
 
-    return _reuse_or_fit(_fit_key(name, spec, config, inputs), fits_dir, fit)
+    return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback),
+                         fits_dir, fit)
 
 
 @task(name="train-final-model")
@@ -396,9 +426,6 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
     """One model on every training row (and every augmented copy, and the feedback's
     training rows), scored on the official test set and the wild set; reused from
     `fits_dir` when this very fit has finished before."""
-    inputs = [train_matrix.folder, test_matrix.folder,
-              *(m.folder for m in (augmented, feedback) if m is not None)]
-
     def fit(staging: Path) -> FitResult:
         features, labels, _ = train_matrix.load()
         test_features, test_labels, _ = test_matrix.load()
@@ -409,7 +436,8 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
             model_dir=staging / "model", feedback=feedback)
 
-    return _reuse_or_fit(_fit_key("final", spec, config, inputs), fits_dir, fit)
+    return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
+                                       feedback), fits_dir, fit)
 
 
 # --- MLflow ----------------------------------------------------------------------------------
@@ -535,6 +563,8 @@ def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> st
     if result.train_evaluation:
         metrics.update(_metrics("train_", result.train_evaluation))
     metrics["fit_seconds"] = result.seconds
+    metrics["fit_threads"] = result.threads
+    metrics["fit_peak_rss_mb"] = result.peak_rss_mb
     _log_metrics(client, run_id, metrics)
     with tempfile.TemporaryDirectory() as scratch:
         for path in _write_fit_artifacts(result, Path(scratch), result.name):
@@ -570,6 +600,7 @@ class ExperimentSummary:
             return {"name": result.name, "reused": result.reused,
                     "train_rows": result.train_rows,
                     "test_rows": result.test_rows, "fit_seconds": round(result.seconds, 3),
+                    "fit_threads": result.threads, "peak_rss_mb": result.peak_rss_mb,
                     "worker": result.worker,
                     "feedback_rows": result.feedback_rows,
                     "statistics": result.evaluation.to_json(),
@@ -604,6 +635,9 @@ def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
     if summary.final:
         metrics.update(_metrics("test_", summary.final.evaluation))
         metrics.update(_wild_metrics("", summary.final))
+    # The flow's own process is measured by recording_resources; fits may run elsewhere.
+    metrics["resources/fit_peak_rss_mb"] = max(
+        fit.peak_rss_mb for fit in [*summary.folds, *filter(None, [summary.final])])
     _log_metrics(client, run_id, metrics)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)

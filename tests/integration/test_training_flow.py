@@ -16,6 +16,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.train import train_mnist
 from mlpaint.augment import AugmentSpec
 from mlpaint.bundle import load_bundle
+from tasks.training import fit_threads
 from tests.conftest import free_port, start_service, stop_service
 
 pytestmark = pytest.mark.integration
@@ -96,6 +97,9 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     # Python itself) and the cache it filled.
     assert 100 < parent.data.metrics["resources/peak_rss_mb"] < 24_000
     assert parent.data.metrics["resources/cache_mb"] > 1
+    # The fits ran in this process: their peak is no larger than its peak.
+    assert 100 < parent.data.metrics["resources/fit_peak_rss_mb"] <= parent.data.metrics[
+        "resources/peak_rss_mb"]
 
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -300,6 +304,10 @@ def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, trackin
     for before, after in zip(first.folds, second.folds, strict=True):
         assert after.evaluation == before.evaluation and after.model_dir == before.model_dir
     assert second.final.evaluation == first.final.evaluation  # retrained, same seed
+    # The first run's three fits shared the cores; the one fit left to train takes them all.
+    cores = os.cpu_count() or 1
+    assert first.final.threads == fit_threads(min(3, cores))
+    assert second.final.threads == cores
     runs = tracking.search_runs([tracking.get_experiment_by_name("tiny-rerun").experiment_id],
                                 "tags.mlflow.runName = 'fold-0'")
     assert len(runs) == 2 and {r.data.metrics["accuracy"] for r in runs} == {
@@ -460,3 +468,5 @@ def test_cli_train_on_a_running_dask_cluster(training_inputs, cli_env, dask_clus
     for fold in report["folds"]:
         pid = int(fold["worker"].rsplit(":", 1)[1])
         assert os.getpgid(pid) == worker_group, fold["worker"]
+        # The worker's own memory is reported, not the CLI's: measured where the fit ran.
+        assert 100 < fold["peak_rss_mb"] < 24_000
