@@ -377,7 +377,7 @@ def _bare(mnist: Path, folds: int, stage: str) -> float:
     from mlpaint.data.dataset import row_hashes, row_keys
     from mlpaint.features import apply_feature_stage
     from mlpaint.training.algorithms import lightgbm_params, load_algorithms
-    from tasks.training import fit_threads
+    from mlpaint.training.fits import fit_threads
 
     start = time.perf_counter()
     config = load_algorithms()["lgbm"]

@@ -6,10 +6,10 @@ from pathlib import Path
 
 from prefect import flow
 
+from mlpaint.data.explore import DatasetReport
+from mlpaint.data.fetch import dataset_fingerprint
 from mlpaint.data.integrity import default_cache_dir
 from tasks.data import (
-    DatasetReport,
-    dataset_fingerprint,
     explore_dataset,
     fetch_mnist_files,
     join_split_table,

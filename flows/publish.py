@@ -3,7 +3,6 @@ champion, and publish it atomically."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow
@@ -11,10 +10,9 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
-from mlpaint.bundle import PublishResult
 from mlpaint.data.integrity import default_cache_dir
 from mlpaint.locations import BUILT_BUNDLES, default_bundle_destination, work_area
-from mlpaint.publish import GateDecision
+from mlpaint.publish import PublishReport
 from mlpaint.storage import store_for
 from mlpaint.tracking import resolve_tracking_uri
 from tasks.publish import (
@@ -26,20 +24,6 @@ from tasks.publish import (
 )
 
 PUBLISH_LOCK = "publish"
-
-
-@dataclass(frozen=True)
-class PublishReport:
-    model_version: str
-    run_id: str
-    bundle: PublishResult
-    decision: GateDecision
-    gallery_bytes: int
-
-    def to_json(self) -> dict:
-        return {"model_version": self.model_version, "mlflow_run_id": self.run_id,
-                "bundle": asdict(self.bundle), "gate": asdict(self.decision),
-                "gallery_bytes": self.gallery_bytes}
 
 
 @flow(name="publish-mnist-model")

@@ -20,9 +20,10 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.attempts import check_attempts
-from flows.ingest import DatasetReport, ingest_mnist
+from flows.ingest import ingest_mnist
 from mlpaint.augment import AugmentSpec
 from mlpaint.data.dataset import load_table
+from mlpaint.data.explore import DatasetReport
 from mlpaint.data.integrity import default_cache_dir
 from mlpaint.features import FeatureStage
 from mlpaint.locations import sweep_stale_work
@@ -34,6 +35,8 @@ from mlpaint.tracking import (
 )
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, load_algorithms
 from mlpaint.training.evaluation import aggregate
+from mlpaint.training.fits import ExperimentSummary, fit_threads, fits_to_train
+from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix
 from mlpaint.training.spec import (
     ExperimentSpec,
     SpecError,
@@ -42,14 +45,6 @@ from mlpaint.training.spec import (
     plan_folds,
 )
 from tasks.training import (
-    AugmentedMatrix,
-    ExperimentSummary,
-    FeatureMatrix,
-    FeedbackMatrix,
-    final_fit_key,
-    fit_threads,
-    fold_fit_key,
-    is_fit_stored,
     log_data_inputs,
     log_experiment_summary,
     log_final_model,
@@ -200,9 +195,9 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     n_fits = n_folds + (1 if spec.final_fit else 0)
     # The cores are shared among the fits that will train, not those a rerun reuses: the
     # one fold a crash left unfinished gets every core.
-    to_train = _fits_to_train(spec, config, n_folds, fits_dir, train_matrix.result(),
-                              test_matrix.result(), augmented.result() if augmented else None,
-                              feedback)
+    to_train = fits_to_train(spec, config, n_folds, fits_dir, train_matrix.result(),
+                             test_matrix.result(), augmented.result() if augmented else None,
+                             feedback)
     threads = fit_threads(min(max(to_train, 1), os.cpu_count() or 1))
     if to_train < n_fits:
         get_run_logger().info("%d of %d fits are stored from an earlier run and will be "
@@ -237,18 +232,6 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
     return summary
-
-
-def _fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-                   n_folds: int, fits_dir: Path, train_matrix: FeatureMatrix,
-                   test_matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
-                   feedback: FeedbackMatrix | None) -> int:
-    """How many of this experiment's fits have no finished fit stored to reuse."""
-    keys = [fold_fit_key(spec, config, i, train_matrix, augmented, feedback)
-            for i in range(n_folds)]
-    if spec.final_fit:
-        keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback))
-    return sum(not is_fit_stored(key, fits_dir) for key in keys)
 
 
 def _publish_prefect_artifacts(summary: ExperimentSummary) -> None:

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mlpaint.bundle import BundleInfo, bundle_version_id, info_json, write_manifest
+from mlpaint.bundle import (
+    BundleInfo,
+    PublishResult,
+    bundle_version_id,
+    info_json,
+    write_manifest,
+)
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.explain import (
     ClassExplainer,
@@ -185,3 +191,45 @@ def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanat
     write_manifest(staging)
     return info
 
+
+class IncompleteModelError(LookupError):
+    """A version registered by an experiment that failed, crashed or was cancelled."""
+
+
+@dataclass(frozen=True)
+class CandidateRef:
+    """The registered model version being published, and the data its run trained on."""
+
+    name: str
+    version: str
+    run_id: str
+    data_fingerprint: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class BuiltBundle:
+    """A bundle built and verified in `staging`, not yet uploaded anywhere."""
+
+    staging: str
+    info: BundleInfo
+    test_accuracy: float
+
+
+@dataclass(frozen=True)
+class PublishReport:
+    """What a publication did: the version, its bundle, the gate's decision."""
+
+    model_version: str
+    run_id: str
+    bundle: PublishResult
+    decision: GateDecision
+    gallery_bytes: int
+
+    def to_json(self) -> dict:
+        return {"model_version": self.model_version, "mlflow_run_id": self.run_id,
+                "bundle": asdict(self.bundle), "gate": asdict(self.decision),
+                "gallery_bytes": self.gallery_bytes}

@@ -162,6 +162,7 @@ RUN_STATE_TAG = "mlpaint.run_state"
 RUN_COMPLETE = "complete"
 RUN_INCOMPLETE = "incomplete"
 FLOW_RUN_TAG = "prefect.flow_run_id"
+FLOW_RUN_URL_TAG = "prefect.flow_run_url"  # its page in the Prefect UI, when there is one
 
 
 @dataclass(frozen=True)

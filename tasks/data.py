@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import task
@@ -15,10 +14,11 @@ from prefect.logging import get_run_logger
 
 from mlpaint.data.catalog import N_CLASSES, Split
 from mlpaint.data.dataset import load_table, save_table, table_cache_key, table_from_files
-from mlpaint.data.explore import SplitSummary, render_sample_grid, summarize
+from mlpaint.data.explore import DatasetReport, SplitSummary, render_sample_grid, summarize
 from mlpaint.data.fetch import FetchContext, SplitFiles, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
 from mlpaint.data.transports import ProgressCallback
+from tasks.artifacts import create_png_artifact
 
 
 class _ProgressReporter:
@@ -99,31 +99,6 @@ def join_split_table(files: SplitFiles, cache_dir: Path) -> Path:
     return folder
 
 
-@dataclass(frozen=True)
-class DatasetReport:
-    fingerprint: str
-    tables: dict[str, str]
-    summaries: dict[str, SplitSummary]
-    sample_grids: dict[str, str]
-    report_dir: str
-
-    def to_json(self) -> dict:
-        return {
-            "fingerprint": self.fingerprint,
-            "splits": {split: asdict(summary) for split, summary in self.summaries.items()},
-            "tables": self.tables,
-            "sample_grids": self.sample_grids,
-        }
-
-
-def dataset_fingerprint(fetched: dict[Split, SplitFiles]) -> str:
-    import hashlib
-
-    material = json.dumps({s.value: f.sha256 for s, f in sorted(fetched.items())},
-                          sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()
-
-
 @task(name="explore-dataset")
 def explore_dataset(tables: dict[Split, Path], fingerprint: str, report_dir: Path,
                     samples_per_label: int, seed: int) -> DatasetReport:
@@ -158,4 +133,7 @@ def explore_dataset(tables: dict[Split, Path], fingerprint: str, report_dir: Pat
     lines += ["", f"Sample grids: {', '.join(f'`{g}`' for g in grids.values())}"]
     create_markdown_artifact(key="mnist-dataset-summary", markdown="\n".join(lines),
                              description="What the ingestion flow fetched and joined")
+    for split, grid in grids.items():
+        create_png_artifact(Path(grid), f"mnist-sample-grid-{split}",
+                            f"{samples_per_label} random {split} examples of each digit")
     return report

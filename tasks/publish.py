@@ -7,7 +7,7 @@ import contextlib
 import hashlib
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import task
@@ -27,7 +27,10 @@ from mlpaint.locations import place_in_cache
 from mlpaint.publish import (
     CHALLENGER,
     CHAMPION,
+    BuiltBundle,
+    CandidateRef,
     GateDecision,
+    IncompleteModelError,
     WildScores,
     accuracy,
     build_bundle_folder,
@@ -44,22 +47,6 @@ from mlpaint.tracking import (
 )
 from mlpaint.training.algorithms import ModelFormatError
 from tasks.retries import SERVICE_CALL_RETRIES
-
-
-class IncompleteModelError(LookupError):
-    """A version registered by an experiment that failed, crashed or was cancelled."""
-
-
-@dataclass(frozen=True)
-class CandidateRef:
-    name: str
-    version: str
-    run_id: str
-    data_fingerprint: str
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 @task(name="resolve-model-version", **SERVICE_CALL_RETRIES)
@@ -88,13 +75,6 @@ def resolve_candidate(run_id: str | None, model_version: str | None,
     run = client.get_run(version.run_id)
     return CandidateRef(REGISTERED_MODEL_NAME, str(version.version), version.run_id,
                         run.data.tags.get("mlpaint.dataset_fingerprint", ""))
-
-
-@dataclass(frozen=True)
-class BuiltBundle:
-    staging: str
-    info: BundleInfo
-    test_accuracy: float
 
 
 #: Bump when a change to explaining or bundling makes earlier built bundles wrong to reuse.

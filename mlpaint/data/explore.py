@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -84,3 +84,23 @@ def render_label_grid(images: np.ndarray, labels: np.ndarray, destination: Path,
     figure.savefig(destination, dpi=80)
     plt.close(figure)
     return destination
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What ingestion made: the joined tables (folders), per-split summaries and sample
+    grids, and the fingerprint of the data they came from."""
+
+    fingerprint: str
+    tables: dict[str, str]
+    summaries: dict[str, SplitSummary]
+    sample_grids: dict[str, str]
+    report_dir: str
+
+    def to_json(self) -> dict:
+        return {
+            "fingerprint": self.fingerprint,
+            "splits": {split: asdict(summary) for split, summary in self.summaries.items()},
+            "tables": self.tables,
+            "sample_grids": self.sample_grids,
+        }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import logging
 import re
 import shutil
@@ -317,3 +318,11 @@ def fetch_dataset(sources: Sequence[str] | None, context: FetchContext
     raise SourcesExhaustedError(f"no source yielded the {missing} split(s): "
                                 + " | ".join(failures or ["no source provides them"]),
                                 transient=any_transient)
+
+
+def dataset_fingerprint(fetched: dict[Split, SplitFiles]) -> str:
+    """One hash of every fetched file's content: the same data has the same fingerprint,
+    whichever mirror it came from."""
+    material = json.dumps({s.value: f.sha256 for s, f in sorted(fetched.items())},
+                          sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()

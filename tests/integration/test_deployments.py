@@ -193,6 +193,9 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
         tables = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["mnist-confusion-matrix"])))
         assert flow_run.id in {a.flow_run_id for a in tables}
+        links = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["mlflow-run"])))
+        mlflow_links = {a.flow_run_id: a.data for a in links}
 
     mlflow = stack["mlflow"]
     experiment = requests.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",
@@ -208,6 +211,11 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
     assert 0.7 < metrics["test_accuracy"] <= 1.0
     tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
     assert tags["prefect.flow_run_id"] == str(flow_run.id)
+    # Each links the other: the MLflow run to the flow run's page, the flow run to the
+    # MLflow run's page on the tracking server.
+    assert tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run.id}")
+    assert mlflow_links[flow_run.id].endswith(f"/runs/{parent['info']['run_id']}")
+    assert mlflow_links[flow_run.id].startswith(mlflow)
     versions = requests.get(f"{mlflow}/api/2.0/mlflow/model-versions/search",
                             params={"filter": "name='mnist-digits'"},
                             timeout=10).json()["model_versions"]

@@ -1,11 +1,13 @@
 """The training flow on Prefect's test harness with a real SQLite MLflow store, on a small
 slice of the real MNIST (a few thousand rows, few rounds)."""
 
+import base64
 import gzip
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,7 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.train import train_mnist
 from mlpaint.augment import AugmentSpec
 from mlpaint.bundle import load_bundle
-from tasks.training import fit_threads
+from mlpaint.training.fits import fit_threads
 from tests.conftest import free_port, start_service, stop_service
 
 pytestmark = pytest.mark.integration
@@ -85,6 +87,8 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     client = tracking
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect.flow_run_url"].endswith(
+        "/flow-run/" + parent.data.tags["prefect.flow_run_id"])
     assert parent.data.params["folds.kind"] == "kfold" and parent.data.params["folds.k"] == "3"
     assert parent.data.params["lightgbm.num_leaves"] == "15"
     aggregated = summary.aggregated["accuracy"]
@@ -256,6 +260,17 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
     assert json.loads(inputs[("mnist-train", "training")].dataset.profile)["num_rows"] == 1500
     assert "data/sample-grid-feedback.png" in _artifact_paths(tracking, parent.info.run_id,
                                                               "data")
+    # The same grid on the Prefect run's Artifacts tab, as an image the UI shows in an <img>.
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (grid,) = client.read_latest_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["mnist-feedback-sample-grid"])))
+    prefix = "data:image/png;base64,"
+    assert grid.type == "image" and grid.data.startswith(prefix)
+    with open(feedback.sample_grid, "rb") as png:
+        assert base64.b64decode(grid.data[len(prefix):]) == png.read()
     report = summary.to_json()
     assert report["wild"]["wild_rows"] == feedback.wild_rows
     assert report["wild"]["statistics"]["accuracy"] == pytest.approx(
@@ -313,9 +328,16 @@ def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, trackin
     assert len(runs) == 2 and {r.data.metrics["accuracy"] for r in runs} == {
         first.folds[0].evaluation.accuracy}
     assert second.to_json()["folds"][0]["reused"] is True
+    # A stored model damaged on disk is trained again, not registered as it is.
+    damaged = next(path for path in sorted(Path(second.folds[0].model_dir).rglob("*"))
+                   if path.is_file())
+    damaged.write_bytes(damaged.read_bytes()[:-1])
+    third = train_mnist(**args)
+    assert [f.reused for f in third.folds] == [False, True] and third.final.reused
+    assert third.folds[0].evaluation == first.folds[0].evaluation
     # A changed spec is a different fit: nothing is reused.
-    third = train_mnist(**{**args, "seed": 7})
-    assert not any(f.reused for f in [*third.folds, third.final])
+    changed = train_mnist(**{**args, "seed": 7})
+    assert not any(f.reused for f in [*changed.folds, changed.final])
 
 
 def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):

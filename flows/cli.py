@@ -1,4 +1,6 @@
-"""The `mlpaint` command.
+"""The `mlpaint` command: each command runs one flow (fetch, train, publish) or a library
+service (serve, feedback review). It lives beside the flows it starts, so the library
+(`mlpaint/`) never imports them.
 
 Usage errors and failures end with one line on stderr (`mlpaint: error: …`) and a non-zero
 exit status; `--json` output goes to stdout alone, logs to stderr.

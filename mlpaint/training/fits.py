@@ -1,0 +1,293 @@
+"""Fitting an experiment's models: one per fold and the final one, each scored, stored in the
+cache under a key of everything it depends on, and reused from there by a rerun or retry."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlpaint.data.integrity import sha256_file
+from mlpaint.features import FeatureStage
+from mlpaint.locations import place_in_cache
+from mlpaint.tracking import RegisteredModel, peak_rss_megabytes
+from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
+from mlpaint.training.evaluation import Aggregate, Evaluation, LabelStatistics, evaluate
+from mlpaint.training.matrices import (
+    AugmentedMatrix,
+    FeatureMatrix,
+    FeedbackMatrix,
+    with_augmented,
+)
+from mlpaint.training.spec import ExperimentSpec, plan_folds
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    name: str  # "fold-0", …, or "final"
+    model_dir: str
+    evaluation: Evaluation
+    train_evaluation: Evaluation | None
+    train_rows: int
+    test_rows: int
+    seconds: float
+    worker: str  # host:pid that ran the fit (a Dask worker, or the flow's own process)
+    wild_evaluation: Evaluation | None = None  # on the feedback's wild test set, if any
+    feedback_rows: int = 0  # of train_rows, how many came from feedback
+    reused: bool = False  # taken from an earlier run's finished fit, not trained now
+    threads: int = 0  # LightGBM threads it trained with (0: stored before this was recorded)
+    # Peak resident memory of the process that trained it, a Dask worker's included.
+    peak_rss_mb: float = 0.0
+
+    def to_json(self) -> dict:
+        """Everything but where the model is and whether it was reused: what a later run
+        needs to reuse this fit."""
+        return {"name": self.name, "evaluation": asdict(self.evaluation),
+                "train_evaluation": asdict(self.train_evaluation)
+                if self.train_evaluation else None,
+                "wild_evaluation": asdict(self.wild_evaluation)
+                if self.wild_evaluation else None,
+                "train_rows": self.train_rows, "test_rows": self.test_rows,
+                "seconds": self.seconds, "worker": self.worker,
+                "feedback_rows": self.feedback_rows, "threads": self.threads,
+                "peak_rss_mb": self.peak_rss_mb}
+
+    @classmethod
+    def from_json(cls, data: dict, model_dir: Path) -> FitResult:
+        def evaluation(doc: dict | None) -> Evaluation | None:
+            if doc is None:
+                return None
+            return Evaluation(**{**doc, "labels": [LabelStatistics(**s)
+                                                   for s in doc["labels"]]})
+
+        return cls(data["name"], str(model_dir), evaluation(data["evaluation"]),
+                   evaluation(data["train_evaluation"]), data["train_rows"],
+                   data["test_rows"], data["seconds"], data["worker"],
+                   evaluation(data["wild_evaluation"]), data["feedback_rows"],
+                   threads=data.get("threads", 0),
+                   peak_rss_mb=data.get("peak_rss_mb", 0.0))
+
+
+def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
+                     train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                     *, feature_stage: FeatureStage, seed: int, threads: int, eval_train: bool,
+                     model_dir: Path, feedback: FeedbackMatrix | None = None) -> FitResult:
+    """Train on `train` plus the feedback's training rows (weighted), score on `test` and on
+    the feedback's wild test set."""
+    weights, feedback_rows, wild_evaluation = None, 0, None
+    if feedback is not None and feedback.train_rows:
+        extra_features, extra_labels = feedback.load_train()
+        feedback_rows = len(extra_labels)
+        weights = np.concatenate([np.ones(len(train[1]), np.float32),
+                                  np.full(feedback_rows, feedback.weight, np.float32)])
+        train = (np.concatenate([train[0], extra_features]),
+                 np.concatenate([train[1], extra_labels]))
+    logger.info("%s: training %s on %d rows (%d from feedback) with %d thread(s)", name,
+                algorithm, len(train[1]), feedback_rows, threads)
+    start = time.perf_counter()
+    model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
+                        seed=seed, num_threads=threads, weights=weights)
+    seconds = time.perf_counter() - start
+    evaluation = evaluate(test[1], model.predict_proba(test[0]))
+    train_evaluation = (evaluate(train[1], model.predict_proba(train[0])) if eval_train
+                        else None)
+    if feedback is not None and feedback.wild_rows:
+        wild_features, wild_labels = feedback.load_wild()
+        wild_evaluation = evaluate(wild_labels, model.predict_proba(wild_features))
+    model.save(model_dir)
+    logger.info("%s: accuracy %.4f on %d rows%s (fit %.1f s)", name, evaluation.accuracy,
+                evaluation.rows, f", {wild_evaluation.accuracy:.4f} on {wild_evaluation.rows} "
+                f"wild rows" if wild_evaluation else "", seconds)
+    return FitResult(name, str(model_dir), evaluation, train_evaluation, len(train[1]),
+                     len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}",
+                     wild_evaluation, feedback_rows, threads=threads,
+                     peak_rss_mb=round(peak_rss_megabytes(), 1))
+
+
+#: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
+FIT_CODE_VERSION = "2"  # 2: fit.json records its model files' hashes
+
+
+def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+             matrices: list[str]) -> str:
+    """What a fit's result depends on, hashed: its name, the spec (less the experiment's
+    name, where the data and feedback came from, and whether a final fit follows, none of
+    which changes this fit), the algorithm's configuration, the content-keyed folders of its
+    inputs, and the code and LightGBM versions."""
+    import lightgbm
+
+    material = json.dumps({
+        "fit": name, "code": FIT_CODE_VERSION, "lightgbm": lightgbm.__version__,
+        "spec": spec.model_dump(mode="json", exclude={
+            "experiment": True, "sources": True, "final_fit": True, "feedback": {"store"}}),
+        "config": config.model_dump(mode="json"),
+        "inputs": [Path(folder).name for folder in matrices]}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+def fold_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                 fold_index: int, matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
+                 feedback: FeedbackMatrix | None) -> str:
+    """The key fold `fold_index`'s finished fit is stored under."""
+    inputs = [matrix.folder, *(m.folder for m in (augmented, feedback) if m is not None)]
+    return _fit_key(f"fold-{fold_index}", spec, config, inputs)
+
+
+def final_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                  train_matrix: FeatureMatrix, test_matrix: FeatureMatrix,
+                  augmented: AugmentedMatrix | None, feedback: FeedbackMatrix | None) -> str:
+    """The key the final model's finished fit is stored under."""
+    inputs = [train_matrix.folder, test_matrix.folder,
+              *(m.folder for m in (augmented, feedback) if m is not None)]
+    return _fit_key("final", spec, config, inputs)
+
+
+def is_fit_stored(key: str, fits_dir: Path) -> bool:
+    """Whether a finished fit is stored under `key`: a rerun will reuse it, not train."""
+    return (fits_dir / key / "fit.json").is_file()
+
+
+def fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                  n_folds: int, fits_dir: Path, train_matrix: FeatureMatrix,
+                  test_matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
+                  feedback: FeedbackMatrix | None) -> int:
+    """How many of this experiment's fits have no finished fit stored to reuse."""
+    keys = [fold_fit_key(spec, config, i, train_matrix, augmented, feedback)
+            for i in range(n_folds)]
+    if spec.final_fit:
+        keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback))
+    return sum(not is_fit_stored(key, fits_dir) for key in keys)
+
+
+def _model_files(model_dir: Path) -> dict[str, str]:
+    return {str(path.relative_to(model_dir)): sha256_file(path)
+            for path in sorted(model_dir.rglob("*")) if path.is_file()}
+
+
+def _reuse_or_fit(key: str, fits_dir: Path, fit) -> FitResult:
+    """The finished fit stored under `key`, or `fit(staging)` run now and stored there. A
+    rerun of a killed or failed experiment, or a retry, thus redoes only the fits that had
+    not finished. The folder appears whole (a staging folder renamed into place), so a fit
+    killed halfway leaves nothing to reuse; its model files are checked against the hashes
+    stored beside them, so a damaged one is trained again rather than registered."""
+    folder = fits_dir / key
+    if is_fit_stored(key, fits_dir):
+        stored = json.loads((folder / "fit.json").read_text())
+        result = FitResult.from_json(stored, folder / "model")
+        if stored.get("model_files") == _model_files(folder / "model"):
+            logger.info("%s: reusing the finished fit %s (accuracy %.4f)", result.name, key,
+                        result.evaluation.accuracy)
+            return dataclasses.replace(result, reused=True)
+        logger.warning("%s: the stored fit %s does not match the hashes recorded with it; "
+                       "training it again", result.name, key)
+        shutil.rmtree(folder, ignore_errors=True)
+    fits_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=fits_dir))
+    try:
+        result = fit(staging)
+        (staging / "fit.json").write_text(json.dumps(
+            {**result.to_json(), "model_files": _model_files(staging / "model")}))
+        place_in_cache(staging, folder, marker="fit.json")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dataclasses.replace(result, model_dir=str(folder / "model"))
+
+
+def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
+             config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
+             fits_dir: Path, augmented: AugmentedMatrix | None = None,
+             feedback: FeedbackMatrix | None = None) -> FitResult:
+    """One model on one fold's training rows (plus the augmented copies of those rows, and
+    the feedback's training rows), evaluated on its testing rows and the wild set; reused
+    from `fits_dir` when this very fit has finished before."""
+    name = f"fold-{fold_index}"
+
+    def fit(staging: Path) -> FitResult:
+        features, labels, row_hash = matrix.load()
+        plan = plan_folds(spec.folds, row_hash)[fold_index]
+        train = with_augmented((np.asarray(features[plan.train_rows]),
+                                labels[plan.train_rows]), plan.train_rows, augmented)
+        test = (np.asarray(features[plan.test_rows]), labels[plan.test_rows])
+        return _fit_and_evaluate(name, spec.algorithm, config, train, test,
+                                feature_stage=spec.features, seed=spec.seed + fold_index,
+                                threads=threads, eval_train=spec.eval_train,
+                                model_dir=staging / "model", feedback=feedback)
+
+    return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback),
+                        fits_dir, fit)
+
+
+def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
+              config: GbdtConfig | BaggedBoostingConfig, threads: int,
+              fits_dir: Path, augmented: AugmentedMatrix | None = None,
+              feedback: FeedbackMatrix | None = None) -> FitResult:
+    """One model on every training row (and every augmented copy, and the feedback's
+    training rows), scored on the official test set and the wild set; reused from
+    `fits_dir` when this very fit has finished before."""
+    def fit(staging: Path) -> FitResult:
+        features, labels, _ = train_matrix.load()
+        test_features, test_labels, _ = test_matrix.load()
+        return _fit_and_evaluate(
+            "final", spec.algorithm, config,
+            with_augmented((np.asarray(features), labels), None, augmented),
+            (np.asarray(test_features), test_labels), feature_stage=spec.features,
+            seed=spec.seed, threads=threads, eval_train=spec.eval_train,
+            model_dir=staging / "model", feedback=feedback)
+
+    return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
+                                      feedback), fits_dir, fit)
+
+
+@dataclass(frozen=True)
+class ExperimentSummary:
+    parent_run_id: str
+    folds: list[FitResult]
+    aggregated: dict[str, Aggregate]
+    final: FitResult | None
+    registered: RegisteredModel | None
+    publication: dict | None = None  # the publish flow's report, when it ran
+    feedback: FeedbackMatrix | None = None  # the feedback snapshot it trained with
+
+    def to_json(self) -> dict:
+        def fit_json(result: FitResult) -> dict:
+            return {"name": result.name, "reused": result.reused,
+                    "train_rows": result.train_rows,
+                    "test_rows": result.test_rows, "fit_seconds": round(result.seconds, 3),
+                    "fit_threads": result.threads, "peak_rss_mb": result.peak_rss_mb,
+                    "worker": result.worker,
+                    "feedback_rows": result.feedback_rows,
+                    "statistics": result.evaluation.to_json(),
+                    "wild_statistics": (result.wild_evaluation.to_json()
+                                        if result.wild_evaluation else None),
+                    "train_statistics": (result.train_evaluation.to_json()
+                                         if result.train_evaluation else None)}
+
+        return {
+            "mlflow_run_id": self.parent_run_id,
+            "folds": [fit_json(f) for f in self.folds],
+            "aggregated": {name: asdict(a) for name, a in self.aggregated.items()},
+            "test": fit_json(self.final) if self.final else None,
+            "registered_model": asdict(self.registered) if self.registered else None,
+            "publication": self.publication,
+            "wild": ({**self.feedback.to_json(), "statistics": (
+                self.final.wild_evaluation.to_json()
+                if self.final and self.final.wild_evaluation else None)}
+                if self.feedback else None),
+        }
+
+
+def fit_threads(parallel_fits: int) -> int:
+    """LightGBM threads per fit, so concurrent fits share the cores rather than fight."""
+    return max(1, (os.cpu_count() or 1) // max(1, parallel_fits))
