@@ -243,7 +243,9 @@ def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None 
     `models:/name/N` (the bundle the registry's model version was published to). Every file
     is checked against the manifest before anything is returned."""
     if uri.startswith("models:/"):
-        root, version = _bundle_of_registered_model(uri)
+        from mlpaint.tracking.publication import bundle_of_registered_model
+
+        root, version = bundle_of_registered_model(uri)
         return load_bundle(root, version=version, cache_dir=cache_dir)
     store = store_for(uri)
     if _is_version_folder(store) and version is None:
@@ -271,24 +273,6 @@ def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None 
 
 BUNDLE_ROOT_TAG = "mlpaint.bundle_root"
 BUNDLE_VERSION_TAG = "mlpaint.bundle_version"
-
-
-def _bundle_of_registered_model(uri: str) -> tuple[str, str]:
-    from mlpaint.tracking import resolve_tracking_uri, tracking_client
-
-    reference = uri.removeprefix("models:/")
-    client = tracking_client(resolve_tracking_uri())
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        model_version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, number = reference.rsplit("/", 1)
-        model_version = client.get_model_version(name, number)
-    tags = model_version.tags
-    if BUNDLE_ROOT_TAG not in tags:
-        raise BundleIntegrityError(f"{uri}: model version {model_version.version} has no "
-                                   "published bundle (run `mlpaint publish`)")
-    return tags[BUNDLE_ROOT_TAG], tags[BUNDLE_VERSION_TAG]
 
 
 def info_json(info: BundleInfo) -> str:

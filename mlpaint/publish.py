@@ -3,7 +3,6 @@ the gate, and build the bundle folder. Orchestration lives in tasks/publish.py."
 
 from __future__ import annotations
 
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,42 +26,9 @@ from mlpaint.explain import (
     gallery_rows,
     render_digit_maps,
 )
-from mlpaint.training.algorithms import (
-    MODEL_FORMAT_VERSION,
-    DigitModel,
-    ModelFormatError,
-    softmax,
-)
+from mlpaint.tracking.publication import CHALLENGER, CHAMPION
+from mlpaint.training.algorithms import DigitModel, softmax
 from mlpaint.training.evaluation import evaluate
-
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-
-
-def load_registered_model(name: str, version: str, tracking_uri: str) -> DigitModel:
-    """The DigitModel inside a registered pixel-in pyfunc; its model.json says what it
-    reads. Versions an older mlpaint registered (features in, stage kept in a tag) are
-    refused by name rather than guessed at. Read through `tracking_uri`: MLflow's own
-    `models:/` resolution would use the process-wide default instead."""
-    import mlflow
-    from mlflow.models import Model
-
-    from mlpaint.tracking import tracking_client
-
-    source = tracking_client(tracking_uri).get_model_version_download_uri(name, version)
-    with tempfile.TemporaryDirectory(prefix="registered-model-") as scratch:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=scratch,
-                                                    tracking_uri=tracking_uri)
-        # The MLmodel file itself: `get_model_info` would look the model up again through
-        # the process-wide default store.
-        found = (Model.load(local).metadata or {}).get("format_version")
-        if found != MODEL_FORMAT_VERSION:
-            raise ModelFormatError(f"models:/{name}/{version}: model format {found}, this "
-                                   f"mlpaint reads {MODEL_FORMAT_VERSION}; train and register "
-                                   "it again (to replace such a champion, publish with "
-                                   "--force)")
-        # The boosters are read into memory here; the folder can go.
-        return mlflow.pyfunc.load_model(local).unwrap_python_model().model
 
 
 def accuracy(model: DigitModel, pixels: np.ndarray, labels: np.ndarray) -> float:
@@ -190,24 +156,6 @@ def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanat
     (staging / "bundle.json").write_text(info_json(info))
     write_manifest(staging)
     return info
-
-
-class IncompleteModelError(LookupError):
-    """A version registered by an experiment that failed, crashed or was cancelled."""
-
-
-@dataclass(frozen=True)
-class CandidateRef:
-    """The registered model version being published, and the data its run trained on."""
-
-    name: str
-    version: str
-    run_id: str
-    data_fingerprint: str
-
-    @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
 
 
 @dataclass(frozen=True)

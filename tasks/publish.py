@@ -3,7 +3,6 @@ the bundle is compute and does not."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import tempfile
@@ -14,8 +13,6 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from mlpaint.bundle import (
-    BUNDLE_ROOT_TAG,
-    BUNDLE_VERSION_TAG,
     BundleInfo,
     PublishResult,
     publish_bundle,
@@ -25,25 +22,26 @@ from mlpaint.data.dataset import load_table, row_keys
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.locations import place_in_cache
 from mlpaint.publish import (
-    CHALLENGER,
     CHAMPION,
     BuiltBundle,
-    CandidateRef,
     GateDecision,
-    IncompleteModelError,
     WildScores,
     accuracy,
     build_bundle_folder,
     decide,
     explain_test_set,
-    load_registered_model,
 )
 from mlpaint.storage import store_for
 from mlpaint.tracking import (
     REGISTERED_MODEL_NAME,
-    RUN_INCOMPLETE,
-    RUN_STATE_TAG,
     tracking_client,
+)
+from mlpaint.tracking.publication import (
+    CandidateRef,
+    find_candidate,
+    load_registered_model,
+    record_decision,
+    version_with_alias,
 )
 from mlpaint.training.algorithms import ModelFormatError
 from tasks.retries import SERVICE_CALL_RETRIES
@@ -52,29 +50,8 @@ from tasks.retries import SERVICE_CALL_RETRIES
 @task(name="resolve-model-version", **SERVICE_CALL_RETRIES)
 def resolve_candidate(run_id: str | None, model_version: str | None,
                       tracking_uri: str) -> CandidateRef:
-    """The model version to publish: the one registered from `run_id`, the given version, or
-    the newest registered version."""
-    client = tracking_client(tracking_uri)
-    if model_version:
-        version = client.get_model_version(REGISTERED_MODEL_NAME, str(model_version))
-    else:
-        query = f"name = '{REGISTERED_MODEL_NAME}'"
-        if run_id:
-            query += f" and run_id = '{run_id}'"
-        versions = client.search_model_versions(query)
-        if not run_id:  # the newest a finished experiment registered
-            versions = [v for v in versions if v.tags.get(RUN_STATE_TAG) != RUN_INCOMPLETE]
-        if not versions:
-            raise LookupError(f"no registered version of {REGISTERED_MODEL_NAME}"
-                              + (f" from run {run_id}" if run_id else ""))
-        version = max(versions, key=lambda v: int(v.version))
-    if version.tags.get(RUN_STATE_TAG) == RUN_INCOMPLETE:
-        raise IncompleteModelError(
-            f"{REGISTERED_MODEL_NAME} version {version.version}: its experiment (MLflow run "
-            f"{version.run_id}) did not finish every fit, so it is never published")
-    run = client.get_run(version.run_id)
-    return CandidateRef(REGISTERED_MODEL_NAME, str(version.version), version.run_id,
-                        run.data.tags.get("mlpaint.dataset_fingerprint", ""))
+    """The model version to publish (`find_candidate`)."""
+    return find_candidate(tracking_client(tracking_uri), run_id, model_version)
 
 
 #: Bump when a change to explaining or bundling makes earlier built bundles wrong to reuse.
@@ -144,14 +121,9 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
          wild_share: float = 0.2) -> GateDecision:
     """Score the current champion on the same official test set (and, given a feedback
     store, candidate and champion on its wild test set) and decide."""
-    from mlflow.exceptions import MlflowException
-
-    client = tracking_client(tracking_uri)
+    champion = version_with_alias(tracking_client(tracking_uri), REGISTERED_MODEL_NAME,
+                                  CHAMPION)
     wild = None
-    try:
-        champion = client.get_model_version_by_alias(REGISTERED_MODEL_NAME, CHAMPION)
-    except MlflowException:
-        champion = None
     champion_accuracy = None
     if champion is not None and str(champion.version) == candidate.version:
         champion_accuracy = candidate_accuracy
@@ -207,31 +179,8 @@ def upload_bundle(built: BuiltBundle, destination: str, promote: bool,
 @task(name="record-publication", **SERVICE_CALL_RETRIES)
 def record_publication(candidate: CandidateRef, built: BuiltBundle, decision: GateDecision,
                        destination: str, tracking_uri: str) -> None:
-    """Aliases and tags in the registry; explanation images, the gate's reason and the bundle
-    description in the candidate's MLflow run."""
-    from mlflow.exceptions import MlflowException
-
-    client = tracking_client(tracking_uri)
-    client.set_registered_model_alias(candidate.name, decision.alias, candidate.version)
-    if decision.alias == CHAMPION:
-        # A promoted model is no longer the challenger; having no challenger is the usual case.
-        with contextlib.suppress(MlflowException):
-            challenger = client.get_model_version_by_alias(candidate.name, CHALLENGER)
-            if str(challenger.version) == candidate.version:
-                client.delete_registered_model_alias(candidate.name, CHALLENGER)
-    for key, value in {BUNDLE_ROOT_TAG: destination, BUNDLE_VERSION_TAG: built.info.version,
-                       "mlpaint.gate": decision.alias}.items():
-        client.set_model_version_tag(candidate.name, candidate.version, key, value)
-    staging = Path(built.staging)
-    for name in ("mean_contributions.png", "mean_abs_contributions.png",
-                 "mean_contributions.npy", "mean_abs_contributions.npy"):
-        client.log_artifact(candidate.run_id, str(staging / "explanations" / name),
-                            "explanations")
-    with tempfile.TemporaryDirectory() as scratch:
-        report = Path(scratch) / "gate_decision.json"
-        report.write_text(json.dumps({**asdict(decision), "bundle": destination,
-                                      "bundle_version": built.info.version}, indent=1))
-        client.log_artifact(candidate.run_id, str(report), "publish")
-    client.set_tag(candidate.run_id, "mlpaint.gate", decision.alias)
-    client.set_tag(candidate.run_id, "mlpaint.gate_reason", decision.reason)
-
+    """The gate's decision in the registry and the candidate's run (`record_decision`)."""
+    record_decision(tracking_client(tracking_uri), candidate, decision.alias, decision.reason,
+                    {**asdict(decision), "bundle": destination,
+                     "bundle_version": built.info.version},
+                    destination, built.info.version, Path(built.staging) / "explanations")

@@ -11,7 +11,6 @@ import hashlib
 import json
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +26,20 @@ from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.locations import place_in_cache
 from mlpaint.tracking import (
-    FLOW_RUN_TAG,
-    FLOW_RUN_URL_TAG,
     DatasetUse,
     RegisteredModel,
-    end_open_runs,
     ensure_experiment,
     log_datasets,
     log_digit_model,
-    mark_complete,
     tracking_client,
-    write_evaluation_artifacts,
+)
+from mlpaint.tracking.experiment import (
+    log_fold,
+    log_summary,
+    run_page_url,
+    start_parent_run,
 )
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig
-from mlpaint.training.evaluation import Evaluation
 from mlpaint.training.fits import ExperimentSummary, FitResult, fit_final, fit_fold
 from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec
@@ -185,36 +184,6 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
 # --- MLflow ----------------------------------------------------------------------------------
 
 
-def _metrics(prefix: str, evaluation: Evaluation) -> dict[str, float]:
-    return {f"{prefix}{name}": value for name, value in evaluation.scalar_metrics().items()}
-
-
-def _log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
-    for start in range(0, len(batch), 500):  # the REST API's batch limit is 1,000
-        client.log_batch(run_id, metrics=batch[start:start + 500])
-
-
-def _log_params(client, run_id: str, params: dict[str, str]) -> None:
-    from mlflow.entities import Param
-
-    batch = [Param(key, value[:6000]) for key, value in params.items()]
-    for start in range(0, len(batch), 90):  # the params batch limit is 100
-        client.log_batch(run_id, params=batch[start:start + 90])
-
-
-def _wild_metrics(prefix: str, result: FitResult) -> dict[str, float]:
-    """`wild_accuracy` and the rest on the wild test set, and `wild_rows` (0 without one)."""
-    if result.wild_evaluation is None:
-        return {f"{prefix}wild_rows": 0.0} if result.feedback_rows else {}
-    return {**_metrics(f"{prefix}wild_", result.wild_evaluation),
-            f"{prefix}wild_rows": float(result.wild_evaluation.rows),
-            f"{prefix}feedback_train_rows": float(result.feedback_rows)}
-
-
 @task(name="prepare-experiment", **SERVICE_CALL_RETRIES)
 def prepare_experiment(experiment: str, tracking_uri: str) -> str:
     """The MLflow experiment's id, created if needed. The flow runs this while the data is
@@ -227,35 +196,26 @@ def prepare_experiment(experiment: str, tracking_uri: str) -> str:
 def start_experiment_run(spec: ExperimentSpec, experiment_id: str,
                          algorithm_params: dict[str, str], dataset_fingerprint: str,
                          tracking_uri: str, flow_run_id: str | None) -> str:
-    """The parent run: the whole spec and the algorithm's parameters as params. A run that
-    an earlier attempt of this same flow run left RUNNING (its process was killed outright,
-    so no hook ended it) is ended as KILLED first. Each links the other: the MLflow run is
-    tagged with the Prefect flow run (its id, and its page when a Prefect UI is
-    configured), and the flow run gets a link artifact to the run's page on an MLflow
-    tracking server."""
+    """The parent run: the whole spec and the algorithm's parameters as params
+    (`start_parent_run`, which first ends as KILLED what a dead earlier attempt of this flow
+    run left open). Each run links the other: the MLflow run is tagged with the flow run's
+    page when a Prefect UI is configured, and the flow run gets a link artifact to the
+    MLflow run's page on a tracking server."""
     from prefect.runtime import flow_run
     from prefect.settings import PREFECT_UI_URL
 
-    client = tracking_client(tracking_uri)
-    if flow_run_id and (stale := end_open_runs(client, flow_run_id, "KILLED")):
+    run_id, stale = start_parent_run(
+        tracking_client(tracking_uri), experiment_id, f"{spec.algorithm}-{spec.features.value}",
+        {**spec.flat_params(), **algorithm_params}, dataset_fingerprint, flow_run_id,
+        flow_run.ui_url if flow_run_id and PREFECT_UI_URL.value() else None)
+    if stale:
         get_run_logger().warning("ended MLflow runs %s, left open by a dead earlier attempt "
                                  "of this flow run, as KILLED", ", ".join(stale))
-    tags = {"mlpaint.dataset_fingerprint": dataset_fingerprint,
-            "mlflow.runName": f"{spec.algorithm}-{spec.features.value}"}
-    if flow_run_id:
-        tags[FLOW_RUN_TAG] = flow_run_id
-        if PREFECT_UI_URL.value():
-            tags[FLOW_RUN_URL_TAG] = flow_run.ui_url
-    run = client.create_run(experiment_id, tags=tags)
-    _log_params(client, run.info.run_id, {**spec.flat_params(), **algorithm_params})
-    if tracking_uri.startswith(("http://", "https://")):
-        create_link_artifact(
-            key="mlflow-run",
-            link=f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/"
-                 f"{run.info.run_id}",
-            link_text=f"MLflow run {run.info.run_id}",
-            description="This experiment's parent run on the MLflow tracking server")
-    return run.info.run_id
+    if page := run_page_url(tracking_uri, experiment_id, run_id):
+        create_link_artifact(key="mlflow-run", link=page, link_text=f"MLflow run {run_id}",
+                             description="This experiment's parent run on the MLflow "
+                                         "tracking server")
+    return run_id
 
 
 @task(name="log-datasets", **SERVICE_CALL_RETRIES)
@@ -277,58 +237,10 @@ def log_data_inputs(parent_run_id: str, tables: dict[str, str], limit: int | Non
     log_datasets(tracking_client(tracking_uri), parent_run_id, uses)
 
 
-def _write_fit_artifacts(result: FitResult, folder: Path, title: str) -> list[Path]:
-    paths = write_evaluation_artifacts(result.evaluation, folder, title)
-    statistics = folder / "statistics.json"
-    statistics.write_text(json.dumps({
-        "test": result.evaluation.to_json(),
-        "train": result.train_evaluation.to_json() if result.train_evaluation else None,
-        "train_rows": result.train_rows, "fit_seconds": result.seconds}, indent=1))
-    return [*paths, statistics]
-
-
-#: On a fold run: "true" when its fit was taken from an earlier attempt's finished work.
-FIT_REUSED_TAG = "mlpaint.fit_reused"
-
-
 @task(name="log-fold-run", **SERVICE_CALL_RETRIES)
 def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> str:
-    """A nested run for one fold: its metrics, evaluation artifacts and model files.
-
-    Idempotent: a retry after a failed call (the tracking server went away halfway) finishes
-    the fold run the first try created instead of creating a second one. The run carries
-    the parent's Prefect flow run tag, so a dead attempt's open fold runs are ended too."""
-    client = tracking_client(tracking_uri)
-    parent = client.get_run(parent_run_id)
-    earlier = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-                      f"tags.`mlflow.runName` = '{result.name}'")
-    if earlier and earlier[0].info.status == "FINISHED":
-        return earlier[0].info.run_id
-    if earlier:
-        run_id = earlier[0].info.run_id
-    else:
-        tags = {"mlflow.parentRunId": parent_run_id, "mlflow.runName": result.name,
-                FIT_REUSED_TAG: str(result.reused).lower()}
-        if FLOW_RUN_TAG in parent.data.tags:
-            tags[FLOW_RUN_TAG] = parent.data.tags[FLOW_RUN_TAG]
-        run_id = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
-    _log_params(client, run_id, {"fold": result.name, "train_rows": str(result.train_rows),
-                                 "test_rows": str(result.test_rows)})
-    metrics = {**_metrics("", result.evaluation), **_wild_metrics("", result)}
-    if result.train_evaluation:
-        metrics.update(_metrics("train_", result.train_evaluation))
-    metrics["fit_seconds"] = result.seconds
-    metrics["fit_threads"] = result.threads
-    metrics["fit_peak_rss_mb"] = result.peak_rss_mb
-    _log_metrics(client, run_id, metrics)
-    with tempfile.TemporaryDirectory() as scratch:
-        for path in _write_fit_artifacts(result, Path(scratch), result.name):
-            client.log_artifact(run_id, str(path), "evaluation")
-    client.log_artifacts(run_id, result.model_dir, "model")
-    client.set_terminated(run_id)
-    return run_id
+    """A nested run for one fold (`log_fold`: idempotent, so this task may retry)."""
+    return log_fold(tracking_client(tracking_uri), parent_run_id, result)
 
 
 @task(name="log-final-model", **SERVICE_CALL_RETRIES)
@@ -345,32 +257,6 @@ def log_final_model(final: FitResult, test_table_dir: str, parent_run_id: str,
 @task(name="log-experiment-summary", **SERVICE_CALL_RETRIES)
 def log_experiment_summary(summary: ExperimentSummary, spec: ExperimentSpec,
                            sample_grid: str | None, tracking_uri: str) -> None:
-    """Aggregates and test metrics on the parent run, its artifacts, and the end of the run."""
-    client = tracking_client(tracking_uri)
-    run_id = summary.parent_run_id
-    metrics = {}
-    for name, stats in summary.aggregated.items():
-        metrics.update({f"folds_{name}_{k}": v for k, v in asdict(stats).items()})
-    if summary.final:
-        metrics.update(_metrics("test_", summary.final.evaluation))
-        metrics.update(_wild_metrics("", summary.final))
-    # The flow's own process is measured by recording_resources; fits may run elsewhere.
-    metrics["resources/fit_peak_rss_mb"] = max(
-        fit.peak_rss_mb for fit in [*summary.folds, *filter(None, [summary.final])])
-    _log_metrics(client, run_id, metrics)
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(scratch)
-        if summary.final:
-            for path in _write_fit_artifacts(summary.final, folder / "test", "official test"):
-                client.log_artifact(run_id, str(path), "evaluation/test")
-        (folder / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
-        (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
-        client.log_artifact(run_id, str(folder / "spec.json"))
-        client.log_artifact(run_id, str(folder / "summary.json"))
-    if sample_grid:
-        client.log_artifact(run_id, sample_grid, "data")
-    if summary.feedback:
-        client.log_artifact(run_id, summary.feedback.sample_grid, "data")
-    if summary.registered:
-        mark_complete(client, summary.registered)
-    client.set_terminated(run_id)
+    """Aggregates and test metrics on the parent run, its artifacts, and its end
+    (`log_summary`)."""
+    log_summary(tracking_client(tracking_uri), summary, spec, sample_grid)

@@ -195,7 +195,8 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
         assert flow_run.id in {a.flow_run_id for a in tables}
         links = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["mlflow-run"])))
-        mlflow_links = {a.flow_run_id: a.data for a in links}
+        # A link artifact's data is the markdown link: "[text](url)".
+        mlflow_links = {a.flow_run_id: a.data.rsplit("(", 1)[1].rstrip(")") for a in links}
 
     mlflow = stack["mlflow"]
     experiment = requests.get(f"{mlflow}/api/2.0/mlflow/experiments/get-by-name",

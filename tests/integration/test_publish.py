@@ -174,7 +174,7 @@ def test_a_version_from_an_unfinished_experiment_is_never_published(harness, reg
                                                                      monkeypatch, tmp_path):
     """Registered by a run whose folds never all finished (tag still `incomplete`): refused
     when named, skipped when publishing picks the newest."""
-    from mlpaint.publish import IncompleteModelError
+    from mlpaint.tracking.publication import IncompleteModelError
 
     client = MlflowClient(registry["uri"], registry["uri"])
     run = client.create_run(client.get_experiment_by_name("publish-registry").experiment_id)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from mlpaint.tracking import REGISTERED_MODEL_NAME, _log_pyfunc, ensure_experiment, log_digit_model
+from mlpaint.tracking import REGISTERED_MODEL_NAME, ensure_experiment, log_digit_model
+from mlpaint.tracking.registry import _log_pyfunc
 from mlpaint.training.algorithms import DigitModel, GbdtConfig, train_model
 
 pytestmark = pytest.mark.integration

@@ -1,0 +1,145 @@
+"""Where MLflow runs go: the tracking URI, a client on it, the embedded SQLite store (created
+and migrated once, under a lock; a half-migrated one repaired), and the experiment.
+
+The tracking URI is `MLFLOW_TRACKING_URI` when set, else a SQLite store in `.mlpaint/` under
+the working directory, with artifacts beside it. Nothing is configured at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+from mlpaint.locations import LOCAL_STORE_DIR
+
+logger = logging.getLogger(__name__)
+
+# The MLflow UI opens an experiment of this kind on its training runs (not on GenAI traces).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def resolve_tracking_uri() -> str:
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return uri
+    folder = Path.cwd() / LOCAL_STORE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def tracking_client(tracking_uri: str):
+    """An MlflowClient whose tracking store is also its model registry. A SQLite store is
+    created or migrated under a lock first (see `prepare_sqlite_store`)."""
+    from mlflow import MlflowClient
+
+    if tracking_uri.startswith(SQLITE_PREFIX):
+        prepare_sqlite_store(tracking_uri)
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+
+SQLITE_PREFIX = "sqlite:///"
+_prepared_stores: set[str] = set()
+
+
+def _sqlite_artifact_root(tracking_uri: str) -> str:
+    """Artifacts of a SQLite store: an `artifacts/` folder beside the database."""
+    return (Path(tracking_uri.removeprefix(SQLITE_PREFIX)).parent / "artifacts").resolve(
+    ).as_uri()
+
+
+def prepare_sqlite_store(tracking_uri: str) -> None:
+    """Create or migrate a SQLite MLflow store, one process at a time.
+
+    MLflow builds and migrates a SQLite store's schema when a process first opens it, with
+    no lock: two runs started together on a new store both migrated it and left it half
+    done (`table _alembic_tmp_experiments already exists`), for them and every later run.
+    Here the first open happens under a file lock beside the database; whoever comes second
+    finds the schema complete. Once per store per process."""
+    if tracking_uri in _prepared_stores:
+        return
+    from filelock import FileLock
+    from mlflow.store.model_registry.sqlalchemy_store import (
+        SqlAlchemyStore as RegistryStore,
+    )
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore as TrackingStore
+    from sqlalchemy.exc import SQLAlchemyError
+
+    database = Path(tracking_uri.removeprefix(SQLITE_PREFIX))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{database}.lock"):
+        _repair_interrupted_migration(database)
+        try:
+            # Opening the stores runs MLflow's schema creation and migrations.
+            TrackingStore(tracking_uri, _sqlite_artifact_root(tracking_uri))
+            RegistryStore(tracking_uri)
+        except (SQLAlchemyError, sqlite3.Error) as exc:
+            raise TrackingStoreError(
+                f"{database}: MLflow could not open or upgrade this store ({exc}). Back the "
+                f"file up, then run `mlflow db upgrade {tracking_uri}`, or move the file "
+                "away to start a new store") from exc
+    _prepared_stores.add(tracking_uri)
+
+
+class TrackingStoreError(RuntimeError):
+    """A local MLflow store that cannot be opened: the message says what to do."""
+
+
+_ALEMBIC_TMP_PREFIX = "_alembic_tmp_"
+
+
+def _repair_interrupted_migration(database: Path) -> list[str]:
+    """Finish what an interrupted schema migration left, before MLflow migrates again.
+
+    On SQLite, Alembic changes a table by copying it to `_alembic_tmp_<table>`, dropping the
+    original and renaming the copy. A migration killed between the copy and the drop, or
+    two run at once (older mlpaint, or MLflow without its own lock), leaves the copy beside
+    an intact original, and every later open fails with `table _alembic_tmp_<table> already
+    exists`. Such a copy holds nothing the original lacks: it is dropped, after a backup of
+    the database beside it, and the migration then runs again. A copy whose original is gone
+    is not guessed at: the error names the command that finishes it. Returns the tables
+    repaired."""
+    if not database.is_file():
+        return []
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        tables = {row[0] for row in connection.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'")}
+        leftovers = sorted(t for t in tables if t.startswith(_ALEMBIC_TMP_PREFIX))
+        if not leftovers:
+            return []
+        orphans = [t for t in leftovers if t.removeprefix(_ALEMBIC_TMP_PREFIX) not in tables]
+        if orphans:
+            commands = "; ".join(f"ALTER TABLE {t} RENAME TO "
+                                 f"{t.removeprefix(_ALEMBIC_TMP_PREFIX)}" for t in orphans)
+            raise TrackingStoreError(
+                f"{database}: an interrupted MLflow migration left {', '.join(orphans)} "
+                f"without its original table. Back the file up, then run "
+                f"`sqlite3 {database} '{commands}'` and "
+                f"`mlflow db upgrade {SQLITE_PREFIX}{database}`")
+        backup = database.with_name(f"{database.name}.before-repair-{int(time.time())}")
+        with contextlib.closing(sqlite3.connect(backup)) as copy:
+            connection.backup(copy)
+        for table in leftovers:
+            connection.execute(f'DROP TABLE "{table}"')
+        connection.commit()
+    logger.warning("%s: dropped %s, left by an interrupted MLflow schema migration (backup "
+                   "at %s); the migration runs again", database, ", ".join(leftovers), backup)
+    return leftovers
+
+
+def ensure_experiment(client, name: str, tracking_uri: str) -> str:
+    """The experiment's id, creating it if needed. For the local SQLite store its artifacts go
+    to `.mlpaint/artifacts`, not to an `mlruns/` folder wherever the command happened to run."""
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        if existing.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+            client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG,
+                                      EXPERIMENT_KIND)
+        return existing.experiment_id
+    artifact_location = (_sqlite_artifact_root(tracking_uri)
+                         if tracking_uri.startswith(SQLITE_PREFIX) else None)
+    return client.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
