@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.feedback serve --bundle .mlpaint/bundles --runs 3
     .venv/bin/python -m bench.feedback ingest --records 100000
+    .venv/bin/python -m bench.feedback ingest-s3 --records 5000
 
 `serve`: `mlpaint serve --workers 2` with a fresh local feedback store per run; 16 clients
 (`wrk`'s connections, or Python threads in this process with `--load python`) post distinct
@@ -22,6 +23,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -201,6 +203,44 @@ def bench_ingest(args: argparse.Namespace) -> None:
             "npy_peak_mb": statistics.median(r["npy"]["peak_mb"] for r in rows)}}, indent=1))
 
 
+def bench_ingest_s3(args: argparse.Namespace) -> None:
+    """`FeedbackSnapshot.of` on a store under an s3:// prefix (the moto server on loopback),
+    reading one record at a time against `READ_THREADS` at a time: the same store, the same
+    code, alternating, each in a fresh process."""
+    import boto3
+
+    from bench.ingest import _start_moto
+
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{args.port}",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
+        moto = _start_moto(args.port, Path(scratch) / "moto.log")
+        try:
+            boto3.client("s3").create_bucket(Bucket="bench-feedback")
+            root = "s3://bench-feedback/feedback"
+            chunk = args.records // 8
+            with ProcessPoolExecutor(2) as pool:
+                written = sum(pool.map(_write_records, [root] * 8,
+                                       [i * chunk for i in range(8)],
+                                       [(i + 1) * chunk for i in range(8)], [0] * 8))
+            times: dict[str, list[float]] = {"1": [], "threads": []}
+            for _ in range(args.runs):
+                for name, setting in (("1", "1"), ("threads", "feedback.READ_THREADS")):
+                    run = _timed(
+                        "import mlpaint.feedback as feedback\n"
+                        f"feedback.READ_THREADS = {setting}\n"
+                        f"s = feedback.FeedbackSnapshot.of(feedback.FeedbackStore.at({root!r}))\n"
+                        "print(len(s.ids), feedback.READ_THREADS)")
+                    times[name].append(run["seconds"])
+                    print(name, run, flush=True)
+        finally:
+            stop_service(moto)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    print(json.dumps({"records": written, "seconds": times, "medians": medians,
+                      "speedup": round(medians["1"] / medians["threads"], 2)}, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -219,8 +259,14 @@ def main() -> None:
     ingest.add_argument("--records", type=int, default=100_000)
     ingest.add_argument("--runs", type=int, default=3)
     ingest.add_argument("--scratch", default=None, help="where the store is written")
+    ingest_s3 = commands.add_parser("ingest-s3")
+    ingest_s3.add_argument("--records", type=int, default=5_000)
+    ingest_s3.add_argument("--runs", type=int, default=3)
+    ingest_s3.add_argument("--port", type=int, default=50133)
+    ingest_s3.add_argument("--scratch", default=None)
     args = parser.parse_args()
-    (bench_serve if args.command == "serve" else bench_ingest)(args)
+    {"serve": bench_serve, "ingest": bench_ingest, "ingest-s3": bench_ingest_s3}[args.command](
+        args)
 
 
 if __name__ == "__main__":

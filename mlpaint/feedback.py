@@ -21,6 +21,7 @@ import csv
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,8 @@ FEEDBACK_FORMAT_VERSION = 1
 RECORDS = "records"
 REJECTIONS = "rejections"
 ID_HEX_DIGITS = 32  # 128 bits of SHA-256: collisions are not a practical concern
+#: Reads in flight when reading a whole store: within botocore's pool of 10 connections.
+READ_THREADS = 8
 #: The record's pixels and label as a CSV the `*.csv` source reads (mlpaint.data.formats).
 CSV_HEADER = ("label", *(f"pixel_{i}" for i in range(N_FEATURES)))
 
@@ -172,12 +175,20 @@ class FeedbackStore:
             raise FeedbackError(f"{id_or_prefix!r}: no such record")
         return FeedbackRecord.from_bytes(data, where=self.store.describe(key))
 
+    def _read_all(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+        """Every JSON object under `prefix` with its key, in key order. Read a few at a time:
+        from S3 each read is a round trip, and one after another they add up (100,000
+        records)."""
+        keys = [key for key in self.store.list_keys(prefix) if key.endswith(".json")]
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            for key, data in zip(keys, pool.map(self.store.get_bytes, keys), strict=True):
+                if data is not None:  # removed since it was listed
+                    yield key, data
+
     def records(self) -> Iterator[FeedbackRecord]:
         """Every record, in id order (ids are hashes: the order is stable, not temporal)."""
-        for key in self.store.list_keys(RECORDS):
-            data = self.store.get_bytes(key) if key.endswith(".json") else None
-            if data is not None:
-                yield FeedbackRecord.from_bytes(data, where=self.store.describe(key))
+        for key, data in self._read_all(RECORDS):
+            yield FeedbackRecord.from_bytes(data, where=self.store.describe(key))
 
     def reject(self, id_or_prefix: str, reason: str) -> tuple[str, bool]:
         """Exclude a record from training; (its id, False if it was already rejected)."""
@@ -187,11 +198,9 @@ class FeedbackStore:
 
     def rejections(self) -> dict[str, Rejection]:
         found = {}
-        for key in self.store.list_keys(REJECTIONS):
-            data = self.store.get_bytes(key) if key.endswith(".json") else None
-            if data is not None:
-                doc = json.loads(data)
-                found[doc["id"]] = Rejection(doc["id"], doc["reason"], doc["rejected_at"])
+        for _, data in self._read_all(REJECTIONS):
+            doc = json.loads(data)
+            found[doc["id"]] = Rejection(doc["id"], doc["reason"], doc["rejected_at"])
         return found
 
     def accepted(self, rejected: dict[str, Rejection] | None = None) -> list[FeedbackRecord]:
