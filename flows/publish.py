@@ -71,8 +71,8 @@ def publish_model(
         # destination: two publishers at once (a scheduled run and a UI run) otherwise can
         # leave the alias and LATEST naming different versions.
         with store_for(destination).lock(PUBLISH_LOCK):
-            decision = gate(candidate, built.test_accuracy, dataset.tables["test"], margin,
-                            force, tracking_uri, feedback_store, wild_share)
+            decision = gate(candidate, built, dataset.tables["test"], margin, force,
+                            tracking_uri, feedback_store, wild_share)
             result = upload_bundle(built, destination, decision.promote, retention)
             record_publication(candidate, built, decision, destination, tracking_uri)
     create_markdown_artifact(

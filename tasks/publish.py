@@ -43,7 +43,7 @@ from mlpaint.tracking.publication import (
     record_decision,
     version_with_alias,
 )
-from mlpaint.training.algorithms import ModelFormatError
+from mlpaint.training.algorithms import DigitModel, ModelFormatError
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
@@ -116,11 +116,13 @@ def _read_built(folder: Path) -> BuiltBundle:
 
 
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)
-def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str,
+def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
          margin: float, force: bool, tracking_uri: str, feedback_store: str | None = None,
          wild_share: float = 0.2) -> GateDecision:
     """Score the current champion on the same official test set (and, given a feedback
-    store, candidate and champion on its wild test set) and decide."""
+    store, candidate and champion on its wild test set) and decide. The candidate's test
+    accuracy and model come from its built bundle, not from the registry again."""
+    candidate_accuracy = built.test_accuracy
     champion = version_with_alias(tracking_client(tracking_uri), REGISTERED_MODEL_NAME,
                                   CHAMPION)
     wild = None
@@ -145,7 +147,8 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
             return decision
         champion_accuracy = accuracy(model, table.pixels, table.labels)
         if feedback_store:
-            wild = _wild_scores(candidate, model, feedback_store, wild_share, tracking_uri)
+            wild = _wild_scores(DigitModel.load(Path(built.staging) / "model"), model,
+                                feedback_store, wild_share)
     decision = decide(candidate_accuracy, champion_accuracy,
                       str(champion.version) if champion else None, margin=margin, force=force,
                       wild=wild)
@@ -153,16 +156,15 @@ def gate(candidate: CandidateRef, candidate_accuracy: float, test_table_dir: str
     return decision
 
 
-def _wild_scores(candidate: CandidateRef, champion_model, feedback_store: str,
-                 wild_share: float, tracking_uri: str) -> WildScores:
+def _wild_scores(candidate_model: DigitModel, champion_model: DigitModel,
+                 feedback_store: str, wild_share: float) -> WildScores:
     """Both models on the feedback store's wild test set, as it is now."""
     snapshot = FeedbackSnapshot.of(FeedbackStore.at(feedback_store))
     wild = wild_rows(snapshot.row_hash, wild_share)
     if not wild.any():
         return WildScores(0, 0.0, None)
     pixels, labels = snapshot.pixels[wild], snapshot.labels[wild]
-    model = load_registered_model(REGISTERED_MODEL_NAME, candidate.version, tracking_uri)
-    return WildScores(int(wild.sum()), accuracy(model, pixels, labels),
+    return WildScores(int(wild.sum()), accuracy(candidate_model, pixels, labels),
                       accuracy(champion_model, pixels, labels))
 
 
