@@ -10,6 +10,7 @@ import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +127,11 @@ def _serve(tmp_path: Path, bundle_root: Path, env: dict[str, str], *extra: str
     return process, url
 
 
-def _prefect_events(api: str, name: str) -> list[dict]:
+def _prefect_events(api: str, name: str, since: datetime) -> list[dict]:
+    """The events named `name` since `since`: the API is shared by the session, and earlier
+    tests post some of the same drawings (so the same record ids) to it."""
     response = requests.post(f"{api}/events/filter", json={
-        "filter": {"event": {"name": [name]}, "occurred": {"since": "2020-01-01T00:00:00Z"}},
+        "filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}},
         "limit": 50}, timeout=10)
     response.raise_for_status()
     page = response.json()
@@ -151,6 +154,7 @@ def test_two_workers_posting_at_once_store_everything_once_and_tell_prefect(
     posts = [{"image": _data_url(_png(np.asarray(test.pixels[i]))), "label": label}
              for i in range(40) for label in (int(test.labels[i]), int(test.labels[i]),
                                               (int(test.labels[i]) + 1) % 10)]
+    started = datetime.now(UTC)
     try:
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(
@@ -163,7 +167,7 @@ def test_two_workers_posting_at_once_store_everything_once_and_tell_prefect(
         deadline = time.monotonic() + 60
         events = []
         while time.monotonic() < deadline:
-            events = _prefect_events(prefect_api, "mlpaint.feedback.received")
+            events = _prefect_events(prefect_api, "mlpaint.feedback.received", started)
             if len(events) >= 80:
                 break
             time.sleep(1)
