@@ -23,7 +23,6 @@ import argparse
 import base64
 import io
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -155,6 +154,14 @@ def _write_records(root: str, start: int, stop: int, seed: int) -> int:
     return stop - start
 
 
+def _write_store(root: str, records: int) -> int:
+    """`records` random pixel records written to the store at `root` by 2 processes."""
+    chunk = records // 8
+    with ProcessPoolExecutor(2) as pool:
+        return sum(pool.map(_write_records, [root] * 8, [i * chunk for i in range(8)],
+                            [(i + 1) * chunk for i in range(8)], [0] * 8))
+
+
 def _timed(code: str) -> dict:
     """Run `code` in a fresh Python under /usr/bin/time -v: wall seconds, peak RSS."""
     done = subprocess.run(["/usr/bin/time", "-v", sys.executable, "-c", code], cwd=REPO,
@@ -172,11 +179,7 @@ def bench_ingest(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         root = str(Path(scratch) / "feedback")
         started = time.perf_counter()
-        chunk = args.records // 8
-        with ProcessPoolExecutor(2) as pool:
-            written = sum(pool.map(_write_records, [root] * 8,
-                                   [i * chunk for i in range(8)],
-                                   [(i + 1) * chunk for i in range(8)], [0] * 8))
+        written = _write_store(root, args.records)
         print(f"wrote {written} records in {time.perf_counter() - started:.1f} s", flush=True)
         npy = Path(scratch) / "arrays"
         npy.mkdir()
@@ -209,21 +212,15 @@ def bench_ingest_s3(args: argparse.Namespace) -> None:
     code, alternating, each in a fresh process."""
     import boto3
 
-    from bench.ingest import _start_moto
+    from bench.ingest import _start_moto, use_moto
 
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{args.port}",
-                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    use_moto(args.port)
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         moto = _start_moto(args.port, Path(scratch) / "moto.log")
         try:
             boto3.client("s3").create_bucket(Bucket="bench-feedback")
             root = "s3://bench-feedback/feedback"
-            chunk = args.records // 8
-            with ProcessPoolExecutor(2) as pool:
-                written = sum(pool.map(_write_records, [root] * 8,
-                                       [i * chunk for i in range(8)],
-                                       [(i + 1) * chunk for i in range(8)], [0] * 8))
+            written = _write_store(root, args.records)
             times: dict[str, list[float]] = {"1": [], "threads": []}
             for _ in range(args.runs):
                 for name, setting in (("1", "1"), ("threads", "feedback.READ_THREADS")):

@@ -110,6 +110,14 @@ def _run_variant(variant: str, path: Path, env: dict[str, str]) -> dict:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+def use_moto(port: int) -> None:
+    """Point this process (and the processes it starts) at a moto server on `port`: its
+    endpoint and the dummy credentials it accepts."""
+    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+
+
 def _start_moto(port: int, log: Path) -> subprocess.Popen:
     moto = Path(sys.executable).parent / "moto_server"
     return start_service([str(moto), "-H", "127.0.0.1", "-p", str(port)],
@@ -130,10 +138,8 @@ def main() -> None:
 
     import boto3
 
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{args.port}",
-           "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    use_moto(args.port)
+    env = dict(os.environ)
     with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
         moto = _start_moto(args.port, Path(workdir) / "moto.log")
         try:

@@ -301,11 +301,9 @@ def part_default(mnist: Path, port: int) -> dict:
     """`mlpaint train` on its defaults, reading MNIST from a moto S3 server on loopback."""
     import boto3
 
-    from bench.ingest import _start_moto
+    from bench.ingest import _start_moto, use_moto
 
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                       "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    use_moto(port)
     with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
         moto = _start_moto(port, Path(workdir) / "moto.log")
         try:
