@@ -198,7 +198,7 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     to_train = fits_to_train(spec, config, n_folds, fits_dir, train_matrix.result(),
                              test_matrix.result(), augmented.result() if augmented else None,
                              feedback)
-    threads = fit_threads(min(max(to_train, 1), os.cpu_count() or 1))
+    threads = fit_threads(to_train)
     if to_train < n_fits:
         get_run_logger().info("%d of %d fits are stored from an earlier run and will be "
                               "reused; %d train, with %d thread(s) each", n_fits - to_train,

@@ -112,7 +112,8 @@ def mnist_from_mirrors(cache_dir: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for idx, target in targets.items():
         staging = target.with_name(f".{target.name}.{os.getpid()}")
-        with blobs.lookup(idx.sha256).open("rb") as source, \
+        # fetch_dataset has just verified the blob (or the cached copy) by its hash.
+        with blobs.blob_path(idx.sha256).open("rb") as source, \
                 gzip.open(staging, "wb", compresslevel=1) as out:
             shutil.copyfileobj(source, out)
         staging.replace(target)  # whole or not at all, should two sessions race
