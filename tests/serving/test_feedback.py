@@ -128,8 +128,9 @@ def _serve(tmp_path: Path, bundle_root: Path, env: dict[str, str], *extra: str
 
 
 def _prefect_events(api: str, name: str, since: datetime) -> list[dict]:
-    """The events named `name` since `since`: the API is shared by the session, and earlier
-    tests post some of the same drawings (so the same record ids) to it."""
+    """The events named `name` since `since`, each once: the API is shared by the session,
+    and earlier tests post some of the same drawings (so the same record ids) to it; and
+    pages read while events still arrive shift, so one event can appear on two pages."""
     response = requests.post(f"{api}/events/filter", json={
         "filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}},
         "limit": 50}, timeout=10)
@@ -139,7 +140,7 @@ def _prefect_events(api: str, name: str, since: datetime) -> list[dict]:
     while page.get("next_page"):  # 50 events a page
         page = requests.get(page["next_page"], timeout=10).json()
         events += page["events"]
-    return events
+    return list({event["id"]: event for event in events}.values())
 
 
 @pytest.mark.integration
