@@ -9,6 +9,7 @@ exit status; `--json` output goes to stdout alone, logs to stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -30,6 +31,16 @@ def _configure_logging(verbose: bool) -> None:
     # The temporary local server's telemetry heartbeat races its own SQLite writes and logs
     # a traceback ("database is locked"); nothing of ours depends on it.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+STORE_HELP = ("where features, augmented rows and fitted models are kept: a folder or "
+              "s3://bucket/prefix (default $MLPAINT_STORE, else the cache folder)")
+
+
+def _library_prints_to_stderr() -> contextlib.AbstractContextManager:
+    """While a flow runs, what libraries print goes to stderr: MLflow prints "View run … at"
+    lines when a run on a tracking server ends, and stdout is the `--json` output's alone."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _add_data_commands(subcommands) -> None:
@@ -68,8 +79,10 @@ def _run_data_fetch(args: argparse.Namespace) -> int:
 
     from flows.ingest import ingest_mnist
 
-    report = ingest_mnist(sources=args.source or None, sha256=pins, cache_dir=args.cache_dir,
-                          samples_per_label=args.samples_per_label, seed=args.seed)
+    with _library_prints_to_stderr():
+        report = ingest_mnist(sources=args.source or None, sha256=pins,
+                              cache_dir=args.cache_dir,
+                              samples_per_label=args.samples_per_label, seed=args.seed)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -111,10 +124,14 @@ def _add_train_command(subcommands) -> None:
                        help="also train on the drawings people labelled on the page (a "
                             "folder or s3://bucket/prefix), all but the wild test set, which "
                             "every model is scored on too; weight and share from the spec")
-    train.add_argument("--cache-dir", metavar="DIR")
+    train.add_argument("--cache-dir", metavar="DIR",
+                       help="this machine's cache (default $MLPAINT_CACHE_DIR or "
+                            "~/.cache/mlpaint)")
+    train.add_argument("--store", metavar="URI", help=STORE_HELP)
     dask = train.add_mutually_exclusive_group()
     dask.add_argument("--dask-address", metavar="ADDR",
-                      help="run folds on an existing Dask scheduler (tcp://host:8786)")
+                      help="run folds on an existing Dask scheduler (tcp://host:8786); "
+                           "workers on other machines need a --store they can all reach")
     dask.add_argument("--dask-workers", type=int, metavar="N",
                       help="start a local Dask cluster of N worker processes for the folds")
     train.add_argument("--publish-to", metavar="URI",
@@ -148,6 +165,9 @@ def _add_publish_command(subcommands) -> None:
     publish.add_argument("--source", action="append", default=None, metavar="URI",
                          help="MNIST source for the official test set")
     publish.add_argument("--cache-dir", metavar="DIR")
+    publish.add_argument("--store", metavar="URI",
+                         help="with no --to, publish to its 'bundles' folder or prefix "
+                              "(default $MLPAINT_STORE)")
     publish.add_argument("--feedback-store", metavar="URI",
                          help="the candidate must also not lose to the champion on this "
                               "feedback store's wild test set")
@@ -160,11 +180,15 @@ def _run_publish(args: argparse.Namespace) -> int:
         raise ValueError("--retention and --gallery-per-digit must be at least 1, --margin "
                          "at least 0")
     from flows.publish import publish_model
+    from mlpaint.catalog import default_bundle_destination
 
-    report = publish_model(run_id=args.run_id, model_version=args.model_version, to=args.to,
-                           force=args.force, margin=args.margin, retention=args.retention,
-                           gallery_per_digit=args.gallery_per_digit, sources=args.source,
-                           cache_dir=args.cache_dir, feedback_store=args.feedback_store)
+    to = args.to or (default_bundle_destination(args.store) if args.store else None)
+    with _library_prints_to_stderr():
+        report = publish_model(run_id=args.run_id, model_version=args.model_version, to=to,
+                               force=args.force, margin=args.margin,
+                               retention=args.retention,
+                               gallery_per_digit=args.gallery_per_digit, sources=args.source,
+                               cache_dir=args.cache_dir, feedback_store=args.feedback_store)
     _print_publish(report.to_json(), as_json=args.json)
     return 0
 
@@ -211,13 +235,14 @@ def _run_train(args: argparse.Namespace) -> int:
                                                  "threads_per_worker": 1,
                                                  "processes": True}))
         flow = train_mnist.with_options(task_runner=runner)
-    summary = flow(algorithm=args.algorithm, features=args.features, folds=args.folds,
-                   sources=args.source, limit=args.limit, seed=args.seed,
-                   experiment=args.experiment, eval_train=args.eval_train,
-                   final_fit=args.final_fit, spec_path=args.spec,
-                   algorithms_path=args.algorithms, cache_dir=args.cache_dir,
-                   publish_to=args.publish_to, augment=augment,
-                   feedback_store=args.feedback_store)
+    with _library_prints_to_stderr():
+        summary = flow(algorithm=args.algorithm, features=args.features, folds=args.folds,
+                       sources=args.source, limit=args.limit, seed=args.seed,
+                       experiment=args.experiment, eval_train=args.eval_train,
+                       final_fit=args.final_fit, spec_path=args.spec,
+                       algorithms_path=args.algorithms, cache_dir=args.cache_dir,
+                       publish_to=args.publish_to, augment=augment,
+                       feedback_store=args.feedback_store, store=args.store)
     report = summary.to_json()
     if args.json:
         print(json.dumps(report))
@@ -287,7 +312,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from limits import parse as parse_rate
 
-    from mlpaint.locations import feedback_store_option
+    from mlpaint.catalog import feedback_store_option
     from mlpaint.serving.app import DEFAULT_FEEDBACK_RATE, ServeSettings
 
     feedback_rate = args.feedback_rate or DEFAULT_FEEDBACK_RATE
@@ -337,8 +362,8 @@ def _add_feedback_commands(subcommands) -> None:
 def _run_feedback(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mlpaint.catalog import default_feedback_store
     from mlpaint.feedback import FeedbackStore, write_csv
-    from mlpaint.locations import default_feedback_store
 
     store = FeedbackStore.at(args.store or default_feedback_store())
     if args.feedback_command == "list":

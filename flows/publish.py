@@ -10,8 +10,8 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
+from mlpaint.catalog import BUILT_BUNDLES, default_bundle_destination, work_area
 from mlpaint.data.integrity import default_cache_dir
-from mlpaint.locations import BUILT_BUNDLES, default_bundle_destination, work_area
 from mlpaint.publish import PublishReport
 from mlpaint.storage import store_for
 from mlpaint.tracking import resolve_tracking_uri

@@ -22,11 +22,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
 from mlpaint.augment import AugmentSpec
+from mlpaint.catalog import Catalog, sweep_stale_work
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import DatasetReport
-from mlpaint.data.integrity import default_cache_dir
 from mlpaint.features import FeatureStage
-from mlpaint.locations import sweep_stale_work
 from mlpaint.tracking import (
     end_open_runs,
     recording_resources,
@@ -53,6 +52,7 @@ from tasks.training import (
     prepare_experiment,
     prepare_features,
     prepare_feedback,
+    share_table,
     start_experiment_run,
     train_final,
     train_fold,
@@ -93,6 +93,7 @@ def train_mnist(
     publish_to: str | None = None,
     augment: AugmentSpec | None = None,
     feedback_store: str | None = None,
+    store: str | None = None,
 ) -> ExperimentSummary:
     """Cross-fold training: one LightGBM model per fold, aggregated statistics, a final model
     on all training rows scored on the official test set, all of it in MLflow.
@@ -114,7 +115,8 @@ def train_mnist(
             `default` (what `make run` trains) or `champion` (the weekly run's).
         algorithms_path: a YAML file of named algorithm configurations (default the packaged
             algorithms.yaml).
-        cache_dir: where data, features and models are kept (default ~/.cache/mlpaint).
+        cache_dir: this machine's cache: fetched data, tables, work areas, and copies of a
+            remote store's artefacts (default $MLPAINT_CACHE_DIR or ~/.cache/mlpaint).
         publish_to: publish the final model (bundle, explanations, gate) to this folder or
             s3://bucket/prefix in the same run.
         augment: augmented copies of the training rows (elastic, affine, stroke thickness,
@@ -122,6 +124,9 @@ def train_mnist(
         feedback_store: add the drawings people labelled on the page (a folder or
             s3://bucket/prefix) to every model's training rows, all but the wild test set
             every model is also scored on; weight and wild share come from the spec.
+        store: where features, augmented rows and fitted models are kept, a folder or
+            s3://bucket/prefix (default $MLPAINT_STORE, else the cache folder). Dask workers
+            on other machines need a store they can all reach: S3 or MinIO.
     """
     check_attempts()
     algorithms = load_algorithms(Path(algorithms_path) if algorithms_path else None)
@@ -140,7 +145,8 @@ def train_mnist(
         raise SpecError(f"publish_to: {publish_to!r} asks to publish, but final_fit is false: "
                         "there would be no final model to publish")
     config = algorithms[spec.algorithm]
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    catalog = Catalog.from_settings(store, cache_dir)
+    cache = Path(catalog.cache_dir)
     if stale := sweep_stale_work(cache):
         get_run_logger().info("removed %d staging folders and work areas that runs killed "
                               "a day or more ago left in %s", len(stale), cache)
@@ -148,15 +154,16 @@ def train_mnist(
     experiment_id = prepare_experiment.submit(spec.experiment, tracking_uri)  # beside ingest
 
     dataset = ingest_mnist(sources=spec.sources, cache_dir=str(cache), seed=spec.seed)
-    train_matrix = prepare_features.submit(dataset.tables["train"], spec.features, spec.limit,
-                                           cache)
-    test_matrix = prepare_features.submit(dataset.tables["test"], spec.features, spec.limit,
-                                          cache)
-    augmented = (prepare_augmented.submit(dataset.tables["train"], spec.features, spec.limit,
-                                          spec.augment, spec.seed, cache)
+    # The tables by URIs every worker can read (a copy in the store when it is remote).
+    tables = {split: share_table(folder, catalog) for split, folder in dataset.tables.items()}
+    train_matrix = prepare_features.submit(tables["train"], spec.features, spec.limit,
+                                           catalog)
+    test_matrix = prepare_features.submit(tables["test"], spec.features, spec.limit, catalog)
+    augmented = (prepare_augmented.submit(tables["train"], spec.features, spec.limit,
+                                          spec.augment, spec.seed, catalog)
                  if spec.augment.copies else None)
     feedback_future = (prepare_feedback.submit(spec.feedback, spec.features, spec.augment,
-                                               spec.seed, cache)
+                                               spec.seed, catalog)
                        if spec.feedback.store else None)
     # Fail on a fold with an empty side before anything trains.
     row_hash = load_table(Path(dataset.tables["train"])).row_hash[: spec.limit]
@@ -167,7 +174,7 @@ def train_mnist(
                                           config.params.items()},
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
     with recording_resources(tracking_uri, parent_run_id, cache):
-        summary = _train_and_log(spec, config, dataset, cache, tracking_uri, parent_run_id,
+        summary = _train_and_log(spec, config, dataset, catalog, tracking_uri, parent_run_id,
                                  n_folds, train_matrix, test_matrix, augmented,
                                  feedback_future)
     if publish_to and summary.registered:
@@ -182,7 +189,8 @@ def train_mnist(
 
 
 def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-                   dataset: DatasetReport, cache: Path, tracking_uri: str, parent_run_id: str,
+                   dataset: DatasetReport, catalog: Catalog, tracking_uri: str,
+                   parent_run_id: str,
                    n_folds: int, train_matrix: PrefectFuture[FeatureMatrix],
                    test_matrix: PrefectFuture[FeatureMatrix],
                    augmented: PrefectFuture[AugmentedMatrix] | None,
@@ -191,11 +199,10 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     """Every fit, each logged to MLflow as it finishes, then the experiment's summary."""
     feedback = feedback_future.result() if feedback_future is not None else None
     log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, tracking_uri)
-    fits_dir = cache / "fits"  # finished fits by content, reused by reruns and retries
     n_fits = n_folds + (1 if spec.final_fit else 0)
     # The cores are shared among the fits that will train, not those a rerun reuses: the
     # one fold a crash left unfinished gets every core.
-    to_train = fits_to_train(spec, config, n_folds, fits_dir, train_matrix.result(),
+    to_train = fits_to_train(spec, config, n_folds, catalog, train_matrix.result(),
                              test_matrix.result(), augmented.result() if augmented else None,
                              feedback)
     threads = fit_threads(to_train)
@@ -209,9 +216,9 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     # The final fit is submitted first: it is the longest, and logging its model (seconds of
     # MLflow work) then overlaps the folds' fits instead of following the last of them.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
-                                       fits_dir, augmented, feedback)
+                                       catalog, augmented, feedback)
                     if spec.final_fit else None)
-    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, fits_dir,
+    fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, catalog,
                                       augmented, feedback)
                     for i in range(n_folds)]
     registered = None

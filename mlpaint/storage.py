@@ -51,6 +51,8 @@ class ObjectStore(Protocol):
 
     def put_file(self, key: str, local: Path) -> None: ...
 
+    def get_file(self, key: str, local: Path) -> bool: ...
+
     def create(self, key: str, data: bytes) -> bool: ...
 
     def list_keys(self, prefix: str) -> list[str]: ...
@@ -95,6 +97,14 @@ class LocalStore:
     def put_file(self, key: str, local: Path) -> None:
         with atomic_path(self.root / key) as tmp:
             shutil.copyfile(local, tmp)
+
+    def get_file(self, key: str, local: Path) -> bool:
+        """Copy the object to `local`; False if there is none."""
+        try:
+            shutil.copyfile(self.root / key, local)
+        except FileNotFoundError:
+            return False
+        return True
 
     def create(self, key: str, data: bytes) -> bool:
         destination = self.root / key
@@ -195,6 +205,19 @@ class S3Store:
 
     def put_file(self, key: str, local: Path) -> None:
         self._client().upload_file(str(local), self.bucket, self._key(key))
+
+    def get_file(self, key: str, local: Path) -> bool:
+        """Download the object to `local` (in parts, in parallel, for large ones); False if
+        there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client().download_file(self.bucket, self._key(key), str(local))
+        except ClientError as exc:
+            if _is_missing(exc):  # download_file's HEAD answers a bare 404
+                return False
+            raise
+        return True
 
     def create(self, key: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError

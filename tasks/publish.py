@@ -17,10 +17,10 @@ from mlpaint.bundle import (
     PublishResult,
     publish_bundle,
 )
+from mlpaint.catalog import place_in_cache
 from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import load_table, row_keys
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
-from mlpaint.locations import place_in_cache
 from mlpaint.publish import (
     CHAMPION,
     BuiltBundle,

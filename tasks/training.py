@@ -1,7 +1,8 @@
 """Prefect tasks for training experiments.
 
-Compute tasks (features, fits) take and return file references and carry no retries: a fit
-that failed will fail again. Tasks that talk to the MLflow tracking store retry, since that
+Compute tasks (features, fits) take and return references to finished folders in the
+catalog's store, which any worker can read, and carry no retries: a fit that failed will fail
+again. Tasks that talk to the MLflow tracking store retry, since that
 is I/O that can fail and is safe to repeat.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -19,12 +19,19 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
 from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
+from mlpaint.catalog import (
+    AUGMENTED,
+    FEATURES,
+    FEEDBACK_MATRICES,
+    TABLES,
+    Catalog,
+    local_folder,
+)
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import render_label_grid
 from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
-from mlpaint.locations import place_in_cache
 from mlpaint.tracking import (
     DatasetUse,
     RegisteredModel,
@@ -41,39 +48,54 @@ from mlpaint.tracking.experiment import (
 )
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig
 from mlpaint.training.fits import ExperimentSummary, FitResult, fit_final, fit_fold
-from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix
+from mlpaint.training.matrices import (
+    RECORD_IDS,
+    SAMPLE_GRID,
+    AugmentedMatrix,
+    FeatureMatrix,
+    FeedbackMatrix,
+)
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec
 from tasks.artifacts import create_png_artifact
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
+@task(name="share-table", **SERVICE_CALL_RETRIES)
+def share_table(folder: str, catalog: Catalog) -> str:
+    """A joined table's URI any worker can read: the cache folder itself on a local store,
+    else a copy published in the store (once per table)."""
+    return catalog.share_folder(Path(folder), TABLES)
+
+
 @task(name="prepare-features")
-def prepare_features(table_dir: str, stage: FeatureStage, limit: int | None,
-                     cache_dir: Path) -> FeatureMatrix:
-    """Apply the feature stage to a split (its first `limit` rows), cached by table, stage
-    and limit."""
-    table_path = Path(table_dir)
-    key = f"{table_path.parent.name}-{table_path.name}-{stage.value}-{limit or 'all'}"
-    folder = cache_dir / "features" / key
-    table = load_table(table_path)
-    rows = min(limit, table.meta.rows) if limit else table.meta.rows
-    if (folder / "features.npy").is_file():
-        return FeatureMatrix(str(folder), rows, stage.value)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside its final place and renamed: a killed run leaves no half-written matrix.
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-    np.save(staging / "features.npy", apply_feature_stage(stage, table.pixels[:rows]))
-    np.save(staging / "labels.npy", np.asarray(table.labels[:rows]))
-    np.save(staging / "row_hash.npy", np.asarray(table.row_hash[:rows]))
-    place_in_cache(staging, folder, marker="features.npy")
+def prepare_features(table: str, stage: FeatureStage, limit: int | None,
+                     catalog: Catalog) -> FeatureMatrix:
+    """Apply the feature stage to a split (the table at URI `table`, its first `limit`
+    rows), stored by table, stage and limit."""
+    key = f"{_table_key(table, '-')}-{stage.value}-{limit or 'all'}"
+    location = catalog.location(FEATURES, key)
+    split = load_table(local_folder(table))
+    rows = min(limit, split.meta.rows) if limit else split.meta.rows
+    if catalog.is_finished(location):
+        return FeatureMatrix(location, rows, stage.value)
+    with catalog.staging(location) as staging:  # a killed run leaves no half-written matrix
+        np.save(staging / "features.npy", apply_feature_stage(stage, split.pixels[:rows]))
+        np.save(staging / "labels.npy", np.asarray(split.labels[:rows]))
+        np.save(staging / "row_hash.npy", np.asarray(split.row_hash[:rows]))
+        catalog.finish(staging, location)
     get_run_logger().info("%s features of %d %s rows in %s", stage.value, rows,
-                          table.meta.split, folder)
-    return FeatureMatrix(str(folder), rows, stage.value)
+                          split.meta.split, location)
+    return FeatureMatrix(location, rows, stage.value)
 
 
-def _augmented_key(table_path: Path, stage: FeatureStage, limit: int | None,
+def _table_key(table: str, separator: str) -> str:
+    """A table's content key (`<input hashes' key><separator><split>`) from its URI."""
+    return separator.join(table.rstrip("/").rsplit("/", 2)[-2:])
+
+
+def _augmented_key(table: str, stage: FeatureStage, limit: int | None,
                    augment_spec: AugmentSpec, seed: int) -> str:
-    material = json.dumps({"table": f"{table_path.parent.name}/{table_path.name}",
+    material = json.dumps({"table": _table_key(table, "/"),
                            "stage": stage.value, "limit": limit, "seed": seed,
                            "augment": augment_spec.model_dump(mode="json"),
                            "code": AUGMENT_CODE_VERSION}, sort_keys=True)
@@ -81,34 +103,32 @@ def _augmented_key(table_path: Path, stage: FeatureStage, limit: int | None,
 
 
 @task(name="prepare-augmented-rows")
-def prepare_augmented(table_dir: str, stage: FeatureStage, limit: int | None,
-                      augment_spec: AugmentSpec, seed: int, cache_dir: Path) -> AugmentedMatrix:
-    """Augmented copies of a split's (first `limit`) rows through the feature stage, cached
+def prepare_augmented(table: str, stage: FeatureStage, limit: int | None,
+                      augment_spec: AugmentSpec, seed: int, catalog: Catalog) -> AugmentedMatrix:
+    """Augmented copies of a split's (first `limit`) rows through the feature stage, stored
     by the table, the stage, the augmentation spec, the seed and the code's version."""
-    table_path = Path(table_dir)
-    key = _augmented_key(table_path, stage, limit, augment_spec, seed)
-    folder = cache_dir / "augmented" / key
-    table = load_table(table_path)
-    rows = min(limit, table.meta.rows) if limit else table.meta.rows
-    if (folder / "features.npy").is_file():
-        return AugmentedMatrix(str(folder), rows * augment_spec.copies)
-    logger = get_run_logger()
+    location = catalog.location(AUGMENTED,
+                                _augmented_key(table, stage, limit, augment_spec, seed))
+    split = load_table(local_folder(table))
+    rows = min(limit, split.meta.rows) if limit else split.meta.rows
+    if catalog.is_finished(location):
+        return AugmentedMatrix(location, rows * augment_spec.copies)
     start = time.perf_counter()
-    pixels, source = augment(np.asarray(table.pixels[:rows]), augment_spec, seed)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-    np.save(staging / "features.npy", apply_feature_stage(stage, pixels))
-    np.save(staging / "labels.npy", np.asarray(table.labels[:rows])[source])
-    np.save(staging / "source_row.npy", source)
-    place_in_cache(staging, folder, marker="features.npy")
-    logger.info("%d augmented copies of %d %s rows in %.1f s, in %s", augment_spec.copies,
-                rows, table.meta.split, time.perf_counter() - start, folder)
-    return AugmentedMatrix(str(folder), len(source))
+    pixels, source = augment(np.asarray(split.pixels[:rows]), augment_spec, seed)
+    with catalog.staging(location) as staging:
+        np.save(staging / "features.npy", apply_feature_stage(stage, pixels))
+        np.save(staging / "labels.npy", np.asarray(split.labels[:rows])[source])
+        np.save(staging / "source_row.npy", source)
+        catalog.finish(staging, location)
+    get_run_logger().info("%d augmented copies of %d %s rows in %.1f s, in %s",
+                          augment_spec.copies, rows, split.meta.split,
+                          time.perf_counter() - start, location)
+    return AugmentedMatrix(location, len(source))
 
 
 @task(name="prepare-feedback", **SERVICE_CALL_RETRIES)
 def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
-                     augment_spec: AugmentSpec, seed: int, cache_dir: Path) -> FeedbackMatrix:
+                     augment_spec: AugmentSpec, seed: int, catalog: Catalog) -> FeedbackMatrix:
     """Snapshot the feedback store's accepted records, split off the wild test set by row
     hash, augment the rest as MNIST's rows are, and apply the feature stage; cached by the
     snapshot's content and everything else that shapes the result."""
@@ -119,31 +139,30 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
                            "wild_share": feedback_spec.wild_share,
                            "augment": augment_spec.model_dump(mode="json"),
                            "code": AUGMENT_CODE_VERSION}, sort_keys=True)
-    key = hashlib.sha256(material.encode()).hexdigest()[:32]
-    folder = cache_dir / "feedback" / key
+    location = catalog.location(FEEDBACK_MATRICES,
+                                hashlib.sha256(material.encode()).hexdigest()[:32])
     train_pixels, train_labels = snapshot.pixels[~wild], snapshot.labels[~wild]
     copies = augment_spec.copies if len(train_labels) else 0
-    reference = FeedbackMatrix(str(folder), snapshot.store, snapshot.digest,
+    reference = FeedbackMatrix(location, snapshot.store, snapshot.digest,
                                int((~wild).sum()), int((~wild).sum()) * (1 + copies),
                                int(wild.sum()), snapshot.rejected, feedback_spec.weight)
-    if not (folder / "ids.json").is_file():
+    if not catalog.is_finished(location):
         if copies:
             extra_pixels, source = augment(train_pixels, augment_spec, seed)
             train_pixels = np.concatenate([train_pixels, extra_pixels])
             train_labels = np.concatenate([train_labels, train_labels[source]])
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=folder.parent))
-        np.save(staging / "train_features.npy", apply_feature_stage(stage, train_pixels))
-        np.save(staging / "train_labels.npy", train_labels)
-        np.save(staging / "wild_features.npy",
-                apply_feature_stage(stage, snapshot.pixels[wild]))
-        np.save(staging / "wild_labels.npy", snapshot.labels[wild])
-        render_label_grid(snapshot.pixels.reshape(-1, 28, 28), snapshot.labels,
-                          staging / "sample-grid-feedback.png", title="feedback")
-        ids = np.asarray(snapshot.ids, dtype=object)
-        (staging / "ids.json").write_text(json.dumps(
-            {"train": ids[~wild].tolist(), "wild": ids[wild].tolist()}))
-        place_in_cache(staging, folder, marker="ids.json")
+        with catalog.staging(location) as staging:
+            np.save(staging / "train_features.npy", apply_feature_stage(stage, train_pixels))
+            np.save(staging / "train_labels.npy", train_labels)
+            np.save(staging / "wild_features.npy",
+                    apply_feature_stage(stage, snapshot.pixels[wild]))
+            np.save(staging / "wild_labels.npy", snapshot.labels[wild])
+            render_label_grid(snapshot.pixels.reshape(-1, 28, 28), snapshot.labels,
+                              staging / SAMPLE_GRID, title="feedback")
+            ids = np.asarray(snapshot.ids, dtype=object)
+            (staging / RECORD_IDS).write_text(json.dumps(
+                {"train": ids[~wild].tolist(), "wild": ids[wild].tolist()}))
+            catalog.finish(staging, location)
     logger.info("feedback %s: %d records for training (%d rows with augmented copies), %d in "
                 "the wild test set, %d rejected left out", snapshot.store,
                 reference.train_records, reference.train_rows, reference.wild_rows,
@@ -156,7 +175,7 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
                                     ("wild test", snapshot.labels[wild]))],
         description=f"Feedback records per digit in {snapshot.store} "
                     f"(snapshot {snapshot.digest[:12]}; {snapshot.rejected} rejected)")
-    create_png_artifact(Path(reference.sample_grid), "mnist-feedback-sample-grid",
+    create_png_artifact(reference.sample_grid(), "mnist-feedback-sample-grid",
                         f"Feedback drawings of each digit, as the models see them "
                         f"(snapshot {snapshot.digest[:12]}; rejected records left out)")
     return reference
@@ -165,19 +184,19 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
 @task(name="train-fold")
 def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
-               fits_dir: Path, augmented: AugmentedMatrix | None = None,
+               catalog: Catalog, augmented: AugmentedMatrix | None = None,
                feedback: FeedbackMatrix | None = None) -> FitResult:
     """Fold `fold_index`'s model (`fit_fold`), or its finished fit stored by an earlier run."""
-    return fit_fold(matrix, spec, config, fold_index, threads, fits_dir, augmented, feedback)
+    return fit_fold(matrix, spec, config, fold_index, threads, catalog, augmented, feedback)
 
 
 @task(name="train-final-model")
 def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
                 config: GbdtConfig | BaggedBoostingConfig, threads: int,
-                fits_dir: Path, augmented: AugmentedMatrix | None = None,
+                catalog: Catalog, augmented: AugmentedMatrix | None = None,
                 feedback: FeedbackMatrix | None = None) -> FitResult:
     """The final model (`fit_final`), or its finished fit stored by an earlier run."""
-    return fit_final(train_matrix, test_matrix, spec, config, threads, fits_dir, augmented,
+    return fit_final(train_matrix, test_matrix, spec, config, threads, catalog, augmented,
                      feedback)
 
 
@@ -225,7 +244,7 @@ def log_data_inputs(parent_run_id: str, tables: dict[str, str], limit: int | Non
     feedback snapshot's training part and wild test set, each with its digest and rows."""
     uses = []
     for split, context in (("train", "training"), ("test", "testing")):
-        meta = load_table(Path(tables[split])).meta
+        meta = load_table(local_folder(tables[split])).meta
         digest = hashlib.sha256(json.dumps(sorted(meta.inputs_sha256.values())).encode())
         uses.append(DatasetUse(f"mnist-{split}", digest.hexdigest(), meta.origin,
                                min(limit, meta.rows) if limit else meta.rows, context))
@@ -244,13 +263,13 @@ def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> st
 
 
 @task(name="log-final-model", **SERVICE_CALL_RETRIES)
-def log_final_model(final: FitResult, test_table_dir: str, parent_run_id: str,
+def log_final_model(final: FitResult, test_table: str, parent_run_id: str,
                     tracking_uri: str) -> RegisteredModel:
     """The final model in the parent run as a pixel-in pyfunc (its feature stage inside),
     with two official test digits as its input example, registered as `mnist-digits`."""
-    example = load_table(Path(test_table_dir)).pixels[:2]
+    example = load_table(local_folder(test_table)).pixels[:2]
     # Registered while folds may still train; marked complete only when they all have.
-    return log_digit_model(tracking_client(tracking_uri), parent_run_id, Path(final.model_dir),
+    return log_digit_model(tracking_client(tracking_uri), parent_run_id, final.model_folder(),
                            example, complete=False)
 
 

@@ -55,10 +55,11 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 60) ->
 
 
 def start_service(command: list[str], health_url: str, env: dict | None = None,
-                  log: Path | None = None, timeout_s: float = 60) -> subprocess.Popen:
+                  log: Path | None = None, timeout_s: float = 60,
+                  cwd: Path = REPO) -> subprocess.Popen:
     """Start a service in its own session, so stopping it ends its children too."""
     out = log.open("wb") if log else subprocess.DEVNULL
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out,
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_up(health_url, process, timeout_s)

@@ -125,7 +125,7 @@ def log_fold(client, parent_run_id: str, result: FitResult) -> str:
     with tempfile.TemporaryDirectory() as scratch:
         for path in _write_fit_artifacts(result, Path(scratch), result.name):
             client.log_artifact(run_id, str(path), "evaluation")
-    client.log_artifacts(run_id, result.model_dir, "model")
+    client.log_artifacts(run_id, str(result.model_folder()), "model")
     client.set_terminated(run_id)
     return run_id
 
@@ -156,7 +156,7 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
     if sample_grid:
         client.log_artifact(run_id, sample_grid, "data")
     if summary.feedback:
-        client.log_artifact(run_id, summary.feedback.sample_grid, "data")
+        client.log_artifact(run_id, str(summary.feedback.sample_grid()), "data")
     if summary.registered:
         mark_complete(client, summary.registered)
     client.set_terminated(run_id)

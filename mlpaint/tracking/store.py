@@ -14,7 +14,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from mlpaint.locations import LOCAL_STORE_DIR
+from mlpaint.catalog import LOCAL_STORE_DIR
 
 logger = logging.getLogger(__name__)
 

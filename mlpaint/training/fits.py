@@ -1,5 +1,6 @@
 """Fitting an experiment's models: one per fold and the final one, each scored, stored in the
-cache under a key of everything it depends on, and reused from there by a rerun or retry."""
+catalog's store (`fits/<key>`) under a key of everything it depends on, and reused from
+there by a rerun or retry, on whichever machine they run."""
 
 from __future__ import annotations
 
@@ -8,18 +9,16 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mlpaint.data.integrity import sha256_file
+from mlpaint.catalog import FITS, Catalog, local_folder, uri_name
+from mlpaint.data.integrity import IntegrityError
 from mlpaint.features import FeatureStage
-from mlpaint.locations import place_in_cache
 from mlpaint.tracking import RegisteredModel, peak_rss_megabytes
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
 from mlpaint.training.evaluation import Aggregate, Evaluation, LabelStatistics, evaluate
@@ -37,7 +36,7 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class FitResult:
     name: str  # "fold-0", …, or "final"
-    model_dir: str
+    location: str  # URI of the finished fit's folder in the store: `model/`, `fit.json`
     evaluation: Evaluation
     train_evaluation: Evaluation | None
     train_rows: int
@@ -50,6 +49,10 @@ class FitResult:
     threads: int = 0  # LightGBM threads it trained with (0: stored before this was recorded)
     # Peak resident memory of the process that trained it, a Dask worker's included.
     peak_rss_mb: float = 0.0
+
+    def model_folder(self) -> Path:
+        """This machine's verified copy of the model (downloaded once from a remote store)."""
+        return local_folder(self.location) / MODEL
 
     def to_json(self) -> dict:
         """Everything but where the model is and whether it was reused: what a later run
@@ -65,14 +68,14 @@ class FitResult:
                 "peak_rss_mb": self.peak_rss_mb}
 
     @classmethod
-    def from_json(cls, data: dict, model_dir: Path) -> FitResult:
+    def from_json(cls, data: dict, location: str) -> FitResult:
         def evaluation(doc: dict | None) -> Evaluation | None:
             if doc is None:
                 return None
             return Evaluation(**{**doc, "labels": [LabelStatistics(**s)
                                                    for s in doc["labels"]]})
 
-        return cls(data["name"], str(model_dir), evaluation(data["evaluation"]),
+        return cls(data["name"], location, evaluation(data["evaluation"]),
                    evaluation(data["train_evaluation"]), data["train_rows"],
                    data["test_rows"], data["seconds"], data["worker"],
                    evaluation(data["wild_evaluation"]), data["feedback_rows"],
@@ -110,14 +113,15 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     logger.info("%s: accuracy %.4f on %d rows%s (fit %.1f s)", name, evaluation.accuracy,
                 evaluation.rows, f", {wild_evaluation.accuracy:.4f} on {wild_evaluation.rows} "
                 f"wild rows" if wild_evaluation else "", seconds)
-    return FitResult(name, str(model_dir), evaluation, train_evaluation, len(train[1]),
+    return FitResult(name, "", evaluation, train_evaluation, len(train[1]),
                      len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}",
                      wild_evaluation, feedback_rows, threads=threads,
                      peak_rss_mb=round(peak_rss_megabytes(), 1))
 
 
 #: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
-FIT_CODE_VERSION = "2"  # 2: fit.json records its model files' hashes
+FIT_CODE_VERSION = "3"  # 3: a manifest of every file's hash; inputs keyed by URI name
+MODEL, FIT_RECORD = "model", "fit.json"
 
 
 def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
@@ -133,7 +137,7 @@ def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostin
         "spec": spec.model_dump(mode="json", exclude={
             "experiment": True, "sources": True, "final_fit": True, "feedback": {"store"}}),
         "config": config.model_dump(mode="json"),
-        "inputs": [Path(folder).name for folder in matrices]}, sort_keys=True)
+        "inputs": [uri_name(uri) for uri in matrices]}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
@@ -154,13 +158,8 @@ def final_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfi
     return _fit_key("final", spec, config, inputs)
 
 
-def is_fit_stored(key: str, fits_dir: Path) -> bool:
-    """Whether a finished fit is stored under `key`: a rerun will reuse it, not train."""
-    return (fits_dir / key / "fit.json").is_file()
-
-
 def fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-                  n_folds: int, fits_dir: Path, train_matrix: FeatureMatrix,
+                  n_folds: int, catalog: Catalog, train_matrix: FeatureMatrix,
                   test_matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
                   feedback: FeedbackMatrix | None) -> int:
     """How many of this experiment's fits have no finished fit stored to reuse."""
@@ -168,50 +167,41 @@ def fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfi
             for i in range(n_folds)]
     if spec.final_fit:
         keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback))
-    return sum(not is_fit_stored(key, fits_dir) for key in keys)
+    return sum(not catalog.is_finished(catalog.location(FITS, key)) for key in keys)
 
 
-def _model_files(model_dir: Path) -> dict[str, str]:
-    return {str(path.relative_to(model_dir)): sha256_file(path)
-            for path in sorted(model_dir.rglob("*")) if path.is_file()}
-
-
-def _reuse_or_fit(key: str, fits_dir: Path, fit) -> FitResult:
+def _reuse_or_fit(key: str, catalog: Catalog, fit) -> FitResult:
     """The finished fit stored under `key`, or `fit(staging)` run now and stored there. A
     rerun of a killed or failed experiment, or a retry, thus redoes only the fits that had
-    not finished. The folder appears whole (a staging folder renamed into place), so a fit
-    killed halfway leaves nothing to reuse; its model files are checked against the hashes
-    stored beside them, so a damaged one is trained again rather than registered."""
-    folder = fits_dir / key
-    if is_fit_stored(key, fits_dir):
-        stored = json.loads((folder / "fit.json").read_text())
-        result = FitResult.from_json(stored, folder / "model")
-        if stored.get("model_files") == _model_files(folder / "model"):
+    not finished. The folder appears whole (its manifest is written last), so a fit killed
+    halfway leaves nothing to reuse; its files are checked against the manifest's hashes,
+    so a damaged one is trained again rather than registered."""
+    location = catalog.location(FITS, key)
+    if catalog.is_finished(location):
+        try:
+            stored = json.loads((local_folder(location) / FIT_RECORD).read_text())
+        except IntegrityError as exc:
+            logger.warning("%s; training it again", exc)
+            catalog.remove(location)
+        else:
+            result = FitResult.from_json(stored, location)
             logger.info("%s: reusing the finished fit %s (accuracy %.4f)", result.name, key,
                         result.evaluation.accuracy)
             return dataclasses.replace(result, reused=True)
-        logger.warning("%s: the stored fit %s does not match the hashes recorded with it; "
-                       "training it again", result.name, key)
-        shutil.rmtree(folder, ignore_errors=True)
-    fits_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=fits_dir))
-    try:
+    with catalog.staging(location) as staging:
         result = fit(staging)
-        (staging / "fit.json").write_text(json.dumps(
-            {**result.to_json(), "model_files": _model_files(staging / "model")}))
-        place_in_cache(staging, folder, marker="fit.json")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dataclasses.replace(result, model_dir=str(folder / "model"))
+        (staging / FIT_RECORD).write_text(json.dumps(result.to_json()))
+        catalog.finish(staging, location)
+    return dataclasses.replace(result, location=location)
 
 
 def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
              config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
-             fits_dir: Path, augmented: AugmentedMatrix | None = None,
+             catalog: Catalog, augmented: AugmentedMatrix | None = None,
              feedback: FeedbackMatrix | None = None) -> FitResult:
     """One model on one fold's training rows (plus the augmented copies of those rows, and
     the feedback's training rows), evaluated on its testing rows and the wild set; reused
-    from `fits_dir` when this very fit has finished before."""
+    from the store when this very fit has finished before."""
     name = f"fold-{fold_index}"
 
     def fit(staging: Path) -> FitResult:
@@ -223,19 +213,19 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
         return _fit_and_evaluate(name, spec.algorithm, config, train, test,
                                 feature_stage=spec.features, seed=spec.seed + fold_index,
                                 threads=threads, eval_train=spec.eval_train,
-                                model_dir=staging / "model", feedback=feedback)
+                                model_dir=staging / MODEL, feedback=feedback)
 
     return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback),
-                        fits_dir, fit)
+                        catalog, fit)
 
 
 def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
               config: GbdtConfig | BaggedBoostingConfig, threads: int,
-              fits_dir: Path, augmented: AugmentedMatrix | None = None,
+              catalog: Catalog, augmented: AugmentedMatrix | None = None,
               feedback: FeedbackMatrix | None = None) -> FitResult:
     """One model on every training row (and every augmented copy, and the feedback's
     training rows), scored on the official test set and the wild set; reused from
-    `fits_dir` when this very fit has finished before."""
+    the store when this very fit has finished before."""
     def fit(staging: Path) -> FitResult:
         features, labels, _ = train_matrix.load()
         test_features, test_labels, _ = test_matrix.load()
@@ -244,10 +234,10 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
             with_augmented((np.asarray(features), labels), None, augmented),
             (np.asarray(test_features), test_labels), feature_stage=spec.features,
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
-            model_dir=staging / "model", feedback=feedback)
+            model_dir=staging / MODEL, feedback=feedback)
 
     return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
-                                      feedback), fits_dir, fit)
+                                      feedback), catalog, fit)
 
 
 @dataclass(frozen=True)

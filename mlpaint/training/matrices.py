@@ -1,25 +1,30 @@
-"""References to the matrices a training run reads, kept on disk in the cache: small,
-picklable values that tasks hand each other instead of the arrays themselves."""
+"""References to the matrices a training run reads: small, picklable values naming a
+finished folder in the catalog's store by URI, which tasks hand each other instead of the
+arrays themselves. Any process, a Dask worker on another machine included, loads one
+through its own verified local copy (`mlpaint.catalog.local_folder`)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from mlpaint.augment import fold_training_rows
+from mlpaint.catalog import local_folder
 
 
-def _load_matrix(folder: Path, row_info: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _load_matrix(uri: str, row_info: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Features (memory-mapped), labels, and a per-row array (`row_info`) from a folder."""
+    folder = local_folder(uri)
     return (np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
             np.load(folder / row_info))
 
 
 @dataclass(frozen=True)
 class FeatureMatrix:
-    """A reference to features on disk: `features.npy` (float32), `labels.npy`,
+    """A reference to a split's features: `features.npy` (float32), `labels.npy`,
     `row_hash.npy`."""
 
     folder: str
@@ -27,12 +32,12 @@ class FeatureMatrix:
     stage: str
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _load_matrix(Path(self.folder), "row_hash.npy")
+        return _load_matrix(self.folder, "row_hash.npy")
 
 
 @dataclass(frozen=True)
 class AugmentedMatrix:
-    """A reference to augmented copies of a split's rows on disk: `features.npy` (float32,
+    """A reference to augmented copies of a split's rows: `features.npy` (float32,
     after the feature stage), `labels.npy`, and `source_row.npy`, the position of the row
     each copy was made from (so a fold takes only copies of its own training rows)."""
 
@@ -40,12 +45,16 @@ class AugmentedMatrix:
     rows: int
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _load_matrix(Path(self.folder), "source_row.npy")
+        return _load_matrix(self.folder, "source_row.npy")
+
+
+SAMPLE_GRID = "sample-grid-feedback.png"
+RECORD_IDS = "ids.json"
 
 
 @dataclass(frozen=True)
 class FeedbackMatrix:
-    """A reference to a feedback snapshot through the feature stage, on disk:
+    """A reference to a feedback snapshot through the feature stage:
     `train_features.npy`/`train_labels.npy` (the records outside the wild set, then their
     augmented copies) and `wild_features.npy`/`wild_labels.npy` (the wild test set, never
     trained on), plus `ids.json` naming the records of each part."""
@@ -60,16 +69,19 @@ class FeedbackMatrix:
     weight: float
 
     def load_train(self) -> tuple[np.ndarray, np.ndarray]:
-        folder = Path(self.folder)
+        folder = local_folder(self.folder)
         return np.load(folder / "train_features.npy"), np.load(folder / "train_labels.npy")
 
     def load_wild(self) -> tuple[np.ndarray, np.ndarray]:
-        folder = Path(self.folder)
+        folder = local_folder(self.folder)
         return np.load(folder / "wild_features.npy"), np.load(folder / "wild_labels.npy")
 
-    @property
-    def sample_grid(self) -> str:
-        return str(Path(self.folder) / "sample-grid-feedback.png")
+    def sample_grid(self) -> Path:
+        return local_folder(self.folder) / SAMPLE_GRID
+
+    def record_ids(self) -> dict[str, list[str]]:
+        """The record ids of each part, `train` and `wild`."""
+        return json.loads((local_folder(self.folder) / RECORD_IDS).read_text())
 
     def to_json(self) -> dict:
         return {"store": self.store, "digest": self.digest,

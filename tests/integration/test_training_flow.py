@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +19,7 @@ from flows.train import train_mnist
 from mlpaint.augment import AugmentSpec
 from mlpaint.bundle import load_bundle
 from mlpaint.training.fits import fit_threads
-from tests.conftest import free_port, start_service, stop_service
+from tests.conftest import free_port, run_cli, start_service, stop_service
 
 pytestmark = pytest.mark.integration
 
@@ -230,8 +230,7 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
     assert feedback.rejected == 10 and feedback.train_records + feedback.wild_rows == 140
     assert 10 <= feedback.wild_rows <= 50  # a 20% share of 140 by row hash
     # No record of the wild set, and no rejected record, is among the training rows.
-    with open(os.path.join(feedback.folder, "ids.json")) as handle:
-        ids = json.load(handle)
+    ids = feedback.record_ids()
     assert not set(ids["wild"]) & set(ids["train"]) and not rejected & set(ids["train"])
     assert set(ids["wild"]) == {i for i, w in zip(
         ids["train"] + ids["wild"],
@@ -269,8 +268,7 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
             key=ArtifactFilterKey(any_=["mnist-feedback-sample-grid"])))
     prefix = "data:image/png;base64,"
     assert grid.type == "image" and grid.data.startswith(prefix)
-    with open(feedback.sample_grid, "rb") as png:
-        assert base64.b64decode(grid.data[len(prefix):]) == png.read()
+    assert base64.b64decode(grid.data[len(prefix):]) == feedback.sample_grid().read_bytes()
     report = summary.to_json()
     assert report["wild"]["wild_rows"] == feedback.wild_rows
     assert report["wild"]["statistics"]["accuracy"] == pytest.approx(
@@ -317,7 +315,7 @@ def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, trackin
     second = train_mnist(**args)
     assert [f.reused for f in second.folds] == [True, True] and not second.final.reused
     for before, after in zip(first.folds, second.folds, strict=True):
-        assert after.evaluation == before.evaluation and after.model_dir == before.model_dir
+        assert after.evaluation == before.evaluation and after.location == before.location
     assert second.final.evaluation == first.final.evaluation  # retrained, same seed
     # The first run's three fits shared the cores; the one fit left to train takes them all.
     cores = os.cpu_count() or 1
@@ -329,7 +327,7 @@ def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, trackin
         first.folds[0].evaluation.accuracy}
     assert second.to_json()["folds"][0]["reused"] is True
     # A stored model damaged on disk is trained again, not registered as it is.
-    damaged = next(path for path in sorted(Path(second.folds[0].model_dir).rglob("*"))
+    damaged = next(path for path in sorted(second.folds[0].model_folder().rglob("*"))
                    if path.is_file())
     damaged.write_bytes(damaged.read_bytes()[:-1])
     third = train_mnist(**args)
@@ -448,10 +446,40 @@ def test_cli_train_on_a_local_dask_cluster(training_inputs, cli_env, tmp_path):
 
 
 @pytest.fixture
-def dask_cluster(tmp_path):
-    """A Dask scheduler and one worker, each started as its own process, as on a real
-    cluster; yields the scheduler's address and the worker's process group."""
-    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """`mlflow server` on SQLite, proxying artifact uploads: a tracking server every machine
+    of a cluster can reach."""
+    root = tmp_path / "mlflow-server"
+    root.mkdir()
+    port = free_port()
+    server = start_service(
+        [os.path.join(os.path.dirname(sys.executable), "mlflow"), "server", "--host",
+         "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+         "--artifacts-destination", str(root / "artifacts")],
+        f"http://127.0.0.1:{port}/health", log=root / "server.log", timeout_s=120)
+    yield f"http://127.0.0.1:{port}"
+    stop_service(server)
+
+
+@pytest.fixture
+def remote_dask_cluster(tmp_path, s3_env, prefect_api, mlflow_server):
+    """A Dask scheduler and one worker, each its own process, the worker set up as if on
+    another machine: its own working directory, HOME and cache, no view of the flow's cache
+    (nothing tells it where that is), the store in a bucket on the moto S3 endpoint.
+    Yields the scheduler's address, the worker's process group and its home."""
+    import boto3
+
+    boto3.client("s3").create_bucket(Bucket="mlpaint-store")
+    home = tmp_path / "worker-home"
+    home.mkdir()
+    bin_dir = os.path.dirname(sys.executable)
+    worker_env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "HOME": str(home),
+                  "MLPAINT_CACHE_DIR": str(home / "cache"),
+                  "MLPAINT_STORE": "s3://mlpaint-store/store", **s3_env,
+                  "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(home / "prefect"),
+                  "MLFLOW_TRACKING_URI": mlflow_server}
+    dask = os.path.join(bin_dir, "dask")
     port, scheduler_http, worker_http = free_port(), free_port(), free_port()
     address = f"tcp://127.0.0.1:{port}"
     scheduler = start_service(
@@ -460,11 +488,13 @@ def dask_cluster(tmp_path):
         f"http://127.0.0.1:{scheduler_http}/health", log=tmp_path / "scheduler.log")
     try:
         worker = start_service(
-            [dask, "worker", address, "--nworkers", "1", "--nthreads", "1",
+            [dask, "worker", address, "--nworkers", "1", "--nthreads", "2",
+             "--local-directory", str(home / "dask"),
              "--dashboard-address", f"127.0.0.1:{worker_http}"],
-            f"http://127.0.0.1:{worker_http}/health", log=tmp_path / "worker.log")
+            f"http://127.0.0.1:{worker_http}/health", env=worker_env,
+            log=tmp_path / "worker.log", cwd=home)
         try:
-            yield address, worker.pid
+            yield address, worker.pid, home
         finally:
             stop_service(worker)
     finally:
@@ -472,23 +502,61 @@ def dask_cluster(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_train_on_a_running_dask_cluster(training_inputs, cli_env, dask_cluster, tmp_path):
-    address, worker_group = dask_cluster
-    env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
-    completed = subprocess.run(
-        [mlpaint, "train", "--source", training_inputs["source"], "--folds", "2",
-         "--limit", "800", "--algorithms", training_inputs["algorithms"], "--features", "raw",
-         # A cache of its own: with the shared one, the same fits, finished by the local
-         # cluster's test, would be reused instead of run on this worker.
-         "--dask-address", address, "--no-final-fit", "--cache-dir", str(tmp_path / "cache"),
-         "--json"], env=env, capture_output=True, text=True, timeout=600, check=False)
+def test_cli_train_on_a_remote_dask_worker_through_an_s3_store(
+        training_inputs, cli_env, s3_env, remote_dask_cluster, mlflow_server, tmp_path,
+        monkeypatch):
+    """Features, folds and the final fit run in a worker that shares no disk with the flow:
+    every hand-off is a URI in the S3 store, which each side resolves through its own cache;
+    the MLflow tree and the registered model are complete."""
+    import boto3
+
+    address, worker_group, worker_home = remote_dask_cluster
+    store = "s3://mlpaint-store/store"
+    env = {**cli_env, **s3_env, "MLFLOW_TRACKING_URI": mlflow_server, "MLPAINT_STORE": store}
+    completed = run_cli(
+        ["train", "--source", training_inputs["source"], "--folds", "2", "--limit", "2000",
+         "--algorithms", training_inputs["algorithms"], "--features", "deskew",
+         "--augment-copies", "1", "--dask-address", address, "--store", store,
+         "--cache-dir", str(tmp_path / "cache"), "--json"], env, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout)
     assert [f["name"] for f in report["folds"]] == ["fold-0", "fold-1"]
-    # both folds ran in the worker we started (its session's process group), not in the CLI
-    for fold in report["folds"]:
-        pid = int(fold["worker"].rsplit(":", 1)[1])
-        assert os.getpgid(pid) == worker_group, fold["worker"]
-        # The worker's own memory is reported, not the CLI's: measured where the fit ran.
-        assert 100 < fold["peak_rss_mb"] < 24_000
+    # Every fit ran in the worker we started (its session's process group), not in the CLI,
+    # and its own memory is reported: measured where the fit ran.
+    for fit in [*report["folds"], report["test"]]:
+        pid = int(fit["worker"].rsplit(":", 1)[1])
+        assert os.getpgid(pid) == worker_group, fit["worker"]
+        assert 100 < fit["peak_rss_mb"] < 24_000
+        assert not fit["reused"]
+    # The artefacts are in the bucket, each folder with its manifest; the worker read the
+    # tables and wrote features and fits there, and kept its copies in its own cache.
+    keys = [item["Key"] for page in boto3.client("s3").get_paginator(
+        "list_objects_v2").paginate(Bucket="mlpaint-store", Prefix="store/")
+        for item in page.get("Contents", [])]
+    areas = {key.split("/")[1] for key in keys}
+    assert {"tables", "features", "augmented", "fits"} <= areas, areas
+    manifests = [key for key in keys if key.endswith("/manifest.json")]
+    assert len([key for key in manifests if key.startswith("store/fits/")]) == 3
+    assert list((worker_home / "cache" / "mirror" / "mlpaint-store").iterdir())
+    assert not (tmp_path / "cache" / "fits").exists()  # nothing trained into the flow's cache
+    # The MLflow tree: the parent, one nested run per fold with its model, and the final
+    # model registered, whole (the flow downloaded it from the store to log it).
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(report["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(run.data.tags["mlflow.runName"] for run in children) == ["fold-0", "fold-1"]
+    for child in children:
+        assert _artifact_paths(client, child.info.run_id, "model")
+    version = client.get_model_version("mnist-digits", report["registered_model"]["version"])
+    assert version.status == "READY"
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(
+        report["test"]["statistics"]["accuracy"])
+    # The registered model answers pixels with its feature stage inside, as served anywhere.
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    pixels, labels = _official_test_digits(training_inputs["source"], 300)
+    predicted = np.asarray(mlflow.pyfunc.load_model(
+        report["registered_model"]["model_uri"]).predict(pixels.astype(np.float32)))
+    assert (predicted.argmax(axis=1) == labels).mean() > 0.8

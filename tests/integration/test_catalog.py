@@ -1,0 +1,79 @@
+"""The catalog's finished folders on a local store and on an S3 prefix (the moto server):
+written whole with a manifest, read through each machine's own verified copy."""
+
+import json
+
+import boto3
+import numpy as np
+import pytest
+
+from mlpaint.catalog import MANIFEST, Catalog, local_folder, mirror_folder
+from mlpaint.data.integrity import IntegrityError
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(params=["folder", "s3"])
+def catalog(request, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLPAINT_CACHE_DIR", str(tmp_path / "writer-cache"))
+    if request.param == "folder":
+        return Catalog.from_settings(str(tmp_path / "store"), tmp_path / "writer-cache")
+    request.getfixturevalue("s3_env")
+    boto3.client("s3").create_bucket(Bucket="catalog-test")
+    return Catalog.from_settings("s3://catalog-test/runs", tmp_path / "writer-cache")
+
+
+def _write(catalog: Catalog, key: str, values: np.ndarray) -> str:
+    location = catalog.location("features", key)
+    with catalog.staging(location) as staging:
+        np.save(staging / "features.npy", values)
+        (staging / "model").mkdir()
+        (staging / "model" / "trees.txt").write_text("tree")
+        assert not catalog.is_finished(location)  # nothing is there until `finish`
+        catalog.finish(staging, location)
+    return location
+
+
+def test_a_finished_folder_is_read_back_whole_on_another_machine(catalog, tmp_path,
+                                                                 monkeypatch):
+    values = np.arange(12, dtype=np.float32).reshape(3, 4)
+    location = _write(catalog, "abc", values)
+    assert catalog.is_finished(location)
+    manifest = json.loads((local_folder(location) / MANIFEST).read_text())
+    assert set(manifest["files"]) == {"features.npy", "model/trees.txt"}
+    # A reader with a cache of its own (another machine) gets a verified copy.
+    monkeypatch.setenv("MLPAINT_CACHE_DIR", str(tmp_path / "reader-cache"))
+    folder = local_folder(location)
+    assert np.array_equal(np.load(folder / "features.npy"), values)
+    assert (folder / "model" / "trees.txt").read_text() == "tree"
+    if catalog.remote:
+        assert folder == mirror_folder(location)
+        assert folder.is_relative_to(tmp_path / "reader-cache")
+
+
+def test_a_damaged_file_is_named_not_read(catalog, tmp_path, monkeypatch):
+    location = _write(catalog, "def", np.ones(5, np.float32))
+    local_folder(location)  # verified once, then damaged: the change is noticed
+    copy = mirror_folder(location) if catalog.remote else local_folder(location)
+    (copy / "model" / "trees.txt").write_text("tre")
+    if catalog.remote:  # a damaged local copy is downloaded again
+        assert (local_folder(location) / "model" / "trees.txt").read_text() == "tree"
+        boto3.client("s3").put_object(Bucket="catalog-test",
+                                      Key="runs/features/def/model/trees.txt", Body=b"tre")
+        monkeypatch.setenv("MLPAINT_CACHE_DIR", str(tmp_path / "third-cache"))
+    with pytest.raises(IntegrityError, match=r"trees\.txt does not match"):
+        local_folder(location)
+    catalog.remove(location)
+    assert not catalog.is_finished(location)
+
+
+def test_tables_are_shared_by_uri_only_when_the_store_cannot_see_them(catalog, tmp_path):
+    table = tmp_path / "writer-cache" / "tables" / "0123" / "train"
+    table.mkdir(parents=True)
+    (table / "meta.json").write_text("{}")
+    shared = catalog.share_folder(table, "tables")
+    assert shared == catalog.location("tables", "0123/train")
+    assert json.loads((local_folder(shared) / "meta.json").read_text()) == {}
+    # Inside a local store, a folder is its own URI: nothing is copied.
+    inside = Catalog.from_settings(str(tmp_path / "writer-cache"), tmp_path / "writer-cache")
+    assert inside.share_folder(table, "tables") == str(table)
