@@ -94,6 +94,8 @@ def _run_data_fetch(args: argparse.Namespace) -> int:
 
 
 def _add_train_command(subcommands) -> None:
+    from mlpaint.features import FeatureStage
+
     train = subcommands.add_parser(
         "train", help="cross-fold LightGBM experiment tracked in MLflow",
         description="Runs the train-mnist flow locally (no Prefect server needed). Options "
@@ -107,7 +109,7 @@ def _add_train_command(subcommands) -> None:
     train.add_argument("--source", action="append", default=None, metavar="URI",
                        help="MNIST source, repeatable (default: the mirror chain)")
     train.add_argument("--algorithm", metavar="NAME", help="lgbm (default) or bbdt_d5")
-    train.add_argument("--features", choices=["raw", "deskew"])
+    train.add_argument("--features", choices=[stage.value for stage in FeatureStage])
     train.add_argument("--folds", metavar="mldb|K",
                        help="mldb: rowHash() %% 5 split; K: K-fold on the row hash")
     train.add_argument("--limit", type=int, metavar="N", help="first N rows of each split")
@@ -213,13 +215,15 @@ def _run_train(args: argparse.Namespace) -> int:
     overrides = {"algorithm": args.algorithm, "features": args.features,
                  "sources": args.source, "limit": args.limit, "seed": args.seed,
                  "experiment": args.experiment, "eval_train": args.eval_train,
-                 "final_fit": args.final_fit, "folds": folds}
-    # Validate everything before Prefect or any data is touched.
+                 "final_fit": args.final_fit, "folds": folds,
+                 "augment": ({"copies": args.augment_copies}
+                             if args.augment_copies is not None else None),
+                 "feedback": ({"store": args.feedback_store}
+                              if args.feedback_store is not None else None)}
+    # Validated once, here, before Prefect or any data is touched; the flow trains this spec.
     spec = load_spec(args.spec, overrides, known_algorithms=frozenset(load_algorithms(
         Path(args.algorithms) if args.algorithms else None)))
-    augment = (spec.augment.model_copy(update={"copies": args.augment_copies})
-               if args.augment_copies is not None else None)
-    if args.publish_to is not None and args.final_fit is False:
+    if args.publish_to is not None and not spec.final_fit:
         raise ValueError("--publish-to needs the final model: drop --no-final-fit")
     if args.dask_workers is not None and args.dask_workers < 1:
         raise ValueError("--dask-workers must be at least 1")
@@ -236,13 +240,9 @@ def _run_train(args: argparse.Namespace) -> int:
                                                  "processes": True}))
         flow = train_mnist.with_options(task_runner=runner)
     with _library_prints_to_stderr():
-        summary = flow(algorithm=args.algorithm, features=args.features, folds=args.folds,
-                       sources=args.source, limit=args.limit, seed=args.seed,
-                       experiment=args.experiment, eval_train=args.eval_train,
-                       final_fit=args.final_fit, spec_path=args.spec,
-                       algorithms_path=args.algorithms, cache_dir=args.cache_dir,
-                       publish_to=args.publish_to, augment=augment,
-                       feedback_store=args.feedback_store, store=args.store)
+        summary = flow(spec=spec, spec_path=args.spec, publish_to=args.publish_to,
+                       store=args.store, cache_dir=args.cache_dir,
+                       algorithms_path=args.algorithms)
     report = summary.to_json()
     if args.json:
         print(json.dumps(report))

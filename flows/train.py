@@ -21,11 +21,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
-from mlpaint.augment import AugmentSpec
 from mlpaint.catalog import Catalog, sweep_stale_work
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import DatasetReport
-from mlpaint.features import FeatureStage
 from mlpaint.tracking import (
     end_open_runs,
     recording_resources,
@@ -36,13 +34,7 @@ from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, load_a
 from mlpaint.training.evaluation import aggregate
 from mlpaint.training.fits import ExperimentSummary, fit_threads, fits_to_train
 from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix
-from mlpaint.training.spec import (
-    ExperimentSpec,
-    SpecError,
-    load_spec,
-    parse_folds_option,
-    plan_folds,
-)
+from mlpaint.training.spec import ExperimentSpec, SpecError, plan_folds, resolve_spec
 from tasks.training import (
     log_data_inputs,
     log_experiment_summary,
@@ -78,69 +70,35 @@ def _end_open_mlflow_runs(status: str):
       on_crashed=[_end_open_mlflow_runs("KILLED")],
       on_cancellation=[_end_open_mlflow_runs("KILLED")])
 def train_mnist(
-    algorithm: str | None = None,
-    features: FeatureStage | None = None,
-    folds: str | None = None,
-    sources: list[str] | None = None,
-    limit: int | None = None,
-    seed: int | None = None,
-    experiment: str | None = None,
-    eval_train: bool | None = None,
-    final_fit: bool | None = None,
+    spec: ExperimentSpec | None = None,
     spec_path: str | None = None,
-    algorithms_path: str | None = None,
-    cache_dir: str | None = None,
     publish_to: str | None = None,
-    augment: AugmentSpec | None = None,
-    feedback_store: str | None = None,
     store: str | None = None,
+    cache_dir: str | None = None,
+    algorithms_path: str | None = None,
 ) -> ExperimentSummary:
     """Cross-fold training: one LightGBM model per fold, aggregated statistics, a final model
     on all training rows scored on the official test set, all of it in MLflow.
 
-    Every argument left empty takes its value from the spec file (`spec_path`, default the
-    packaged `experiment.yaml`).
-
     Args:
-        algorithm: a name from algorithms.yaml: `lgbm` (default) or `bbdt_d5`.
-        features: the feature stage, `raw` or `deskew`.
-        folds: `mldb` (rowHash() % 5 != 0 trains, = 0 tests) or k for k-fold.
-        sources: MNIST sources tried in order (default: the mirror chain).
-        limit: use only the first N rows of each split (quick runs).
-        seed: seeds the models and bagging.
-        experiment: the MLflow experiment name.
-        eval_train: also score each model on its own training rows.
-        final_fit: train the final model on all training rows (default yes).
-        spec_path: a YAML experiment spec to start from, or a packaged spec by name:
-            `default` (what `make run` trains) or `champion` (the weekly run's).
-        algorithms_path: a YAML file of named algorithm configurations (default the packaged
-            algorithms.yaml).
-        cache_dir: this machine's cache: fetched data, tables, work areas, and copies of a
-            remote store's artefacts (default $MLPAINT_CACHE_DIR or ~/.cache/mlpaint).
+        spec: the experiment: algorithm, feature stage, folds, data, augmentation, feedback.
+            The fields given here are applied over the spec named by `spec_path`; the run
+            trains the result, recorded whole in MLflow's params.
+        spec_path: the spec to start from: `default` (what `make run` trains, and the form's
+            defaults), `champion` (the weekly run's), or a YAML file.
         publish_to: publish the final model (bundle, explanations, gate) to this folder or
             s3://bucket/prefix in the same run.
-        augment: augmented copies of the training rows (elastic, affine, stroke thickness,
-            "as drawn"): how many per row and how they are made.
-        feedback_store: add the drawings people labelled on the page (a folder or
-            s3://bucket/prefix) to every model's training rows, all but the wild test set
-            every model is also scored on; weight and wild share come from the spec.
         store: where features, augmented rows and fitted models are kept, a folder or
             s3://bucket/prefix (default $MLPAINT_STORE, else the cache folder). Dask workers
             on other machines need a store they can all reach: S3 or MinIO.
+        cache_dir: this machine's cache: fetched data, tables, work areas, and copies of a
+            remote store's artefacts (default $MLPAINT_CACHE_DIR or ~/.cache/mlpaint).
+        algorithms_path: a YAML file of named algorithm configurations (default the packaged
+            algorithms.yaml).
     """
     check_attempts()
     algorithms = load_algorithms(Path(algorithms_path) if algorithms_path else None)
-    spec = load_spec(
-        spec_path,
-        {"algorithm": algorithm, "features": features, "sources": sources, "limit": limit,
-         "seed": seed, "experiment": experiment, "eval_train": eval_train,
-         "final_fit": final_fit,
-         "augment": augment.model_dump() if augment is not None else None,
-         "folds": parse_folds_option(folds).model_dump() if folds is not None else None},
-        known_algorithms=frozenset(algorithms))
-    if feedback_store is not None:  # the store only; weight and wild share stay the spec's
-        spec = spec.model_copy(update={"feedback": spec.feedback.model_copy(
-            update={"store": feedback_store})})
+    spec = resolve_spec(spec, spec_path, known_algorithms=frozenset(algorithms))
     if publish_to and not spec.final_fit:
         raise SpecError(f"publish_to: {publish_to!r} asks to publish, but final_fit is false: "
                         "there would be no final model to publish")

@@ -120,7 +120,9 @@ class ExperimentSpec(BaseModel):
     limit: int | None = Field(None, ge=100)
     seed: int = 0
     final_fit: bool = True
-    augment: AugmentSpec = Field(default_factory=AugmentSpec)
+    # The defaults are the packaged default spec's (experiment.yaml; a test holds them equal),
+    # so a form that starts from them starts from what `make run` trains.
+    augment: AugmentSpec = Field(default_factory=lambda: AugmentSpec(copies=1))
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
 
     def flat_params(self) -> dict[str, str]:
@@ -170,10 +172,44 @@ def spec_text(path_or_name: str | Path | None) -> str:
     return path.read_text()
 
 
+def explicit_fields(model: BaseModel) -> dict[str, Any]:
+    """The fields a caller gave (in a run form, a deployment's parameters, the CLI), nested
+    sections included, as JSON values: the changes to apply to a base spec. A fold rule is
+    taken whole, since its fields mean nothing without its kind."""
+    dumped = model.model_dump(mode="json")
+    return {name: (explicit_fields(getattr(model, name))
+                   if isinstance(getattr(model, name), BaseModel) and name != "folds"
+                   else dumped[name])
+            for name in model.model_fields_set}
+
+
+def _merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied, section by section."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict) and key != "folds":
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_spec(spec: ExperimentSpec | None, spec_path: str | None = None, *,
+                 known_algorithms: frozenset[str] | None = None) -> ExperimentSpec:
+    """The spec a run trains: the one named by `spec_path` (the packaged default when None)
+    with the fields given in `spec` applied over it, validated once, naming any bad field.
+    So a deployment names a spec file and gives only the fields it changes, and a run form
+    that shows the whole spec trains exactly what it shows."""
+    return load_spec(spec_path, None, changes=explicit_fields(spec) if spec else None,
+                     known_algorithms=known_algorithms)
+
+
 def load_spec(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None,
-              *, known_algorithms: frozenset[str] | None = None) -> ExperimentSpec:
+              *, changes: Mapping[str, Any] | None = None,
+              known_algorithms: frozenset[str] | None = None) -> ExperimentSpec:
     """Read a spec (the packaged default when `path` is None, a packaged spec by name, or a
-    file), apply overrides whose value is not None, validate it, and check every rule and the
+    file), apply overrides whose value is not None (command-line flags) and `changes`
+    (section by section, None included), validate it, and check every rule and the
     algorithm name."""
     text = spec_text(path)
     try:
@@ -182,7 +218,8 @@ def load_spec(path: Path | str | None = None, overrides: Mapping[str, Any] | Non
         raise SpecError(f"{path or 'default spec'}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise SpecError(f"{path or 'default spec'}: expected a mapping of fields")
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    data = _merged(data, {k: v for k, v in (overrides or {}).items() if v is not None})
+    data = _merged(data, changes or {})
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:

@@ -3,6 +3,7 @@ work pool and a worker, and `mlflow server`; `prefect deploy` registers prefect.
 created through the API the way the UI's Run button does, the worker completes it, and the
 MLflow server's REST API shows the run and the registered model."""
 
+import collections
 import contextlib
 import json
 import os
@@ -132,11 +133,18 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
     bundles, serve = served_bundles
     with _prefect_client(stack["prefect"]) as client:
         deployment = client.read_deployment_by_name("train-mnist/train")
+        # The run form renders the spec as one typed object: ExperimentSpec's fields.
+        form = deployment.parameter_openapi_schema
+        spec_schema = form["definitions"]["ExperimentSpec"]["properties"]
+        assert {"algorithm", "features", "folds", "augment", "feedback"} <= set(spec_schema)
+        assert "spec" in form["properties"] and "limit" not in form["properties"]
         # What the UI's "Custom run" does: a flow run from the deployment with edited params.
         flow_run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={"sources": [str(shared_mnist)], "limit": 1200,
-                                       "folds": "2", "algorithms_path": str(algorithms),
-                                       "experiment": "e2e", "publish_to": str(bundles)})
+            deployment.id, parameters={
+                "spec": {"sources": [str(shared_mnist)], "limit": 1200,
+                         "folds": {"kind": "kfold", "k": 2}, "experiment": "e2e",
+                         "seed": 5, "augment": {"copies": 1, "stroke": {"probability": 0.25}}},
+                "algorithms_path": str(algorithms), "publish_to": str(bundles)})
         state = _wait_until_final(client, flow_run.id)
         assert state.is_completed(), f"flow run ended {state.type}: {state.message}"
         first = (bundles / "LATEST").read_text().strip()
@@ -174,9 +182,11 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
 
         scheduled = min(upcoming, key=lambda run: run.expected_start_time)
         client.update_flow_run(scheduled.id, parameters={
-            **scheduled.parameters, "sources": [str(shared_mnist)], "limit": 3000,
-            "algorithms_path": str(algorithms), "experiment": "e2e-scheduled",
-            "publish_to": str(bundles), "feedback_store": str(tmp_path / "no-feedback")})
+            **scheduled.parameters, "algorithms_path": str(algorithms),
+            "publish_to": str(bundles),
+            "spec": {**scheduled.parameters["spec"], "sources": [str(shared_mnist)],
+                     "limit": 3000, "experiment": "e2e-scheduled",
+                     "feedback": {"store": str(tmp_path / "no-feedback")}}})
         client.set_flow_run_state(scheduled.id, Scheduled(scheduled_time=datetime.now(UTC)),
                                   force=True)
         scheduled_state = _wait_until_final(client, scheduled.id)
@@ -212,6 +222,12 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
     assert 0.7 < metrics["test_accuracy"] <= 1.0
     tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
     assert tags["prefect.flow_run_id"] == str(flow_run.id)
+    # Exactly the spec edited in the form trained: its edits over the deployment's spec file,
+    # nested fields included, the rest the file's.
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    assert (params["limit"], params["folds.k"], params["seed"]) == ("1200", "2", "5")
+    assert params["augment.stroke.probability"] == "0.25"
+    assert params["augment.stroke.max_strength"] == "1.0"  # not edited: the file's
     # Each links the other: the MLflow run to the flow run's page, the flow run to the
     # MLflow run's page on the tracking server.
     assert tags["prefect.flow_run_url"].endswith(f"/flow-run/{flow_run.id}")
@@ -289,14 +305,15 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
     algorithms = tmp_path / "algorithms.yaml"
     algorithms.write_text(FEEDBACK_ALGORITHMS)
     bundles, feedback = tmp_path / "bundles", tmp_path / "feedback"
-    common = {"sources": [str(shared_mnist)], "algorithms_path": str(algorithms)}
+    sources = [str(shared_mnist)]
     with _prefect_client(stack["prefect"]) as client:
         # A deliberately weak model, forced to champion (the registry is shared with the
         # tests before this one), for the server to start from.
         weak = client.create_flow_run_from_deployment(
             client.read_deployment_by_name("train-mnist/train").id,
-            parameters={**common, "algorithm": "weak", "limit": 1200, "folds": "2",
-                        "experiment": "e2e-weak"})
+            parameters={"algorithms_path": str(algorithms), "spec": {
+                "sources": sources, "algorithm": "weak", "limit": 1200,
+                "folds": {"kind": "kfold", "k": 2}, "experiment": "e2e-weak"}})
         assert _wait_until_final(client, weak.id).is_completed()
         forced = client.create_flow_run_from_deployment(
             client.read_deployment_by_name("publish-mnist-model/publish").id,
@@ -304,10 +321,12 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
                         "gallery_per_digit": 5})
         assert _wait_until_final(client, forced.id).is_completed()
         triggered = client.read_deployment_by_name("train-mnist/train-on-feedback")
-        assert triggered.parameters["feedback_store"] == ".mlpaint/feedback"
+        assert triggered.parameters["spec"]["feedback"]["store"] == ".mlpaint/feedback"
         client.update_deployment(triggered.id, DeploymentUpdate(parameters={
-            **triggered.parameters, **common, "limit": 3000, "experiment": "e2e-feedback",
-            "publish_to": str(bundles), "feedback_store": str(feedback)}))
+            **triggered.parameters, "algorithms_path": str(algorithms),
+            "publish_to": str(bundles),
+            "spec": {**triggered.parameters["spec"], "sources": sources, "limit": 3000,
+                     "experiment": "e2e-feedback", "feedback": {"store": str(feedback)}}}))
 
         port = free_port()
         server = f"http://127.0.0.1:{port}"
@@ -405,8 +424,9 @@ def test_a_killed_worker_run_is_finished_by_a_live_worker(stack, shared_mnist, t
     with _prefect_client(stack["prefect"]) as client:
         flow_run = client.create_flow_run_from_deployment(
             client.read_deployment_by_name("train-mnist/train").id,
-            parameters={"sources": [str(shared_mnist)], "limit": 4000, "folds": "4",
-                        "algorithms_path": str(algorithms), "experiment": "e2e-crash"})
+            parameters={"algorithms_path": str(algorithms), "spec": {
+                "sources": [str(shared_mnist)], "limit": 4000,
+                "folds": {"kind": "kfold", "k": 4}, "experiment": "e2e-crash"}})
         # Kill when the first fold has been logged and others still train.
         deadline = time.monotonic() + 420
         while not any(_tags(r).get("mlflow.parentRunId") for r in _mlflow_runs(stack,
@@ -490,9 +510,10 @@ def test_two_runs_at_once_survive_an_mlflow_outage_and_a_database_restart(
     with _prefect_client(stack["prefect"]) as client:
         deployment = client.read_deployment_by_name("train-mnist/train")
         flow_runs = [client.create_flow_run_from_deployment(deployment.id, parameters={
-            "sources": [str(shared_mnist)], "limit": 4000, "folds": "3", "seed": seed,
-            "algorithms_path": str(algorithms), "experiment": "e2e-twice",
-            "publish_to": str(bundles)}) for seed in (1, 2)]
+            "algorithms_path": str(algorithms), "publish_to": str(bundles), "spec": {
+                "sources": [str(shared_mnist)], "limit": 4000,
+                "folds": {"kind": "kfold", "k": 3}, "seed": seed,
+                "experiment": "e2e-twice"}}) for seed in (1, 2)]
         deadline = time.monotonic() + 420
         while not any(_tags(r).get("mlflow.parentRunId") for r in _mlflow_runs(stack,
                                                                             "e2e-twice")):
@@ -508,12 +529,18 @@ def test_two_runs_at_once_survive_an_mlflow_outage_and_a_database_restart(
         left_running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
         assert not left_running
+        attempts = {str(r.id): client.read_flow_run(r.id).run_count for r in flow_runs}
 
     runs = _mlflow_runs(stack, "e2e-twice")
     assert not [r for r in runs if r["info"]["status"] != "FINISHED"]
     parents = [r for r in runs if "mlflow.parentRunId" not in _tags(r)]
-    assert sorted(_tags(p)["prefect.flow_run_id"] for p in parents) == sorted(
-        str(r.id) for r in flow_runs)
+    # One whole experiment per flow run; a flow run the outage made retry (its deployment
+    # retries once) may have finished one in its first attempt and logs another in its
+    # second, fits reused: never more than one per attempt, never a partial one.
+    per_flow_run = collections.Counter(_tags(p)["prefect.flow_run_id"] for p in parents)
+    assert set(per_flow_run) == set(attempts)
+    assert all(1 <= per_flow_run[run] <= attempts[run] for run in attempts), (
+        per_flow_run, attempts)
     for parent in parents:
         folds = sorted(_tags(r)["mlflow.runName"] for r in runs
                        if _tags(r).get("mlflow.parentRunId") == parent["info"]["run_id"])

@@ -19,6 +19,7 @@ from flows.train import train_mnist
 from mlpaint.augment import AugmentSpec
 from mlpaint.bundle import load_bundle
 from mlpaint.training.fits import fit_threads
+from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, KFolds, MldbFolds
 from tests.conftest import free_port, run_cli, start_service, stop_service
 
 pytestmark = pytest.mark.integration
@@ -80,10 +81,11 @@ def _artifact_paths(client, run_id, path=None):
 
 def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_inputs,
                                                              tracking):
-    summary = train_mnist(folds="3", limit=1500, sources=[training_inputs["source"]],
+    summary = train_mnist(ExperimentSpec(folds=KFolds(k=3), limit=1500,
+                                sources=[training_inputs["source"]], experiment="tiny-kfold",
+                                eval_train=True),
                           algorithms_path=training_inputs["algorithms"],
-                          cache_dir=training_inputs["cache"], experiment="tiny-kfold",
-                          eval_train=True)
+                          cache_dir=training_inputs["cache"])
     client = tracking
     parent = client.get_run(summary.parent_run_id)
     assert parent.info.status == "FINISHED"
@@ -149,11 +151,11 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
 
 
 def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
-    summary = train_mnist(algorithm="bbdt_d5", features="raw", limit=1000,
-                          sources=[training_inputs["source"]],
+    summary = train_mnist(ExperimentSpec(algorithm="bbdt_d5", features="raw", limit=1000,
+                                sources=[training_inputs["source"]], experiment="tiny-bbdt",
+                                augment=AugmentSpec(copies=0)),
                           algorithms_path=training_inputs["algorithms"],
-                          cache_dir=training_inputs["cache"], experiment="tiny-bbdt",
-                          augment=AugmentSpec(copies=0))
+                          cache_dir=training_inputs["cache"])
     assert len(summary.folds) == 1  # MLDB's rowHash() % 5 split
     assert summary.folds[0].train_rows + summary.folds[0].test_rows == 1000  # no copies
     import mlflow
@@ -168,10 +170,10 @@ def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
 def test_mlflow_scoring_server_answers_pixels(harness, training_inputs, tracking, tmp_path):
     """MLflow's own scoring server as the client: `mlflow models serve` on the registered
     model, sent official test digits as 0-255 pixels, agrees with the model in process."""
-    summary = train_mnist(limit=1000, sources=[training_inputs["source"]],
+    summary = train_mnist(ExperimentSpec(limit=1000, sources=[training_inputs["source"]],
+                                experiment="tiny-served", augment=AugmentSpec(copies=0)),
                           algorithms_path=training_inputs["algorithms"],
-                          cache_dir=training_inputs["cache"], experiment="tiny-served",
-                          augment=AugmentSpec(copies=0))
+                          cache_dir=training_inputs["cache"])
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)
     mlflow_cli = os.path.join(bin_dir, "mlflow")
@@ -222,10 +224,11 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
     from mlpaint.feedback import feedback_row_hashes, wild_rows
 
     store, rejected = _feedback_store(tmp_path / "feedback", training_inputs["source"])
-    summary = train_mnist(folds="mldb", limit=1500, sources=[training_inputs["source"]],
+    summary = train_mnist(ExperimentSpec(folds=MldbFolds(), limit=1500,
+                                sources=[training_inputs["source"]], experiment="tiny-feedback",
+                                feedback=FeedbackSpec(store=store.describe())),
                           algorithms_path=training_inputs["algorithms"],
-                          cache_dir=training_inputs["cache"], experiment="tiny-feedback",
-                          feedback_store=store.describe())
+                          cache_dir=training_inputs["cache"])
     feedback = summary.feedback
     assert feedback.rejected == 10 and feedback.train_records + feedback.wild_rows == 140
     assert 10 <= feedback.wild_rows <= 50  # a 20% share of 140 by row hash
@@ -278,11 +281,11 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
 def test_the_gate_weighs_the_wild_set_too(harness, training_inputs, tracking, tmp_path):
     store, _ = _feedback_store(tmp_path / "feedback", training_inputs["source"])
     bundles = str(tmp_path / "bundles")
-    runs = [train_mnist(limit=1500, seed=seed, sources=[training_inputs["source"]],
+    runs = [train_mnist(ExperimentSpec(limit=1500, seed=seed, sources=[training_inputs["source"]],
+                              experiment="tiny-gate", augment=AugmentSpec(copies=0),
+                              feedback=FeedbackSpec(store=store.describe())),
                         algorithms_path=training_inputs["algorithms"],
-                        cache_dir=training_inputs["cache"], experiment="tiny-gate",
-                        augment=AugmentSpec(copies=0), feedback_store=store.describe(),
-                        publish_to=bundles)
+                        cache_dir=training_inputs["cache"], publish_to=bundles)
             for seed in (0, 1)]
     assert runs[0].publication["gate"]["reason"] == "no champion yet"
     second = runs[1].publication["gate"]
@@ -303,9 +306,10 @@ def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, trackin
     import shutil
 
     cache = str(tmp_path / "cache")
-    args = {"folds": "2", "limit": 1200, "sources": [training_inputs["source"]],
-            "algorithms_path": training_inputs["algorithms"], "cache_dir": cache,
-            "experiment": "tiny-rerun", "augment": AugmentSpec(copies=0)}
+    fields = {"folds": KFolds(k=2), "limit": 1200, "sources": [training_inputs["source"]],
+              "experiment": "tiny-rerun", "augment": AugmentSpec(copies=0)}
+    args = {"spec": ExperimentSpec(**fields), "algorithms_path": training_inputs["algorithms"],
+            "cache_dir": cache}
     first = train_mnist(**args)
     assert not any(f.reused for f in [*first.folds, first.final])
     final_fit = next(p for p in (tmp_path / "cache" / "fits").iterdir()
@@ -334,13 +338,13 @@ def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, trackin
     assert [f.reused for f in third.folds] == [False, True] and third.final.reused
     assert third.folds[0].evaluation == first.folds[0].evaluation
     # A changed spec is a different fit: nothing is reused.
-    changed = train_mnist(**{**args, "seed": 7})
+    changed = train_mnist(**{**args, "spec": ExperimentSpec(**fields, seed=7)})
     assert not any(f.reused for f in [*changed.folds, changed.final])
 
 
 def test_invalid_spec_fails_before_training(harness, training_inputs, tracking):
     with pytest.raises(Exception, match="algorithm: unknown 'svm'"):
-        train_mnist(algorithm="svm", sources=[training_inputs["source"]],
+        train_mnist(ExperimentSpec(algorithm="svm", sources=[training_inputs["source"]]),
                     cache_dir=training_inputs["cache"])
     assert tracking.search_experiments(filter_string="name = 'mnist-digits'") == []
 
@@ -349,8 +353,8 @@ def test_publishing_without_a_final_fit_is_an_error(harness, training_inputs, tr
                                                     tmp_path):
     """It used to train, then quietly publish nothing."""
     with pytest.raises(Exception, match=r"publish_to: .* final_fit is false"):
-        train_mnist(final_fit=False, publish_to=str(tmp_path / "bundles"),
-                    sources=[training_inputs["source"]], cache_dir=training_inputs["cache"])
+        train_mnist(ExperimentSpec(final_fit=False, sources=[training_inputs["source"]]),
+                    publish_to=str(tmp_path / "bundles"), cache_dir=training_inputs["cache"])
     assert tracking.search_experiments(filter_string="name = 'mnist-digits'") == []
 
 
@@ -360,9 +364,9 @@ def test_a_failed_experiment_is_failed_in_mlflow(harness, training_inputs, track
     broken = tmp_path / "broken.yaml"
     broken.write_text("lgbm:\n  kind: gbdt\n  rounds: 3\n  params: {num_leaves: 1}\n")
     with pytest.raises(Exception, match="num_leaves"):
-        train_mnist(limit=600, sources=[training_inputs["source"]], algorithms_path=str(broken),
-                    cache_dir=training_inputs["cache"], experiment="tiny-broken",
-                    augment=AugmentSpec(copies=0))
+        train_mnist(ExperimentSpec(limit=600, sources=[training_inputs["source"]],
+                          experiment="tiny-broken", augment=AugmentSpec(copies=0)),
+                    algorithms_path=str(broken), cache_dir=training_inputs["cache"])
     experiment = tracking.get_experiment_by_name("tiny-broken")
     runs = tracking.search_runs([experiment.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]

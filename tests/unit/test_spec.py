@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from mlpaint.training.spec import (
+    ExperimentSpec,
     KFolds,
     MldbFolds,
     RowHashRule,
@@ -9,6 +10,7 @@ from mlpaint.training.spec import (
     load_spec,
     parse_folds_option,
     plan_folds,
+    resolve_spec,
 )
 
 KNOWN = frozenset({"lgbm", "bbdt_d5"})
@@ -106,3 +108,29 @@ def test_augment_section_is_validated_with_its_field_named(tmp_path):
     spec = load_spec(path)
     assert spec.augment.elastic.probability == 0 and spec.augment.affine.probability == 1.0
     assert spec.flat_params()["augment.elastic.probability"] == "0.0"
+
+
+def test_the_form_defaults_are_the_packaged_default_spec():
+    assert ExperimentSpec() == load_spec("default")
+
+
+def test_a_run_applies_only_the_fields_it_gives_over_the_named_spec():
+    """What a deployment's parameters or a run form give: nested sections merge field by
+    field; a fold rule is taken whole; None given is None (not 'use the file's')."""
+    given = ExperimentSpec.model_validate({"limit": 1200, "augment": {"copies": 0},
+                                           "feedback": {"store": "/srv/feedback"},
+                                           "folds": {"kind": "kfold", "k": 3}})
+    champion = load_spec("champion")
+    spec = resolve_spec(given, "champion")
+    assert spec.algorithm == champion.algorithm == "champion"
+    assert (spec.limit, spec.augment.copies, spec.folds) == (1200, 0, KFolds(k=3))
+    assert spec.augment.affine == champion.augment.affine  # the section's other fields
+    assert spec.feedback.store == "/srv/feedback" and spec.feedback.weight == 1.0
+    assert resolve_spec(None, "champion") == champion
+    assert resolve_spec(ExperimentSpec.model_validate({"limit": None}),
+                        "champion").limit is None
+
+
+def test_a_bad_field_given_to_a_run_is_named():
+    with pytest.raises(SpecError, match="algorithm: unknown 'svm'"):
+        resolve_spec(ExperimentSpec(algorithm="svm"), "default", known_algorithms=KNOWN)
