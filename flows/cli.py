@@ -68,21 +68,17 @@ def _add_data_commands(subcommands) -> None:
 
 
 def _run_data_fetch(args: argparse.Namespace) -> int:
-    from mlpaint.data.fetch import parse_source
+    from mlpaint.data.fetch import IngestSpec
     from mlpaint.data.integrity import parse_sha256_pins
 
-    pins = parse_sha256_pins(args.sha256)
-    for uri in args.source:
-        parse_source(uri)  # fail on a malformed source before anything starts
-    if args.samples_per_label < 1:
-        raise ValueError("--samples-per-label must be at least 1")
+    # Validated here, before Prefect starts: a malformed source or pin fails at once.
+    spec = IngestSpec(sources=args.source or None, sha256=parse_sha256_pins(args.sha256),
+                      samples_per_label=args.samples_per_label, seed=args.seed)
 
     from flows.ingest import ingest_mnist
 
     with _library_prints_to_stderr():
-        report = ingest_mnist(sources=args.source or None, sha256=pins,
-                              cache_dir=args.cache_dir,
-                              samples_per_label=args.samples_per_label, seed=args.seed)
+        report = ingest_mnist(spec, cache_dir=args.cache_dir)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -178,19 +174,18 @@ def _add_publish_command(subcommands) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    if args.retention < 1 or args.gallery_per_digit < 1 or args.margin < 0:
-        raise ValueError("--retention and --gallery-per-digit must be at least 1, --margin "
-                         "at least 0")
     from flows.publish import publish_model
     from mlpaint.catalog import default_bundle_destination
+    from mlpaint.publish import PublishSpec
 
-    to = args.to or (default_bundle_destination(args.store) if args.store else None)
+    spec = PublishSpec(  # validated here, before Prefect or any data is touched
+        run_id=args.run_id, model_version=args.model_version,
+        to=args.to or (default_bundle_destination(args.store) if args.store else None),
+        force=args.force, margin=args.margin, retention=args.retention,
+        gallery_per_digit=args.gallery_per_digit, sources=args.source,
+        feedback_store=args.feedback_store)
     with _library_prints_to_stderr():
-        report = publish_model(run_id=args.run_id, model_version=args.model_version, to=to,
-                               force=args.force, margin=args.margin,
-                               retention=args.retention,
-                               gallery_per_digit=args.gallery_per_digit, sources=args.source,
-                               cache_dir=args.cache_dir, feedback_store=args.feedback_store)
+        report = publish_model(spec, cache_dir=args.cache_dir)
     _print_publish(report.to_json(), as_json=args.json)
     return 0
 
@@ -477,8 +472,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("mlpaint: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # the CLI's contract: one line, non-zero status
+        from pydantic import ValidationError
+
+        from mlpaint.training.spec import field_problems
+
         logger.debug("failure", exc_info=True)
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        reason = (field_problems(exc) if isinstance(exc, ValidationError)
+                  else " ".join(str(exc).split()) or type(exc).__name__)
         print(f"mlpaint: error: {reason}", file=sys.stderr)
         return 1
 

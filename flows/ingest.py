@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from mlpaint.data.explore import DatasetReport
-from mlpaint.data.fetch import dataset_fingerprint
+from mlpaint.data.fetch import IngestSpec, dataset_fingerprint
 from mlpaint.data.integrity import default_cache_dir
 from tasks.data import (
     explore_dataset,
@@ -17,28 +17,22 @@ from tasks.data import (
 
 
 @flow(name="ingest-mnist", log_prints=False)
-def ingest_mnist(
-    sources: list[str] | None = None,
-    sha256: dict[str, str] | None = None,
-    cache_dir: str | None = None,
-    samples_per_label: int = 10,
-    seed: int = 0,
-) -> DatasetReport:
-    """Fetch MNIST (the default mirror chain unless `sources` is given), verify it, join
+def ingest_mnist(spec: IngestSpec | None = None, cache_dir: str | None = None
+                 ) -> DatasetReport:
+    """Fetch MNIST (the default mirror chain unless the spec names sources), verify it, join
     features with labels per split, and explore the result.
 
     Args:
-        sources: URIs tried in order: `s3://bucket/prefix/`, `https://…/`, a local folder
-            (four IDX files), a `*.pkl.gz` archive, or `*train*.csv` / `*test*.csv` files.
-        sha256: pins for files without built-in hashes, `{file name: hex digest}`.
-        cache_dir: where verified files and tables are kept (default `~/.cache/mlpaint`).
-        samples_per_label: images per digit in the sample grid.
-        seed: picks the sample-grid images.
+        spec: the sources tried in order, pins for files without built-in hashes, and the
+            sample grid's size and seed.
+        cache_dir: where verified files and tables are kept (default $MLPAINT_CACHE_DIR or
+            ~/.cache/mlpaint).
     """
+    spec = spec or IngestSpec()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    fetched = fetch_mnist_files(sources, sha256 or {}, cache)
+    fetched = fetch_mnist_files(spec.sources, spec.sha256, cache)
     fingerprint = dataset_fingerprint(fetched)
     tables = {split: join_split_table.submit(files, cache) for split, files in fetched.items()}
     return explore_dataset({split: future.result() for split, future in tables.items()},
-                           fingerprint, cache / "reports" / fingerprint[:16], samples_per_label,
-                           seed)
+                           fingerprint, cache / "reports" / fingerprint[:16],
+                           spec.samples_per_label, spec.seed)

@@ -11,8 +11,9 @@ from prefect.artifacts import create_markdown_artifact
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
 from mlpaint.catalog import BUILT_BUNDLES, default_bundle_destination, work_area
+from mlpaint.data.fetch import IngestSpec
 from mlpaint.data.integrity import default_cache_dir
-from mlpaint.publish import PublishReport
+from mlpaint.publish import PublishReport, PublishSpec
 from mlpaint.storage import store_for
 from mlpaint.tracking import resolve_tracking_uri
 from tasks.publish import (
@@ -27,53 +28,36 @@ PUBLISH_LOCK = "publish"
 
 
 @flow(name="publish-mnist-model")
-def publish_model(
-    run_id: str | None = None,
-    model_version: str | None = None,
-    to: str | None = None,
-    force: bool = False,
-    margin: float = 0.0,
-    retention: int = 5,
-    gallery_per_digit: int = 50,
-    sources: list[str] | None = None,
-    cache_dir: str | None = None,
-    feedback_store: str | None = None,
-    wild_share: float = 0.2,
-) -> PublishReport:
-    """Publish a registered `mnist-digits` version with precomputed SHAP explanations.
+def publish_model(spec: PublishSpec | None = None, cache_dir: str | None = None
+                  ) -> PublishReport:
+    """Publish a registered `mnist-digits` version with precomputed SHAP explanations,
+    through the champion/challenger gate.
 
     Args:
-        run_id: publish the version registered from this MLflow run.
-        model_version: or this version number (default: the newest version).
-        to: a folder or s3://bucket/prefix (default $MLPAINT_BUNDLE_DIR or .mlpaint/bundles).
-        force: promote to champion even if worse than the current champion.
-        margin: how much worse than the champion (test accuracy) still promotes.
-        retention: how many bundle versions to keep at the destination.
-        gallery_per_digit: explained test digits stored per digit.
-        sources: MNIST sources for the official test set (default: the mirror chain).
-        cache_dir: data cache (default ~/.cache/mlpaint).
-        feedback_store: a feedback store (folder or s3://bucket/prefix) whose wild test set
-            the candidate must also not lose on against the champion.
-        wild_share: the share of feedback records in the wild test set (as in training).
+        spec: which version, where to, and how the gate decides (every field has a default:
+            the newest complete version, to the default bundle destination).
+        cache_dir: this machine's data cache (default $MLPAINT_CACHE_DIR or ~/.cache/mlpaint).
     """
     check_attempts()
-    destination = to or default_bundle_destination()
+    spec = spec or PublishSpec()
+    destination = spec.to or default_bundle_destination()
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     tracking_uri = resolve_tracking_uri()
-    candidate = resolve_candidate(run_id, model_version, tracking_uri)
-    dataset = ingest_mnist(sources=sources, cache_dir=str(cache))
+    candidate = resolve_candidate(spec.run_id, spec.model_version, tracking_uri)
+    dataset = ingest_mnist(IngestSpec(sources=spec.sources), str(cache))
     fingerprint = {"dataset": dataset.fingerprint,
                    "training_run_dataset": candidate.data_fingerprint}
     with work_area(cache, f"publish-v{candidate.version}") as work_dir:
         built = build_bundle(candidate, dataset.tables["test"], fingerprint,
-                             gallery_per_digit, cache / BUILT_BUNDLES, work_dir, tracking_uri)
+                             spec.gallery_per_digit, cache / BUILT_BUNDLES, work_dir,
+                             tracking_uri)
         # Read the champion, compare, move LATEST and the alias as one critical section per
         # destination: two publishers at once (a scheduled run and a UI run) otherwise can
         # leave the alias and LATEST naming different versions.
         with store_for(destination).lock(PUBLISH_LOCK):
-            decision = gate(candidate, built, dataset.tables["test"], margin, force,
-                            tracking_uri, feedback_store, wild_share)
-            result = upload_bundle(built, destination, decision.promote, retention)
+            decision = gate(candidate, built, dataset.tables["test"], spec.margin, spec.force,
+                            tracking_uri, spec.feedback_store, spec.wild_share)
+            result = upload_bundle(built, destination, decision.promote, spec.retention)
             record_publication(candidate, built, decision, destination, tracking_uri)
     create_markdown_artifact(
         key="mnist-model-publication",

@@ -24,6 +24,7 @@ from flows.ingest import ingest_mnist
 from mlpaint.catalog import Catalog, sweep_stale_work
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import DatasetReport
+from mlpaint.data.fetch import IngestSpec
 from mlpaint.tracking import (
     end_open_runs,
     recording_resources,
@@ -111,7 +112,7 @@ def train_mnist(
     tracking_uri = resolve_tracking_uri()
     experiment_id = prepare_experiment.submit(spec.experiment, tracking_uri)  # beside ingest
 
-    dataset = ingest_mnist(sources=spec.sources, cache_dir=str(cache), seed=spec.seed)
+    dataset = ingest_mnist(IngestSpec(sources=spec.sources, seed=spec.seed), str(cache))
     # The tables by URIs every worker can read (a copy in the store when it is remote).
     tables = {split: share_table(folder, catalog) for split, folder in dataset.tables.items()}
     train_matrix = prepare_features.submit(tables["train"], spec.features, spec.limit,
@@ -137,11 +138,12 @@ def train_mnist(
                                  feedback_future)
     if publish_to and summary.registered:
         from flows.publish import publish_model
+        from mlpaint.publish import PublishSpec
 
-        report = publish_model(model_version=summary.registered.version, to=publish_to,
-                               sources=spec.sources, cache_dir=str(cache),
-                               feedback_store=spec.feedback.store,
-                               wild_share=spec.feedback.wild_share)
+        report = publish_model(PublishSpec(
+            model_version=summary.registered.version, to=publish_to, sources=spec.sources,
+            feedback_store=spec.feedback.store, wild_share=spec.feedback.wild_share),
+            cache_dir=str(cache))
         summary = dataclasses.replace(summary, publication=report.to_json())
     return summary
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlpaint.bundle import (
     BundleInfo,
@@ -29,6 +30,41 @@ from mlpaint.explain import (
 from mlpaint.tracking.publication import CHALLENGER, CHAMPION
 from mlpaint.training.algorithms import DigitModel, softmax
 from mlpaint.training.evaluation import evaluate
+
+
+class PublishSpec(BaseModel):
+    """What a publication does: which registered version, where to, and how the gate decides.
+    The publish flow's one parameter (the Prefect run form's fields); validated here, once,
+    naming the field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    run_id: str | None = Field(None, description="publish the version registered from this "
+                                                 "MLflow run")
+    model_version: str | None = Field(None, description="or this version of mnist-digits "
+                                                        "(neither: the newest complete one)")
+    to: str | None = Field(None, description="a folder or s3://bucket/prefix (default "
+                                             "$MLPAINT_BUNDLE_DIR, <$MLPAINT_STORE>/bundles "
+                                             "or .mlpaint/bundles)")
+    force: bool = Field(False, description="promote even if worse than the champion")
+    margin: float = Field(0.0, ge=0, le=1, description="test accuracy the candidate may lose "
+                                                       "to the champion and still be promoted")
+    retention: int = Field(5, ge=1, description="bundle versions kept at the destination")
+    gallery_per_digit: int = Field(50, ge=1, description="explained test digits stored per "
+                                                         "digit")
+    sources: list[str] | None = Field(None, description="MNIST sources of the official test "
+                                                        "set (default: the mirror chain)")
+    feedback_store: str | None = Field(None, description="a feedback store whose wild test "
+                                       "set the candidate must also not lose on")
+    wild_share: float = Field(0.2, gt=0, lt=1, description="the share of feedback records in "
+                                                           "the wild test set, as in training")
+
+    @model_validator(mode="after")
+    def _one_version_at_most(self) -> PublishSpec:
+        if self.run_id and self.model_version:
+            raise ValueError(f"run_id {self.run_id!r} and model_version "
+                             f"{self.model_version!r}: name the version one way, not both")
+        return self
 
 
 def accuracy(model: DigitModel, pixels: np.ndarray, labels: np.ndarray) -> float:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from mlpaint.data.catalog import (
     DEFAULT_MIRRORS,
     MNIST_IDX_FILES,
@@ -27,7 +29,14 @@ from mlpaint.data.catalog import (
     Split,
 )
 from mlpaint.data.formats import DataFormatError, load_pickle_archive, write_idx
-from mlpaint.data.integrity import BlobCache, IntegrityError, Pins, scratch_path, sha256_file
+from mlpaint.data.integrity import (
+    BlobCache,
+    IntegrityError,
+    Pins,
+    parse_sha256_pins,
+    scratch_path,
+    sha256_file,
+)
 from mlpaint.data.transports import (
     FetchError,
     NotFoundError,
@@ -326,3 +335,32 @@ def dataset_fingerprint(fetched: dict[Split, SplitFiles]) -> str:
     material = json.dumps({s.value: f.sha256 for s, f in sorted(fetched.items())},
                           sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()
+
+
+class IngestSpec(BaseModel):
+    """What an ingestion fetches and how it explores it: the ingest flow's one parameter (the
+    Prefect run form's fields), validated here, once, naming the field."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sources: list[str] | None = Field(
+        None, description="URIs tried in order: s3://bucket/prefix/, https://…/, a local "
+                          "folder of the four IDX files, a *.pkl.gz archive, or *train*/"
+                          "*test* CSV files (default: the mirror chain)")
+    sha256: dict[str, str] = Field(
+        default_factory=dict, description="pins for files without built-in hashes: "
+                                          "{file name: hex digest}")
+    samples_per_label: int = Field(10, ge=1, description="images per digit in the sample grid")
+    seed: int = Field(0, description="picks the sample-grid images")
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_parse(cls, sources: list[str] | None) -> list[str] | None:
+        for uri in sources or []:
+            parse_source(uri)  # raises ValueError naming what is wrong with it
+        return sources
+
+    @field_validator("sha256")
+    @classmethod
+    def _pins_are_hashes(cls, pins: dict[str, str]) -> dict[str, str]:
+        return parse_sha256_pins([f"{name}={digest}" for name, digest in pins.items()])

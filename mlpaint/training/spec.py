@@ -140,6 +140,12 @@ class ExperimentSpec(BaseModel):
         return flat
 
 
+def field_problems(error: ValidationError) -> str:
+    """A validation error as one line naming each bad field: `limit: Input should be …`."""
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}"
+                     for e in error.errors())
+
+
 def parse_folds_option(value: str) -> MldbFolds | KFolds:
     """`mldb` or an integer k, as `--folds` takes it."""
     if value.strip().lower() == "mldb":
@@ -223,9 +229,7 @@ def load_spec(path: Path | str | None = None, overrides: Mapping[str, Any] | Non
     try:
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}"
-                             for e in exc.errors())
-        raise SpecError(problems) from exc
+        raise SpecError(field_problems(exc)) from exc
     if isinstance(spec.folds, MldbFolds):
         spec.folds.rules()  # raises SpecError naming the rule's field
     if known_algorithms is not None and spec.algorithm not in known_algorithms:

@@ -317,8 +317,8 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
         assert _wait_until_final(client, weak.id).is_completed()
         forced = client.create_flow_run_from_deployment(
             client.read_deployment_by_name("publish-mnist-model/publish").id,
-            parameters={"to": str(bundles), "force": True, "sources": [str(shared_mnist)],
-                        "gallery_per_digit": 5})
+            parameters={"spec": {"to": str(bundles), "force": True,
+                                 "sources": [str(shared_mnist)], "gallery_per_digit": 5}})
         assert _wait_until_final(client, forced.id).is_completed()
         triggered = client.read_deployment_by_name("train-mnist/train-on-feedback")
         assert triggered.parameters["spec"]["feedback"]["store"] == ".mlpaint/feedback"

@@ -26,6 +26,7 @@ from mlpaint.bundle import (
 from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import FetchContext, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.publish import PublishSpec
 from mlpaint.storage import S3Store, store_for
 from mlpaint.tracking import ensure_experiment, log_digit_model
 from mlpaint.training.algorithms import DigitModel, GbdtConfig, train_model
@@ -68,8 +69,8 @@ def registry(tmp_path_factory, shared_mnist):
 
 def _publish(registry, monkeypatch, **kwargs):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["uri"])
-    return publish_model(sources=[registry["source"]], cache_dir=registry["cache"],
-                         gallery_per_digit=5, **kwargs)
+    return publish_model(PublishSpec(sources=[registry["source"]], gallery_per_digit=5,
+                                     **kwargs), cache_dir=registry["cache"])
 
 
 def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path):
