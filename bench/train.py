@@ -32,13 +32,13 @@ cached; once, as it fills the cache), then `--runs` times each full (the data st
 no fit: a run from scratch on a machine that has the data) and resumed (every fit cached but
 the last fold's, which is removed: the state a run killed while the last fold trained
 leaves), alternating. Medians, and the resumed run's share of the full run's wall time.
-`ratio`: `mlpaint train --folds 5` against a bare script that does the same work — parse the
-IDX files, the same feature stage, the same six fits with the same parameters, threads and
-concurrency, the same predictions — with nothing else: no Prefect, no MLflow, no checks.
-The two alternate, `--runs` times each; medians are quoted. By default the flow starts and
-stops Prefect's temporary local server itself, as `mlpaint train` does on a fresh machine;
-`--prefect-server-port` runs it against `prefect server start` instead, as deployed and
-scheduled runs are.
+`ratio`: `mlpaint train --folds 5 --augment-copies 0` against a bare script that does the
+same work — parse the IDX files, the same feature stage, the same six fits with the same
+parameters, threads and concurrency, the same predictions — with nothing else: no Prefect,
+no MLflow, no checks. The two alternate, `--runs` times each; medians are quoted. By
+default the flow starts and stops Prefect's temporary local server itself, as `mlpaint
+train` does on a fresh machine; `--prefect-server-port` runs it against `prefect server
+start` instead, as deployed and scheduled runs are.
 """
 
 from __future__ import annotations
@@ -440,8 +440,10 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
     flow_times, bare_times = [], []
     for run in range(runs):
         with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
+            # No augmented copies: the bare script trains on the MNIST rows alone.
             seconds, _ = _mlpaint_train(["--source", str(mnist), "--folds", str(folds),
-                                         "--features", stage], Path(workdir))
+                                         "--features", stage, "--augment-copies", "0"],
+                                        Path(workdir))
         flow_times.append(seconds)
         bare_times.append(_bare(mnist, folds, stage))
         logger.info("run %d: flow %.1f s, bare %.1f s", run + 1, flow_times[-1], bare_times[-1])
