@@ -210,6 +210,10 @@ class Catalog:
         """The URI of the finished folder `key` in `area`."""
         return join_uri(self.store, area, key)
 
+    def _local_place(self, uri: str) -> Path:
+        """Where this machine holds the folder at `uri`: itself, or its mirror copy."""
+        return mirror_folder(uri) if self.remote else Path(uri)
+
     def is_finished(self, uri: str) -> bool:
         """Whether a whole folder is at `uri` (its manifest, written last, is there)."""
         if self.remote:
@@ -221,7 +225,7 @@ class Catalog:
         """A fresh local folder to build the folder for `uri` in; publish it with `finish`.
         Local stores stage beside the destination (a rename then places it), remote ones in
         this machine's mirror. Whatever is left of it is removed when the block ends."""
-        final = Path(uri) if not self.remote else mirror_folder(uri)
+        final = self._local_place(uri)
         final.parent.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
@@ -237,7 +241,7 @@ class Catalog:
         manifest = {str(path.relative_to(staging)): sha256_file(path)
                     for path in sorted(staging.rglob("*")) if path.is_file()}
         (staging / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
-        final = Path(uri) if not self.remote else mirror_folder(uri)
+        final = self._local_place(uri)
         if self.remote:
             store = store_for(uri)
             for name in manifest:
@@ -251,7 +255,7 @@ class Catalog:
         gave: the feedback store is append-only and lives elsewhere)."""
         if self.remote:
             store_for(uri).delete_prefix("")
-        shutil.rmtree(Path(uri) if not self.remote else mirror_folder(uri), ignore_errors=True)
+        shutil.rmtree(self._local_place(uri), ignore_errors=True)
 
     def share_folder(self, local: Path, area: str) -> str:
         """A URI any worker can read for a folder only this machine has (a joined table in
