@@ -11,7 +11,7 @@ Two places hold things:
   | `tables/`     | MNIST splits joined with their labels (remote stores) | the training flow   |
   | `features/`   | a split through the feature stage                     | prepare-features    |
   | `augmented/`  | augmented copies of a split's rows                    | prepare-augmented   |
-  | `feedback/`   | a feedback snapshot, split into training and wild set | prepare-feedback    |
+  | `feedback-matrices/` | a feedback snapshot: training part, wild set | prepare-feedback |
   | `fits/`       | one finished fit: model, scores (`fit.json`)          | train-fold / -final |
 
   With `$MLPAINT_STORE` set, published bundles default to `<store>/bundles` and the feedback
@@ -183,7 +183,10 @@ def mirror_folder(uri: str) -> Path:
 
 @dataclass(frozen=True)
 class Catalog:
-    """The store finished folders go to, and the cache this process stages them in.
+    """The store finished folders go to (`store`), and the flow's machine's cache
+    (`cache_dir`: its source data, tables and work areas). Folders are staged beside a local
+    store's destination, or in the mirror of whichever process writes to a remote one: a
+    worker never uses `cache_dir`, which names a folder on the flow's machine.
 
     Built once from settings (`from_settings`) and handed to every task that writes; a
     frozen, picklable value, so a Dask worker on another machine gets the same one."""
