@@ -235,7 +235,7 @@ def _run_train(args: argparse.Namespace) -> int:
                                                  "processes": True}))
         flow = train_mnist.with_options(task_runner=runner)
     with _library_prints_to_stderr():
-        summary = flow(spec=spec, spec_path=args.spec, publish_to=args.publish_to,
+        summary = flow(spec=spec, publish_to=args.publish_to,
                        store=args.store, cache_dir=args.cache_dir,
                        algorithms_path=args.algorithms)
     report = summary.to_json()

@@ -35,7 +35,7 @@ from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, load_a
 from mlpaint.training.evaluation import aggregate
 from mlpaint.training.fits import ExperimentSummary, fit_threads, fits_to_train
 from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix
-from mlpaint.training.spec import ExperimentSpec, SpecError, plan_folds, resolve_spec
+from mlpaint.training.spec import ExperimentSpec, SpecError, check_spec, plan_folds
 from tasks.training import (
     log_data_inputs,
     log_experiment_summary,
@@ -72,7 +72,6 @@ def _end_open_mlflow_runs(status: str):
       on_cancellation=[_end_open_mlflow_runs("KILLED")])
 def train_mnist(
     spec: ExperimentSpec | None = None,
-    spec_path: str | None = None,
     publish_to: str | None = None,
     store: str | None = None,
     cache_dir: str | None = None,
@@ -83,10 +82,8 @@ def train_mnist(
 
     Args:
         spec: the experiment: algorithm, feature stage, folds, data, augmentation, feedback.
-            The fields given here are applied over the spec named by `spec_path`; the run
-            trains the result, recorded whole in MLflow's params.
-        spec_path: the spec to start from: `default` (what `make run` trains, and the form's
-            defaults), `champion` (the weekly run's), or a YAML file.
+            The run trains exactly this, recorded whole in MLflow's params; a field not given
+            is the packaged default spec's (None: that spec, what `make run` trains).
         publish_to: publish the final model (bundle, explanations, gate) to this folder or
             s3://bucket/prefix in the same run.
         store: where features, augmented rows and fitted models are kept, a folder or
@@ -99,7 +96,7 @@ def train_mnist(
     """
     check_attempts()
     algorithms = load_algorithms(Path(algorithms_path) if algorithms_path else None)
-    spec = resolve_spec(spec, spec_path, known_algorithms=frozenset(algorithms))
+    spec = check_spec(spec or ExperimentSpec(), frozenset(algorithms))
     if publish_to and not spec.final_fit:
         raise SpecError(f"publish_to: {publish_to!r} asks to publish, but final_fit is false: "
                         "there would be no final model to publish")

@@ -82,7 +82,9 @@ class AugmentSpec(BaseModel):
     made only of the rows a model trains on; `copies: 0` turns augmentation off."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    copies: int = Field(0, ge=0, le=16, description="augmented copies per training row")
+    # One copy by default, as the packaged default spec trains: run forms fill a nested
+    # section's empty fields from the section's own defaults.
+    copies: int = Field(1, ge=0, le=16, description="augmented copies per training row")
     elastic: ElasticAugment = Field(default_factory=ElasticAugment)
     affine: AffineAugment = Field(default_factory=AffineAugment)
     stroke: StrokeAugment = Field(default_factory=StrokeAugment)

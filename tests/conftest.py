@@ -3,6 +3,7 @@
 - `http_server`: tests/servers/fault_http.py (static files plus injected faults)
 - `moto_s3`: the moto S3 server, reached through boto3 with AWS_ENDPOINT_URL
 - `prefect_api`: `prefect server start`, so CLI subprocesses share one real API
+- `browser`: Debian's headless chromium, driven by Playwright
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import requests
 from mlpaint.data.formats import write_idx
 
 REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
 SHARED_MNIST = Path(os.environ.get("MLPAINT_SHARED_MNIST", REPO.parent / "shared/data/mnist"))
 
 
@@ -213,3 +215,22 @@ def run_cli(args: list[str], env: dict[str, str], timeout: float = 300
     mlpaint = str(Path(sys.executable).parent / "mlpaint")
     return subprocess.run([mlpaint, *args], env=env, capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium (`playwright install` cannot download here), headless."""
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"no {CHROMIUM}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()

@@ -1,6 +1,9 @@
 """The experiment specification: a typed, validated configuration.
 
-Loaded from YAML (the packaged default, or a user's file) and overridden by flow parameters.
+Loaded from YAML (the packaged default, a packaged spec by name, or a user's file) with
+command-line options or a deployment's changes applied; a flow run trains the spec it is given,
+whole.
+
 Everything wrong with a spec — an unknown algorithm, a fold rule that selects nothing, k < 2 —
 is reported before any data is read or any model trained, naming the field.
 """
@@ -120,9 +123,9 @@ class ExperimentSpec(BaseModel):
     limit: int | None = Field(None, ge=100)
     seed: int = 0
     final_fit: bool = True
-    # The defaults are the packaged default spec's (experiment.yaml; a test holds them equal),
-    # so a form that starts from them starts from what `make run` trains.
-    augment: AugmentSpec = Field(default_factory=lambda: AugmentSpec(copies=1))
+    # The defaults, nested sections' included, are the packaged default spec's (experiment.yaml;
+    # a test holds them equal): a run form fills every field it has no value for from them.
+    augment: AugmentSpec = Field(default_factory=AugmentSpec)
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
 
     def flat_params(self) -> dict[str, str]:
@@ -178,19 +181,9 @@ def spec_text(path_or_name: str | Path | None) -> str:
     return path.read_text()
 
 
-def explicit_fields(model: BaseModel) -> dict[str, Any]:
-    """The fields a caller gave (in a run form, a deployment's parameters, the CLI), nested
-    sections included, as JSON values: the changes to apply to a base spec. A fold rule is
-    taken whole, since its fields mean nothing without its kind."""
-    dumped = model.model_dump(mode="json")
-    return {name: (explicit_fields(getattr(model, name))
-                   if isinstance(getattr(model, name), BaseModel) and name != "folds"
-                   else dumped[name])
-            for name in model.model_fields_set}
-
-
 def _merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with `changes` applied, section by section."""
+    """`base` with `changes` applied, section by section; a fold rule is taken whole, since
+    its fields mean nothing without its kind."""
     merged = dict(base)
     for key, value in changes.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict) and key != "folds":
@@ -198,16 +191,6 @@ def _merged(base: dict[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
         else:
             merged[key] = value
     return merged
-
-
-def resolve_spec(spec: ExperimentSpec | None, spec_path: str | None = None, *,
-                 known_algorithms: frozenset[str] | None = None) -> ExperimentSpec:
-    """The spec a run trains: the one named by `spec_path` (the packaged default when None)
-    with the fields given in `spec` applied over it, validated once, naming any bad field.
-    So a deployment names a spec file and gives only the fields it changes, and a run form
-    that shows the whole spec trains exactly what it shows."""
-    return load_spec(spec_path, None, changes=explicit_fields(spec) if spec else None,
-                     known_algorithms=known_algorithms)
 
 
 def load_spec(path: Path | str | None = None, overrides: Mapping[str, Any] | None = None,
@@ -230,6 +213,14 @@ def load_spec(path: Path | str | None = None, overrides: Mapping[str, Any] | Non
         spec = ExperimentSpec.model_validate(data)
     except ValidationError as exc:
         raise SpecError(field_problems(exc)) from exc
+    return check_spec(spec, known_algorithms)
+
+
+def check_spec(spec: ExperimentSpec, known_algorithms: frozenset[str] | None = None
+               ) -> ExperimentSpec:
+    """`spec`, once its fold rules parse and select rows and its algorithm is one of
+    `known_algorithms`: the checks a field's type cannot make. Raises SpecError naming the
+    field."""
     if isinstance(spec.folds, MldbFolds):
         spec.folds.rules()  # raises SpecError naming the rule's field
     if known_algorithms is not None and spec.algorithm not in known_algorithms:

@@ -1,12 +1,13 @@
 """End to end on real services: `infra/stack.sh up` starts `prefect server start`, the process
 work pool and a worker, and `mlflow server`; `prefect deploy` registers prefect.yaml. A run is
-created through the API the way the UI's Run button does, the worker completes it, and the
-MLflow server's REST API shows the run and the registered model."""
+created from the Prefect UI's run form in a browser, the worker completes it, and the MLflow
+server's REST API shows the run and the registered model."""
 
 import collections
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,6 +21,8 @@ import numpy as np
 import pytest
 import requests
 
+from flows.steps import experiment_spec
+from mlpaint.training.spec import ExperimentSpec, load_spec
 from tests.conftest import REPO, free_port, start_service, stop_service
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -126,8 +129,65 @@ def _wait_for_bundle(server: str, version: str, timeout_s: float = 60) -> dict:
         time.sleep(1)
 
 
-def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
-                                                 served_bundles):
+def _form_field(page, label: str):
+    """The input of the run form's field labelled `label`, in either of Prefect's UIs. The old
+    UI's labels point at no element, so there it is the input inside the field's own box."""
+    found = page.locator("label", has_text=re.compile(rf"^\s*{re.escape(label)}\s*$")).first
+    found.wait_for(timeout=60_000)
+    named = page.locator(f"[id='{found.get_attribute('for')}']")
+    if named.count():
+        return named
+    return found.locator("xpath=ancestor::div[contains(@class,'schema-form-property')][1]"
+                         ).locator("input, textarea").first
+
+
+def _submit_run_form(browser, api_url: str, deployment_id, ui: str, edits: dict[str, str],
+                     send: bool = False) -> tuple[dict, str | None]:
+    """Open a deployment's "Run > Custom run" form in the Prefect UI (`ui`: "" the old one,
+    "/v2" the new, Prefect's default), type `edits` ({field label: text}), press Submit, and
+    return the parameters the form sent, as the server reads them (the old UI sends a JSON
+    field as text to be parsed), and the new flow run's id. With `send` False the browser
+    stops the request: no run is made."""
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    page = browser.new_page(viewport={"width": 1400, "height": 1600})
+    page.route("**/create_flow_run",
+               lambda route: route.continue_() if send else route.abort())
+    try:
+        page.goto(f"{api_url.removesuffix('/api')}{ui}/deployments/deployment/"
+                  f"{deployment_id}/run")
+        for label, text in edits.items():
+            _form_field(page, label).fill(text)
+        with page.expect_request("**/create_flow_run", timeout=60_000) as request:
+            page.get_by_role("button", name="Submit").click()
+        body = json.loads(request.value.post_data)
+        created = request.value.response().json()["id"] if send else None
+    finally:
+        page.close()
+    return hydrate(body["parameters"], HydrationContext(raise_on_error=True)), created
+
+
+def test_the_run_forms_send_the_deployments_whole_spec_with_the_edits(stack, browser):
+    """Prefect's run forms submit every field, filling what a deployment does not give from
+    the schema's defaults: the weekly deployment stores the whole champion spec (its build
+    step), so its form, left alone, trains the champion, and with a field edited, the
+    champion with that edit. No run is made: the browser stops each request."""
+    weekly_spec = load_spec("champion", changes={"feedback": {"store": ".mlpaint/feedback"}})
+    with _prefect_client(stack["prefect"]) as client:
+        weekly = client.read_deployment_by_name("train-mnist/train-weekly")
+    assert ExperimentSpec.model_validate(weekly.parameters["spec"]) == weekly_spec
+    for ui in ("", "/v2"):
+        sent, _ = _submit_run_form(browser, stack["prefect"], weekly.id, ui, {})
+        assert ExperimentSpec.model_validate(sent["spec"]) == weekly_spec, ui
+        assert sent["publish_to"] == ".mlpaint/bundles", ui
+        sent, _ = _submit_run_form(browser, stack["prefect"], weekly.id, ui, {
+            "Seed (Optional)": "7", "Experiment (Optional)": "edited-in-the-form"})
+        assert ExperimentSpec.model_validate(sent["spec"]) == weekly_spec.model_copy(
+            update={"seed": 7, "experiment": "edited-in-the-form"}), ui
+
+
+def test_a_run_from_the_ui_form_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
+                                                            served_bundles, browser):
     algorithms = tmp_path / "algorithms.yaml"
     algorithms.write_text(TINY_ALGORITHMS)
     bundles, serve = served_bundles
@@ -138,13 +198,26 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
         spec_schema = form["definitions"]["ExperimentSpec"]["properties"]
         assert {"algorithm", "features", "folds", "augment", "feedback"} <= set(spec_schema)
         assert "spec" in form["properties"] and "limit" not in form["properties"]
-        # What the UI's "Custom run" does: a flow run from the deployment with edited params.
-        flow_run = client.create_flow_run_from_deployment(
-            deployment.id, parameters={
-                "spec": {"sources": [str(shared_mnist)], "limit": 1200,
-                         "folds": {"kind": "kfold", "k": 2}, "experiment": "e2e",
-                         "seed": 5, "augment": {"copies": 1, "stroke": {"probability": 0.25}}},
-                "algorithms_path": str(algorithms), "publish_to": str(bundles)})
+        assert ExperimentSpec.model_validate(deployment.parameters["spec"]) == \
+            load_spec("default")
+        # A deployment of the default spec on small data, as its build step would store it
+        # (sources, size, folds, augmentation), the form's Seed edited before Submit: the
+        # run trains the deployment's spec with that edit.
+        from prefect.client.schemas.actions import DeploymentUpdate
+
+        client.update_deployment(deployment.id, DeploymentUpdate(parameters={
+            "spec": experiment_spec("default", {
+                "sources": [str(shared_mnist)], "limit": 1200, "experiment": "e2e",
+                "folds": {"kind": "kfold", "k": 2},
+                "augment": {"copies": 1, "stroke": {"probability": 0.25}}})["spec"],
+            "algorithms_path": str(algorithms), "publish_to": str(bundles)}))
+        try:
+            _, flow_run_id = _submit_run_form(browser, stack["prefect"], deployment.id, "/v2",
+                                              {"Seed (Optional)": "5"}, send=True)
+        finally:
+            client.update_deployment(deployment.id,
+                                     DeploymentUpdate(parameters=deployment.parameters))
+        flow_run = client.read_flow_run(flow_run_id)
         state = _wait_until_final(client, flow_run.id)
         assert state.is_completed(), f"flow run ended {state.type}: {state.message}"
         first = (bundles / "LATEST").read_text().strip()
@@ -153,7 +226,6 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
 
         weekly = client.read_deployment_by_name("train-mnist/train-weekly")
         assert weekly.schedules and weekly.schedules[0].schedule.cron == "0 3 * * 1"
-        assert weekly.parameters["spec_path"] == "champion"
         from prefect.client.schemas.filters import (
             DeploymentFilter,
             DeploymentFilterId,
@@ -222,8 +294,7 @@ def test_ui_style_run_is_completed_by_the_worker(stack, shared_mnist, tmp_path,
     assert 0.7 < metrics["test_accuracy"] <= 1.0
     tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
     assert tags["prefect.flow_run_id"] == str(flow_run.id)
-    # Exactly the spec edited in the form trained: its edits over the deployment's spec file,
-    # nested fields included, the rest the file's.
+    # Exactly the spec the form showed trained: the deployment's, with the Seed edited there.
     params = {p["key"]: p["value"] for p in parent["data"]["params"]}
     assert (params["limit"], params["folds.k"], params["seed"]) == ("1200", "2", "5")
     assert params["augment.stroke.probability"] == "0.25"

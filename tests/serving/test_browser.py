@@ -10,7 +10,6 @@ import pytest
 
 from tests.conftest import free_port, start_service, stop_service
 
-CHROMIUM = "/usr/bin/chromium"
 EMPTY = "\u2013"  # the en dash the page shows where there is no digit or score
 pytestmark = pytest.mark.integration
 
@@ -24,24 +23,6 @@ def server(bundle_root, tmp_path_factory):
                             log=tmp_path_factory.mktemp("logs") / "serve.log", timeout_s=120)
     yield f"http://127.0.0.1:{port}"
     stop_service(process)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium")
-        pytest.skip(f"no {CHROMIUM}")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                  "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"])
-        yield browser
-        browser.close()
 
 
 # A "3" as two arcs, in the 280x280 canvas's coordinates.

@@ -1,16 +1,18 @@
 import numpy as np
 import pytest
 
+from flows.steps import experiment_spec
+from mlpaint.augment import AugmentSpec
 from mlpaint.training.spec import (
     ExperimentSpec,
     KFolds,
     MldbFolds,
     RowHashRule,
     SpecError,
+    check_spec,
     load_spec,
     parse_folds_option,
     plan_folds,
-    resolve_spec,
 )
 
 KNOWN = frozenset({"lgbm", "bbdt_d5"})
@@ -111,26 +113,31 @@ def test_augment_section_is_validated_with_its_field_named(tmp_path):
 
 
 def test_the_form_defaults_are_the_packaged_default_spec():
+    """A run form fills a field nobody gave from the schema: ExperimentSpec's defaults, and a
+    nested section's own (AugmentSpec's for `augment`), all the packaged default spec's."""
     assert ExperimentSpec() == load_spec("default")
+    assert AugmentSpec() == load_spec("default").augment
 
 
-def test_a_run_applies_only_the_fields_it_gives_over_the_named_spec():
-    """What a deployment's parameters or a run form give: nested sections merge field by
-    field; a fold rule is taken whole; None given is None (not 'use the file's')."""
-    given = ExperimentSpec.model_validate({"limit": 1200, "augment": {"copies": 0},
-                                           "feedback": {"store": "/srv/feedback"},
-                                           "folds": {"kind": "kfold", "k": 3}})
+def test_a_deployment_stores_the_whole_spec_its_build_step_names():
+    """flows.steps.experiment_spec, run by `prefect deploy`: the named spec with the changes
+    applied section by section (a fold rule whole), as JSON that reads back to the same spec."""
+    changes = {"limit": 1200, "augment": {"copies": 0}, "feedback": {"store": "/srv/feedback"},
+               "folds": {"kind": "kfold", "k": 3}}
+    stored = experiment_spec("champion", changes)["spec"]
     champion = load_spec("champion")
-    spec = resolve_spec(given, "champion")
+    spec = ExperimentSpec.model_validate(stored)
+    assert spec.model_fields_set == set(ExperimentSpec.model_fields)  # every field, given
     assert spec.algorithm == champion.algorithm == "champion"
     assert (spec.limit, spec.augment.copies, spec.folds) == (1200, 0, KFolds(k=3))
     assert spec.augment.affine == champion.augment.affine  # the section's other fields
     assert spec.feedback.store == "/srv/feedback" and spec.feedback.weight == 1.0
-    assert resolve_spec(None, "champion") == champion
-    assert resolve_spec(ExperimentSpec.model_validate({"limit": None}),
-                        "champion").limit is None
+    assert ExperimentSpec.model_validate(experiment_spec("champion")["spec"]) == champion
+    assert ExperimentSpec.model_validate(experiment_spec()["spec"]) == ExperimentSpec()
+    with pytest.raises(SpecError, match="algorithm: unknown 'svm'"):
+        experiment_spec("default", {"algorithm": "svm"})
 
 
 def test_a_bad_field_given_to_a_run_is_named():
     with pytest.raises(SpecError, match="algorithm: unknown 'svm'"):
-        resolve_spec(ExperimentSpec(algorithm="svm"), "default", known_algorithms=KNOWN)
+        check_spec(ExperimentSpec(algorithm="svm"), KNOWN)
