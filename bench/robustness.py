@@ -19,7 +19,7 @@ Each chosen test digit (a seeded sample) is thinned to its centre line and redra
 
 The pen is drawn as PIL lines and discs along the centre line at twice the canvas size and
 shrunk with a box filter (the browser's canvas anti-aliases its strokes the same way); the
-PNG goes through `mlpaint.serving.app._decode_image`, the function `/v1/predict` decodes an
+PNG goes through `mlpaint.serving.drawings.decode_image`, the function `/v1/predict` decodes an
 image with (the drawing preprocessing and the "nothing drawn" check), then the bundle's
 feature stage and model, as the server runs them. These images are generated here, seeded,
 and never used for training; the training augmentation ("as drawn" in mlpaint/augment.py)
@@ -157,9 +157,9 @@ def generate(images: np.ndarray, chosen: np.ndarray, seed: int) -> dict[str, lis
 def decode_canvases(pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """(N, 784) uint8 digits and whether each held a drawing, through the function the
     server decodes an uploaded image with."""
-    from mlpaint.serving.app import _decode_image
+    from mlpaint.serving.drawings import decode_image
 
-    decoded = [_decode_image(data_url(png)) for png in pngs]
+    decoded = [decode_image(data_url(png)) for png in pngs]
     return (np.stack([digit.reshape(784) for digit, _ in decoded]),
             np.array([was_drawn for _, was_drawn in decoded]))
 
@@ -188,7 +188,7 @@ def summarise(probabilities: np.ndarray, labels: np.ndarray, drawn: np.ndarray,
               rows: int) -> dict:
     """Accuracy (a "nothing drawn" answer counts as wrong), and how often answers below and
     above the page's low-confidence line are right."""
-    from mlpaint.serving.app import LOW_CONFIDENCE
+    from mlpaint.serving.schemas import LOW_CONFIDENCE
 
     predicted = probabilities.argmax(axis=1)
     right = (predicted == labels) & drawn

@@ -1,0 +1,73 @@
+"""A request's digit as the model's input: 784 MNIST-like pixels, and whether anything was
+drawn. A drawing (a data URL) goes through the same preprocessing as training's "as drawn"
+augmentation (mlpaint.preprocess), so serving sees what training saw."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+from fastapi import HTTPException
+from fastapi.concurrency import run_in_threadpool
+
+from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
+from mlpaint.preprocess import ink_from_image, something_drawn, to_mnist
+from mlpaint.serving.schemas import DigitInput
+
+MAX_IMAGE_SIDE = 4096
+
+
+def drawing_bytes(data_url: str) -> tuple[str, bytes]:
+    """(media type, bytes) of an image data URL, as the client sent it."""
+    header, sep, payload = data_url.partition(",")
+    if not sep or not header.startswith("data:image/") or ";base64" not in header:
+        raise HTTPException(400, "image must be a data URL: data:image/png;base64,<data>")
+    try:
+        return header[len("data:"):].split(";", 1)[0], base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise HTTPException(400, f"image is not valid base64: {exc}") from exc
+
+
+def digit_of_drawing(raw: bytes) -> tuple[np.ndarray, bool]:
+    """The 28x28 digit of an encoded drawing, and whether anything was drawn."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            if max(image.size) > MAX_IMAGE_SIDE:
+                raise HTTPException(400, f"image larger than {MAX_IMAGE_SIDE} px a side")
+            image.load()
+            ink = ink_from_image(image)
+            return to_mnist(ink), something_drawn(ink)
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise HTTPException(400, "image could not be decoded as PNG, JPEG or another format "
+                                 "Pillow reads") from exc
+
+
+def decode_image(data_url: str) -> tuple[np.ndarray, bool]:
+    return digit_of_drawing(drawing_bytes(data_url)[1])
+
+
+def pixels_of(item: DigitInput) -> tuple[np.ndarray, bool]:
+    """The 784 MNIST-like pixels of one input, and whether anything was drawn."""
+    if item.pixels is not None:
+        pixels = np.rint(np.asarray(item.pixels, dtype=np.float64)).astype(np.uint8)
+        return pixels, something_drawn(pixels.reshape(IMAGE_SIDE, IMAGE_SIDE) / 255.0)
+    digit, drawn = decode_image(item.image)
+    return digit.reshape(N_FEATURES), drawn
+
+
+async def pixels_of_all(items: list[DigitInput]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, 784) uint8 and a bool per row: was anything drawn. Decoding a drawing can take
+    tens of milliseconds, so images are decoded on a worker thread; pixel lists,
+    microseconds of work, stay on the event loop."""
+    def decode_all() -> tuple[np.ndarray, np.ndarray]:
+        decoded = [pixels_of(item) for item in items]
+        return (np.stack([pixels for pixels, _ in decoded]),
+                np.array([drawn for _, drawn in decoded]))
+
+    if all(item.image is None for item in items):
+        return decode_all()
+    return await run_in_threadpool(decode_all)
