@@ -16,6 +16,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from flows.prefect_api import temporary_api
+
 logger = logging.getLogger("mlpaint")
 
 
@@ -75,10 +77,12 @@ def _run_data_fetch(args: argparse.Namespace) -> int:
     spec = IngestSpec(sources=args.source or None, sha256=parse_sha256_pins(args.sha256),
                       samples_per_label=args.samples_per_label, seed=args.seed)
 
-    from flows.ingest import ingest_mnist
+    with temporary_api() as api_ready:
+        from flows.ingest import ingest_mnist
 
-    with _library_prints_to_stderr():
-        report = ingest_mnist(spec, cache_dir=args.cache_dir)
+        api_ready()
+        with _library_prints_to_stderr():
+            report = ingest_mnist(spec, cache_dir=args.cache_dir)
     if args.json:
         print(json.dumps(report.to_json()))
     else:
@@ -174,7 +178,6 @@ def _add_publish_command(subcommands) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from flows.publish import publish_model
     from mlpaint.catalog import default_bundle_destination
     from mlpaint.publish import PublishSpec
 
@@ -184,8 +187,12 @@ def _run_publish(args: argparse.Namespace) -> int:
         force=args.force, margin=args.margin, retention=args.retention,
         gallery_per_digit=args.gallery_per_digit, sources=args.source,
         feedback_store=args.feedback_store)
-    with _library_prints_to_stderr():
-        report = publish_model(spec, cache_dir=args.cache_dir)
+    with temporary_api() as api_ready:
+        from flows.publish import publish_model
+
+        api_ready()
+        with _library_prints_to_stderr():
+            report = publish_model(spec, cache_dir=args.cache_dir)
     _print_publish(report.to_json(), as_json=args.json)
     return 0
 
@@ -223,21 +230,22 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dask_workers is not None and args.dask_workers < 1:
         raise ValueError("--dask-workers must be at least 1")
 
-    from flows.train import train_mnist
+    with temporary_api() as api_ready:
+        from flows.train import train_mnist
 
-    flow = train_mnist
-    if args.dask_address or args.dask_workers:
-        from prefect_dask import DaskTaskRunner
+        flow = train_mnist
+        if args.dask_address or args.dask_workers:
+            from prefect_dask import DaskTaskRunner
 
-        runner = (DaskTaskRunner(address=args.dask_address) if args.dask_address else
-                  DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers,
-                                                 "threads_per_worker": 1,
-                                                 "processes": True}))
-        flow = train_mnist.with_options(task_runner=runner)
-    with _library_prints_to_stderr():
-        summary = flow(spec=spec, publish_to=args.publish_to,
-                       store=args.store, cache_dir=args.cache_dir,
-                       algorithms_path=args.algorithms)
+            runner = (DaskTaskRunner(address=args.dask_address) if args.dask_address else
+                      DaskTaskRunner(cluster_kwargs={"n_workers": args.dask_workers,
+                                                     "threads_per_worker": 1,
+                                                     "processes": True}))
+            flow = train_mnist.with_options(task_runner=runner)
+        api_ready()
+        with _library_prints_to_stderr():
+            summary = flow(spec=spec, publish_to=args.publish_to, store=args.store,
+                           cache_dir=args.cache_dir, algorithms_path=args.algorithms)
     report = summary.to_json()
     if args.json:
         print(json.dumps(report))

