@@ -12,6 +12,7 @@ process never imports the server at all. `bench.train --part ratio` runs the com
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import socket
@@ -35,15 +36,17 @@ def _free_port() -> int:
 
 def _launch(port: int) -> subprocess.Popen:
     """The server Prefect's SubprocessASGIServer runs: uvicorn on Prefect's app factory, the UI
-    off, marked ephemeral, with this process's Prefect settings."""
-    import prefect
-    from prefect.settings import get_current_settings
-
+    off, marked ephemeral. Launched without importing Prefect here (that takes about 2 s):
+    the server reads the same environment and profile as this process, and this process has
+    set no Prefect setting in code yet."""
+    package = importlib.util.find_spec("prefect")
+    if package is None or not package.submodule_search_locations:
+        raise RuntimeError("prefect is not installed")
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-           "PREFECT__SERVER_FINAL": "1",
-           **get_current_settings().to_environment_variables(exclude_unset=True)}
+           "PREFECT__SERVER_FINAL": "1"}
+    app_dir = Path(package.submodule_search_locations[0]).parent
     return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parents[1]),
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(app_dir),
          "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "error", "--lifespan", "on"],
         env=env, stdin=subprocess.DEVNULL)
@@ -74,6 +77,11 @@ def temporary_api() -> Iterator[Callable[[], None]]:
     """Within the block, the Prefect API the command's flows use, and a function that waits
     until it answers (call it just before the flow). PREFECT_API_URL's server when set;
     otherwise a temporary local server launched on entry and stopped on exit."""
+    # Launched first, before Prefect is imported, unless the environment names an API; a
+    # profile that names one is known only once Prefect has read it, and then the launched
+    # server is stopped unused.
+    port = _free_port()
+    process = None if os.environ.get("PREFECT_API_URL") else _launch(port)
     import httpx
     from prefect.settings import (
         PREFECT_API_URL,
@@ -82,10 +90,12 @@ def temporary_api() -> Iterator[Callable[[], None]]:
     )
 
     if PREFECT_API_URL.value():
+        if process is not None:
+            _stop(process)
         yield lambda: None
         return
-    port = _free_port()
-    process = _launch(port)
+    if process is None:  # the environment named an empty API URL
+        process = _launch(port)
     api_url = f"http://127.0.0.1:{port}/api"
     logger.info("starting a temporary Prefect server on %s (set PREFECT_API_URL to use "
                 "yours)", api_url)
