@@ -1,13 +1,13 @@
 """The Prefect API a `mlpaint` command's flow reports to.
 
 With PREFECT_API_URL set, that server's. Without it, Prefect's client starts a temporary local
-server when the flow begins (`SubprocessASGIServer`): it first imports Prefect's whole server
-into the command's process (about 4 s here), then launches uvicorn and waits for it (about
-6 s), all before the flow's first step. `temporary_api()` launches the same server, with the
-same command and settings, as soon as the command knows it will run a flow, so the server
-comes up on the other core while the command imports the flow's modules; and the command's
-process never imports the server at all. `bench.train --part ratio` runs the command this way.
-"""
+server when the flow begins (`SubprocessASGIServer`): it imports Prefect's whole server into
+the command's process (about 5 s here), then launches uvicorn, which imports it again, and
+waits until it answers (7 to 9 s), all before the flow's first step. `temporary_api()`
+launches the same server, with the same command and environment, as soon as the command
+knows it will run a flow, before even Prefect is imported, so the server comes up on the
+other core while the command loads the flow's modules; and the command's process never
+imports the server. `bench.startup` measures the difference."""
 
 from __future__ import annotations
 
