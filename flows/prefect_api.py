@@ -86,6 +86,7 @@ def temporary_api() -> Iterator[Callable[[], None]]:
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        PREFECT_UI_URL,
         temporary_settings,
     )
 
@@ -116,19 +117,23 @@ def temporary_api() -> Iterator[Callable[[], None]]:
                                    "in time")
             time.sleep(0.1)
 
-    # The environment too: processes the flow starts (a local Dask cluster's workers) read
-    # their settings from it.
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = api_url
+    # No UI URL: the server serves no UI and is gone when the command ends, so runs get no
+    # "View at" links (in logs, MLflow tags, artifacts), as with Prefect's own temporary
+    # server. In the environment too: processes the flow starts (a local Dask cluster's
+    # workers) read their settings from it.
+    settings = {"PREFECT_API_URL": api_url, "PREFECT_UI_URL": ""}
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_UI_URL: ""}):
             try:
                 yield wait_until_ready
             finally:  # a failed run's last logs matter most
                 _send_what_is_queued()
     finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         _stop(process)

@@ -82,6 +82,7 @@ def test_without_an_api_url_the_command_brings_a_temporary_server(shared_mnist, 
                         result.stderr)
     assert started, result.stderr
     assert "Error logging to API" not in result.stderr
+    assert "View at" not in result.stderr  # no links to a server that is gone
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{started[1]}/health", timeout=5)
     # The server kept its state where Prefect keeps it: the run, completed, with its logs up
