@@ -44,3 +44,15 @@ def stop_service(process: subprocess.Popen, timeout_s: float = 30) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(5)
+
+
+def timed_run(command: list[str], env: dict[str, str], timeout_s: float = 600) -> float:
+    """Wall seconds of `command` run to its end; raise with the tail of its stderr if it
+    fails."""
+    start = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout_s,
+                          check=False)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return seconds

@@ -20,8 +20,9 @@ import socket
 import statistics
 import subprocess
 import tempfile
-import time
 from pathlib import Path
+
+from bench.services import timed_run
 
 logger = logging.getLogger("bench.stack")
 REPO = Path(__file__).resolve().parents[1]
@@ -31,14 +32,6 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def _timed(command: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return time.perf_counter() - start
 
 
 def run(runs: int) -> dict:
@@ -54,9 +47,9 @@ def run(runs: int) -> dict:
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         try:
-            times["new_folder"].append(_timed([script, "up"], env))
-            _timed([script, "down"], env)
-            times["restart"].append(_timed([script, "up"], env))
+            times["new_folder"].append(timed_run([script, "up"], env))
+            timed_run([script, "down"], env)
+            times["restart"].append(timed_run([script, "up"], env))
         finally:
             subprocess.run([script, "down"], env=env, capture_output=True, timeout=300)
             shutil.rmtree(state, ignore_errors=True)

@@ -19,11 +19,11 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench.services import timed_run
 
 logger = logging.getLogger("bench.startup")
 
@@ -39,15 +39,6 @@ def _commands(mnist: Path, cache: Path) -> dict[str, list[str]]:
             "python": [sys.executable, "-c", called]}
 
 
-def _timed(command: list[str], env: dict[str, str]) -> float:
-    start = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(done.stderr[-3000:])
-    return seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
@@ -60,11 +51,11 @@ def main() -> None:
         env.pop("PREFECT_API_URL", None)
         commands = _commands(args.mnist, Path(workdir) / "cache")
         for command in commands.values():  # fills the cache, migrates Prefect's database
-            _timed(command, env)
+            timed_run(command, env)
         times: dict[str, list[float]] = {name: [] for name in commands}
         for run in range(args.runs):
             for name, command in commands.items():
-                times[name].append(_timed(command, env))
+                times[name].append(timed_run(command, env))
             logger.info("run %d: %s", run + 1,
                         ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()))
     medians = {name: statistics.median(t) for name, t in times.items()}

@@ -95,7 +95,8 @@ def temporary_api() -> Iterator[Callable[[], None]]:
             _stop(process)
         yield lambda: None
         return
-    if process is None:  # the environment named an empty API URL
+    if process is None:  # the environment names an API that this process's settings, set in
+        # code (a caller's temporary_settings), override with none
         process = _launch(port)
     api_url = f"http://127.0.0.1:{port}/api"
     logger.info("starting a temporary Prefect server on %s (set PREFECT_API_URL to use "
