@@ -192,17 +192,28 @@ def _explain_row(x, classes, class_starts, path_starts, path_value, feature, low
                 target[a_feature[i]] += v * (1.0 - z) * z_b * g
 
 
-def _explain_rows_body(x, classes, class_starts, path_starts, path_value, feature, lower,
-                       upper, zero_fraction, bias, weights, out):
-    for row in prange(x.shape[0]):
+# Two functions, not one function compiled twice: numba's on-disk cache names an entry after
+# the Python function, without the `parallel` flag. Compiled from one function, whichever
+# variant ran first on a machine was cached and then loaded for both. After `make run`
+# published (parallel, all cores), the server's one-row calls ran the parallel kernel: each
+# request woke a thread per core, and with two server processes explanations took three
+# times as long (bench/serve.py).
+@njit(cache=True, nogil=True)
+def _explain_rows_serial(x, classes, class_starts, path_starts, path_value, feature, lower,
+                         upper, zero_fraction, bias, weights, out):
+    """One row after another on the calling thread (serving: one core per request)."""
+    for row in range(x.shape[0]):
         _explain_row(x[row], classes, class_starts, path_starts, path_value, feature, lower,
                      upper, zero_fraction, bias, weights, out[row])
 
 
-# One row after another on the calling thread (serving: one core per request), or the rows
-# spread over every core (publishing a whole test set).
-_explain_rows_serial = njit(cache=True, nogil=True)(_explain_rows_body)
-_explain_rows_parallel = njit(cache=True, nogil=True, parallel=True)(_explain_rows_body)
+@njit(cache=True, nogil=True, parallel=True)
+def _explain_rows_parallel(x, classes, class_starts, path_starts, path_value, feature, lower,
+                           upper, zero_fraction, bias, weights, out):
+    """The rows spread over every core (publishing a whole test set)."""
+    for row in prange(x.shape[0]):
+        _explain_row(x[row], classes, class_starts, path_starts, path_value, feature, lower,
+                     upper, zero_fraction, bias, weights, out[row])
 
 
 def explain(paths: FlatPaths, features: np.ndarray, classes: list[int] | np.ndarray, *,

@@ -31,7 +31,13 @@ from mlpaint.feedback import FeedbackRecord, FeedbackStore
 from mlpaint.serving.body_limit import BodySizeLimit
 from mlpaint.serving.drawings import digit_of_drawing, drawing_bytes, pixels_of, pixels_of_all
 from mlpaint.serving.events import FeedbackAnnouncer
-from mlpaint.serving.model import ALL_LABELS, ModelHolder, ServedModel, top_labels
+from mlpaint.serving.model import (
+    ALL_LABELS,
+    ModelHolder,
+    ServedModel,
+    exempt_from_collection,
+    top_labels,
+)
 from mlpaint.serving.schemas import (
     LOW_CONFIDENCE,
     MAX_BODY_BYTES,
@@ -78,6 +84,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         holder.load_initial()
         if announcer is not None:
             announcer.start()
+        exempt_from_collection()  # all that startup imported and loaded
         if watch_interval_s > 0:
             holder.watch(watch_interval_s)
         yield

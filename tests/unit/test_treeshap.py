@@ -2,6 +2,8 @@
 built to stress it: few features split again and again along a path (merged conditions),
 deep trees, single-leaf trees, several classes."""
 
+import os
+
 import lightgbm as lgb
 import numpy as np
 import pytest
@@ -81,3 +83,35 @@ def test_categorical_splits_are_refused():
                         lgb.Dataset(x, y, categorical_feature=[0]), num_boost_round=3)
     with pytest.raises(ValueError, match="only numerical"):
         treeshap.flatten([booster], 1)
+
+
+_EXPLAIN_ONCE = """
+import sys
+import numpy as np
+import numba.np.ufunc.parallel as threading_layer
+from mlpaint import treeshap
+paths = treeshap.FlatPaths(
+    class_starts=np.array([0, 1]), path_starts=np.array([0, 1]), path_value=np.array([1.0]),
+    feature=np.array([0], np.int32), lower=np.array([-np.inf]), upper=np.array([0.5]),
+    zero_fraction=np.array([0.5]), bias=np.array([0.5]), weights=np.array([[0.0, 0.0], [1.0, 0.0]]))
+treeshap.explain(paths, np.zeros((1, 1)), [0], parallel=sys.argv[1] == "parallel")
+print(threading_layer._is_initialized)
+"""
+
+
+def test_serving_explains_on_its_own_thread_after_publishing_cached_the_parallel_kernel(
+        tmp_path):
+    """Publishing compiles the all-cores kernel and numba caches it on disk; a server started
+    later on the same machine must still get the one-thread kernel, not load the cached
+    parallel one (which woke a thread per core for every request: bench/serve.py)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def started_threads(mode: str) -> str:
+        return subprocess.run([sys.executable, "-c", _EXPLAIN_ONCE, mode], env=env, check=True,
+                              capture_output=True, text=True).stdout.strip()
+
+    assert started_threads("parallel") == "True"  # publishing, cached first
+    assert started_threads("serial") == "False"  # then serving
