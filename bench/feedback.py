@@ -36,7 +36,7 @@ import numpy as np
 import requests
 
 from bench.serve import _percentiles, run_clients, run_wrk
-from bench.services import start_service, stop_service
+from mlpaint.processes import start_service, stop_service
 
 REPO = Path(__file__).resolve().parents[1]
 

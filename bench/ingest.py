@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.services import start_service, stop_service
+from mlpaint.processes import start_service, stop_service
 
 logger = logging.getLogger("bench.ingest")
 

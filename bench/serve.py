@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.services import start_service, stop_service
+from mlpaint.processes import start_service, stop_service
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,22 +16,16 @@ import json
 import logging
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
 from pathlib import Path
 
 from bench.services import timed_run
+from mlpaint.processes import free_port
 
 logger = logging.getLogger("bench.stack")
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run(runs: int) -> dict:
@@ -42,8 +36,8 @@ def run(runs: int) -> dict:
         state = Path(tempfile.mkdtemp(prefix="mlpaint-bench-stack-"))
         state.chmod(0o711)
         env = {**os.environ, "MLPAINT_STACK_DIR": str(state),
-               "PREFECT_PORT": str(_free_port()), "MLFLOW_PORT": str(_free_port()),
-               "PG_PORT": str(_free_port())}
+               "PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
+               "PG_PORT": str(free_port())}
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         try:

@@ -61,7 +61,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench.services import start_service, stop_service
+from mlpaint.processes import start_service, stop_service
 
 logger = logging.getLogger("bench.train")
 REPO = Path(__file__).resolve().parents[1]

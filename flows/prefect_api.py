@@ -15,23 +15,18 @@ import contextlib
 import importlib.util
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from mlpaint.processes import free_port
+
 logger = logging.getLogger("mlpaint")
 
 # How long a temporary server gets to stop on SIGTERM before it is killed (Prefect's own).
 _STOP_GRACE_S = 5.0
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _launch(port: int) -> subprocess.Popen:
@@ -80,7 +75,7 @@ def temporary_api() -> Iterator[Callable[[], None]]:
     # Launched first, before Prefect is imported, unless the environment names an API; a
     # profile that names one is known only once Prefect has read it, and then the launched
     # server is stopped unused.
-    port = _free_port()
+    port = free_port()
     process = None if os.environ.get("PREFECT_API_URL") else _launch(port)
     import httpx
     from prefect.settings import (

@@ -11,19 +11,16 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from mlpaint.data.formats import write_idx
+from mlpaint.processes import free_port, start_service, stop_service
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -34,52 +31,6 @@ def pytest_configure(config) -> None:
     # Prefect's temporary server races its telemetry heartbeat against its own SQLite writes
     # and logs "database is locked" tracebacks; the tests need no telemetry.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"service for {url} exited with {process.returncode}")
-        try:
-            if requests.get(url, timeout=2).status_code < 500:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
-
-
-def start_service(command: list[str], health_url: str, env: dict | None = None,
-                  log: Path | None = None, timeout_s: float = 60,
-                  cwd: Path = REPO) -> subprocess.Popen:
-    """Start a service in its own session, so stopping it ends its children too."""
-    out = log.open("wb") if log else subprocess.DEVNULL
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out,
-                               stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_up(health_url, process, timeout_s)
-    except Exception:
-        stop_service(process)
-        raise
-    return process
-
-
-def stop_service(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except ProcessLookupError:
-        return
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=5)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,8 @@ import pytest
 import requests
 
 from mlpaint.data.catalog import DEFAULT_MIRRORS, PUBLISHED_LABEL_COUNTS, Split
-from tests.conftest import free_port, run_cli
+from mlpaint.processes import free_port
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -22,8 +22,9 @@ import pytest
 import requests
 
 from flows.steps import experiment_spec
+from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.spec import ExperimentSpec, load_spec
-from tests.conftest import REPO, free_port, start_service, stop_service
+from tests.conftest import REPO
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

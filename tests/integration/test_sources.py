@@ -13,7 +13,8 @@ from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import FetchContext, SourcesExhaustedError, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
 from mlpaint.data.transports import RetryPolicy
-from tests.conftest import free_port, make_tiny_mnist
+from mlpaint.processes import free_port
+from tests.conftest import make_tiny_mnist
 
 pytestmark = pytest.mark.integration
 

@@ -18,9 +18,10 @@ from prefect.testing.utilities import prefect_test_harness
 from flows.train import train_mnist
 from mlpaint.augment import AugmentSpec
 from mlpaint.bundle import load_bundle
+from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.fits import fit_threads
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, KFolds, MldbFolds
-from tests.conftest import free_port, run_cli, start_service, stop_service
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port, start_service, stop_service
+from mlpaint.processes import free_port, start_service, stop_service
 
 EMPTY = "\u2013"  # the en dash the page shows where there is no digit or score
 pytestmark = pytest.mark.integration

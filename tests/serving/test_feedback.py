@@ -22,8 +22,9 @@ from PIL import Image
 from mlpaint.data.catalog import Split
 from mlpaint.feedback import FeedbackStore
 from mlpaint.preprocess import image_to_mnist
+from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.serving.app import create_app
-from tests.conftest import free_port, run_cli, start_service, stop_service
+from tests.conftest import run_cli
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -13,7 +13,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.config import SchemathesisConfig
 
-from tests.conftest import free_port, start_service, stop_service
+from mlpaint.processes import free_port, start_service, stop_service
 
 pytestmark = pytest.mark.integration
 

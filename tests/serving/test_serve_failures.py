@@ -7,7 +7,8 @@ import socket
 
 import pytest
 
-from tests.conftest import free_port, run_cli
+from mlpaint.processes import free_port
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.integration
 

@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from mlpaint.data.catalog import Split
-from tests.conftest import free_port, start_service, stop_service
+from mlpaint.processes import free_port, start_service, stop_service
 from tests.serving.conftest import build_and_publish
 
 pytestmark = pytest.mark.integration
