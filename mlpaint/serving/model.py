@@ -141,7 +141,10 @@ def exempt_from_collection() -> None:
     collection: about 230,000 objects, a 200-450 ms pause every second or two under load,
     during which every request waits (measured with `gc.callbacks`; bench/serve.py shows it as
     the p99). Requests' own short-lived objects are still collected. Called again after a
-    swap, so the new model is exempted too; the old one is freed by reference counting."""
+    swap: everything frozen is first let back in, so a full collection (one such pause per
+    swap) can free whatever of the old model only a cycle kept, and the new model is then
+    exempted too."""
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
 
