@@ -29,7 +29,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.feedback import FeedbackRecord, FeedbackStore
 from mlpaint.serving.body_limit import BodySizeLimit
-from mlpaint.serving.drawings import digit_of_drawing, drawing_bytes, pixels_of, pixels_of_all
+from mlpaint.serving.drawings import (
+    digit_of_drawing_soon,
+    drawing_bytes,
+    pixels_of,
+    pixels_of_all,
+)
 from mlpaint.serving.events import FeedbackAnnouncer
 from mlpaint.serving.model import (
     ALL_LABELS,
@@ -228,30 +233,25 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
                                      f"{feedback_rate}",
                                 headers={"Retry-After": str(max(1, math.ceil(wait_s)))})
         current = holder.current
-
-        def store() -> tuple[FeedbackRecord, bool]:
-            # Decoding a drawing and writing to the store (a file, or a PUT to S3) both take
-            # milliseconds: a worker thread, not the event loop.
-            media_type = drawing = None
-            if body.image is not None:  # kept as received, so decoded here, not in pixels_of
-                media_type, drawing = drawing_bytes(body.image)
-                pixels, drawn = digit_of_drawing(drawing)
-            else:
-                pixels, drawn = pixels_of(body)
-            if not drawn:
-                # 400, like an undecodable image: the body keeps the schema (422 is for
-                # bodies that break it), but its drawing cannot be used.
-                raise HTTPException(400, "nothing drawn: draw a digit before labelling it")
-            answered_by = body.bundle_version or (current.version if current else None)
-            model_version = (current.bundle.info.model_version
-                             if current and current.version == answered_by else None)
-            record = FeedbackRecord.new(
-                label=body.label, pixels=pixels.reshape(-1), drawing=drawing,
-                drawing_media_type=media_type, answered_digit=body.digit,
-                bundle_version=answered_by, model_version=model_version)
-            return record, feedback.add(record)
-
-        record, created = await run_in_threadpool(store)
+        media_type = drawing = None
+        if body.image is not None:  # kept as received, so decoded here, not in pixels_of
+            media_type, drawing = drawing_bytes(body.image)
+            pixels, drawn = await digit_of_drawing_soon(drawing)
+        else:
+            pixels, drawn = pixels_of(body)
+        if not drawn:
+            # 400, like an undecodable image: the body keeps the schema (422 is for bodies
+            # that break it), but its drawing cannot be used.
+            raise HTTPException(400, "nothing drawn: draw a digit before labelling it")
+        answered_by = body.bundle_version or (current.version if current else None)
+        model_version = (current.bundle.info.model_version
+                         if current and current.version == answered_by else None)
+        record = FeedbackRecord.new(
+            label=body.label, pixels=pixels.reshape(-1), drawing=drawing,
+            drawing_media_type=media_type, answered_digit=body.digit,
+            bundle_version=answered_by, model_version=model_version)
+        # Writing to the store (a file and its fsync, or a PUT to S3): a worker thread.
+        created = await run_in_threadpool(feedback.add, record)
         if created:
             announcer.announce(record)
         else:
