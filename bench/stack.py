@@ -41,9 +41,9 @@ def run(runs: int) -> dict:
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         try:
-            times["new_folder"].append(timed_run([script, "up"], env))
+            times["new_folder"].append(timed_run([script, "up"], env).seconds)
             timed_run([script, "down"], env)
-            times["restart"].append(timed_run([script, "up"], env))
+            times["restart"].append(timed_run([script, "up"], env).seconds)
         finally:
             subprocess.run([script, "down"], env=env, capture_output=True, timeout=300)
             shutil.rmtree(state, ignore_errors=True)

@@ -55,7 +55,7 @@ def main() -> None:
         times: dict[str, list[float]] = {name: [] for name in commands}
         for run in range(args.runs):
             for name, command in commands.items():
-                times[name].append(timed_run(command, env))
+                times[name].append(timed_run(command, env).seconds)
             logger.info("run %d: %s", run + 1,
                         ", ".join(f"{name} {t[-1]:.2f} s" for name, t in times.items()))
     medians = {name: statistics.median(t) for name, t in times.items()}

@@ -50,7 +50,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from bench.services import timed_run
 from mlpaint.processes import start_service, stop_service
 
 logger = logging.getLogger("bench.train")
@@ -288,13 +288,8 @@ def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     command = [str(Path(sys.executable).parent / "mlpaint"), "train", *args,
                "--cache-dir", str(workdir / "cache"), "--json"]
-    start = time.perf_counter()
-    completed = subprocess.run(command, env=env, capture_output=True, text=True, check=False,
-                               cwd=workdir)
-    seconds = time.perf_counter() - start
-    if completed.returncode != 0:
-        raise RuntimeError(completed.stderr[-3000:])
-    return seconds, json.loads(completed.stdout)
+    run = timed_run(command, env, timeout_s=None, cwd=workdir)
+    return run.seconds, json.loads(run.stdout)
 
 
 def part_default(mnist: Path, port: int) -> dict:
