@@ -7,6 +7,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from fastapi import HTTPException
@@ -35,39 +37,40 @@ def drawing_bytes(data_url: str) -> tuple[str, bytes]:
         raise HTTPException(400, f"image is not valid base64: {exc}") from exc
 
 
-def digit_of_drawing(raw: bytes) -> tuple[np.ndarray, bool]:
-    """The 28x28 digit of an encoded drawing, and whether anything was drawn."""
+@contextmanager
+def _opened_drawing(raw: bytes) -> Iterator:
+    """The drawing as a PIL image, its header read and its size checked but nothing decoded
+    yet. Failing to read it, here or while the block decodes it, is a 400."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw)) as image:
             if max(image.size) > MAX_IMAGE_SIDE:
                 raise HTTPException(400, f"image larger than {MAX_IMAGE_SIDE} px a side")
-            image.load()
-            ink = ink_from_image(image)
-            return to_mnist(ink), something_drawn(ink)
+            yield image
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise HTTPException(400, "image could not be decoded as PNG, JPEG or another format "
                                  "Pillow reads") from exc
 
 
-def _declared_pixels(raw: bytes) -> int:
-    """Width x height as the image's header declares it (nothing decoded); 0 if unreadable,
-    which the decode then reports."""
-    from PIL import Image
+def _digit_of_image(image) -> tuple[np.ndarray, bool]:
+    image.load()
+    ink = ink_from_image(image)
+    return to_mnist(ink), something_drawn(ink)
 
-    try:
-        with Image.open(io.BytesIO(raw)) as image:
-            return image.width * image.height
-    except Exception:
-        return 0
+
+def digit_of_drawing(raw: bytes) -> tuple[np.ndarray, bool]:
+    """The 28x28 digit of an encoded drawing, and whether anything was drawn."""
+    with _opened_drawing(raw) as image:
+        return _digit_of_image(image)
 
 
 async def digit_of_drawing_soon(raw: bytes) -> tuple[np.ndarray, bool]:
     """`digit_of_drawing`, on the event loop for a canvas-sized drawing, else on a thread."""
-    if _declared_pixels(raw) <= INLINE_DECODE_PIXELS:
-        return digit_of_drawing(raw)
-    return await run_in_threadpool(digit_of_drawing, raw)
+    with _opened_drawing(raw) as image:
+        if image.width * image.height <= INLINE_DECODE_PIXELS:
+            return _digit_of_image(image)
+        return await run_in_threadpool(_digit_of_image, image)
 
 
 def decode_image(data_url: str) -> tuple[np.ndarray, bool]:
