@@ -17,6 +17,12 @@ from numba import njit
 
 from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
 
+# Part of the key of every stored feature matrix (and of the augmented and feedback rows,
+# which go through a stage too): a matrix computed by older stage code is not read back as
+# if this code had made it. Bump it when any stage's output changes, even slightly.
+# 2: deskew compiled with numba, its sums in float64 (values moved by up to 0.002 of 255).
+FEATURE_CODE_VERSION = "2"
+
 
 class FeatureStage(StrEnum):
     RAW = "raw"

@@ -30,7 +30,7 @@ from mlpaint.catalog import (
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import render_label_grid
-from mlpaint.features import FeatureStage, apply_feature_stage
+from mlpaint.features import FEATURE_CODE_VERSION, FeatureStage, apply_feature_stage
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.tracking import (
     DatasetUse,
@@ -72,7 +72,7 @@ def prepare_features(table: str, stage: FeatureStage, limit: int | None,
                      catalog: Catalog) -> FeatureMatrix:
     """Apply the feature stage to a split (the table at URI `table`, its first `limit`
     rows), stored by table, stage and limit."""
-    key = f"{_table_key(table, '-')}-{stage.value}-{limit or 'all'}"
+    key = f"{_table_key(table, '-')}-{stage.value}-code{FEATURE_CODE_VERSION}-{limit or 'all'}"
     location = catalog.location(FEATURES, key)
     split = load_table(local_folder(table))
     rows = min(limit, split.meta.rows) if limit else split.meta.rows
@@ -98,7 +98,8 @@ def _augmented_key(table: str, stage: FeatureStage, limit: int | None,
     material = json.dumps({"table": _table_key(table, "/"),
                            "stage": stage.value, "limit": limit, "seed": seed,
                            "augment": augment_spec.model_dump(mode="json"),
-                           "code": AUGMENT_CODE_VERSION}, sort_keys=True)
+                           "code": AUGMENT_CODE_VERSION,
+                           "feature_code": FEATURE_CODE_VERSION}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
@@ -138,7 +139,8 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
     material = json.dumps({"digest": snapshot.digest, "stage": stage.value, "seed": seed,
                            "wild_share": feedback_spec.wild_share,
                            "augment": augment_spec.model_dump(mode="json"),
-                           "code": AUGMENT_CODE_VERSION}, sort_keys=True)
+                           "code": AUGMENT_CODE_VERSION,
+                           "feature_code": FEATURE_CODE_VERSION}, sort_keys=True)
     location = catalog.location(FEEDBACK_MATRICES,
                                 hashlib.sha256(material.encode()).hexdigest()[:32])
     train_pixels, train_labels = snapshot.pixels[~wild], snapshot.labels[~wild]

@@ -77,3 +77,29 @@ def test_tables_are_shared_by_uri_only_when_the_store_cannot_see_them(catalog, t
     # Inside a local store, a folder is its own URI: nothing is copied.
     inside = Catalog.from_settings(str(tmp_path / "writer-cache"), tmp_path / "writer-cache")
     assert inside.share_folder(table, "tables") == str(table)
+
+
+def test_features_stored_by_older_stage_code_are_made_again(catalog, tmp_path, monkeypatch):
+    """A stored feature matrix is keyed by the stage code's version too: after a stage's
+    output changes (and its version is bumped), training computes the matrix again instead
+    of reading one that serving's code would no longer produce."""
+    from prefect.logging import disable_run_logger
+
+    import tasks.training as training
+    from mlpaint.data.catalog import Split
+    from mlpaint.data.dataset import join_split, save_table
+    from mlpaint.features import FeatureStage
+
+    rng = np.random.default_rng(0)
+    table = save_table(join_split(Split.TRAIN, rng.integers(0, 256, (6, 28, 28), np.uint8),
+                                  np.arange(6, dtype=np.uint8), origin="test",
+                                  inputs_sha256={}, verified=True),
+                       tmp_path / "tables" / "0123" / "train")
+    with disable_run_logger():
+        now = training.prepare_features.fn(str(table), FeatureStage.DESKEW, None, catalog)
+        assert training.prepare_features.fn(str(table), FeatureStage.DESKEW, None,
+                                            catalog).folder == now.folder  # reused
+        monkeypatch.setattr(training, "FEATURE_CODE_VERSION", "0")
+        older = training.prepare_features.fn(str(table), FeatureStage.DESKEW, None, catalog)
+    assert older.folder != now.folder
+    assert catalog.is_finished(older.folder) and catalog.is_finished(now.folder)
