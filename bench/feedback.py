@@ -89,12 +89,18 @@ def _post_for(url: str, bodies: list[dict], clients: int, seconds: float) -> dic
 
 
 def _rotating_bodies(bodies: list[dict]) -> str:
-    """A wrk script that posts the bodies in turn, each once (one wrk thread)."""
-    entries = ",\n".join(f"[==[{json.dumps(body)}]==]" for body in bodies)
-    return ('local bodies = {\n' + entries + '\n}\nlocal i = 0\n'
-            'request = function()\n  i = i + 1\n'
-            '  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, '
-            'bodies[(i - 1) % #bodies + 1])\nend\n')
+    """A wrk script that posts the bodies in turn (one wrk thread). Each pass through them
+    moves every label on by one, so each post is a new record (a record is its drawing and
+    label) for the first ten passes, and a run's 201s can be counted against the store."""
+    images = ",\n".join(f"[==[{body['image']}]==]" for body in bodies)
+    labels = ",".join(str(body["label"]) for body in bodies)
+    return ('local images = {\n' + images + '\n}\nlocal labels = {' + labels + '}\n'
+            'local i = 0\nrequest = function()\n  i = i + 1\n'
+            '  local k = (i - 1) % #images + 1\n'
+            '  local label = (labels[k] + math.floor((i - 1) / #images)) % 10\n'
+            '  local body = \'{"image":"\' .. images[k] .. \'","label":\' .. label .. \'}\'\n'
+            '  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)\n'
+            'end\n')
 
 
 def bench_serve(args: argparse.Namespace) -> None:
