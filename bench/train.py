@@ -11,6 +11,7 @@
                                       # a champion candidate: held-out and redrawn digits
     .venv/bin/python -m bench.train --part resume --runs 2
                                       # a rerun after a crash at the last fold vs a full run
+    .venv/bin/python -m bench.train --part maps   # extra feature maps aligned with the pixels
 
 `accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
 on the official 10,000-row test set; wall time of the fit alone.
@@ -27,6 +28,10 @@ on MLDB's 80% of the training rows and their augmented copies; every 200 rounds,
 the held-out 20% and on `--digits` of those held-out digits redrawn by bench/robustness.py's
 generator, and the time to explain one digit for all ten classes. No official test digit is
 read: the champion is chosen without it.
+`maps`: whether feature maps aligned with the pixels (so an explanation could still be summed
+per pixel) help the default tree shape: the deskewed digit alone, plus its 3x3 mean, plus its
+Sobel gradients; 300 rounds on 20,000 of MLDB's 80% of the training rows, one thread each,
+two at a time, scored on the held-out 20%.
 `resume`: `mlpaint train --folds 5` on full MNIST three ways in one cache: cold (nothing
 cached; once, as it fills the cache), then `--runs` times each full (the data stages cached,
 no fit: a run from scratch on a machine that has the data) and resumed (every fit cached but
@@ -224,6 +229,17 @@ CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max roun
                                     "learning_rate": 0.15}, 1000),
     "c3-15leaves": ({"copies": 3}, {**_CHAMPION_SHARED, "num_leaves": 15,
                                     "learning_rate": 0.2}, 1200),
+    # The shipped champion (2 copies, 400 rounds), longer, and on more copies.
+    "c2-800": ({"copies": 2}, {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2},
+               800),
+    "c4-400": ({"copies": 4}, {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2},
+               400),
+    # The shipped champion with the "as drawn" pen widened from 0.06-0.22 of the digit's
+    # height to 0.03-0.30: the page's 18 px pen on a digit drawn 60 to 270 px tall spans
+    # 0.07-0.30, and the thin variation of bench/robustness.py (6-9 px on 190-230) 0.03-0.05.
+    "c2-wide-pen": ({"copies": 2, "as_drawn": {"probability": 0.5, "min_stroke": 0.03,
+                                               "max_stroke": 0.30}},
+                    {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2}, 400),
 }
 
 
@@ -281,6 +297,49 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
     return {"candidate": candidate, "augment": spec.model_dump(), "params": lgbm_params,
             "train_rows": len(y), "augment_seconds": round(augment_seconds, 1),
             "fit_seconds": round(fit_seconds, 1), "by_rounds": by_rounds}
+
+
+def _feature_maps(deskewed: np.ndarray, kind: str) -> np.ndarray:
+    """The deskewed digits (n, 28, 28) as model rows, with extra maps of the same grid."""
+    from scipy import ndimage
+
+    maps = [deskewed]
+    if kind == "mean3x3":
+        maps.append(ndimage.uniform_filter(deskewed, size=(1, 3, 3), mode="constant"))
+    elif kind == "sobel":
+        maps += [ndimage.sobel(deskewed, axis=axis, mode="constant") for axis in (2, 1)]
+    return np.hstack([m.reshape(len(m), -1) for m in maps]).astype(np.float32)
+
+
+def part_maps(mnist: Path, rows: int = 20_000, rounds: int = 300) -> list[dict]:
+    import lightgbm as lgb
+
+    from mlpaint.data.catalog import Split
+    from mlpaint.data.dataset import row_hashes, row_keys
+    from mlpaint.features import apply_feature_stage
+    from mlpaint.training.algorithms import lightgbm_params, load_algorithms
+
+    train_x, train_y, _, _ = _load(mnist)
+    held_out = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(5) == 0
+    fit_rows = np.flatnonzero(~held_out)[:rows]
+    deskewed = apply_feature_stage("deskew", train_x).reshape(-1, 28, 28)
+    params = lightgbm_params(load_algorithms()["lgbm"].params, seed=0, num_threads=1)
+
+    def one(kind: str) -> dict:
+        features = _feature_maps(deskewed, kind)
+        start = time.perf_counter()
+        booster = lgb.train(params, lgb.Dataset(features[fit_rows], train_y[fit_rows]),
+                            num_boost_round=rounds)
+        seconds = time.perf_counter() - start
+        accuracy = {n: float((booster.predict(features[held_out], num_iteration=n).argmax(1)
+                              == train_y[held_out]).mean()) for n in (100, 200, rounds)}
+        row = {"maps": kind, "features": features.shape[1], "fit_seconds": round(seconds, 1),
+               "held_out_accuracy_by_rounds": accuracy}
+        logger.info("%s", row)
+        return row
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, ["pixels", "mean3x3", "sobel"]))
 
 
 def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
@@ -451,7 +510,7 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",
-                                           "champion", "resume"], required=True)
+                                           "champion", "resume", "maps"], required=True)
     parser.add_argument("--candidate", choices=["shipped", *sorted(CHAMPION_CANDIDATES)],
                         help="with --part champion")
     parser.add_argument("--digits", type=int, default=1000,
@@ -483,6 +542,8 @@ def main() -> None:
         result = part_champion(args.mnist, args.candidate, args.digits, args.repeats)
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
+    elif args.part == "maps":
+        result = part_maps(args.mnist)
     elif args.part == "resume":
         result = part_resume(args.mnist, args.runs, args.folds)
     else:
