@@ -7,7 +7,7 @@
                                       # the same, the flow on a running `prefect server start`
     .venv/bin/python -m bench.train --part sweep      # how lgbm's parameters were chosen
     .venv/bin/python -m bench.train --part size       # accuracy vs explanation cost
-    .venv/bin/python -m bench.train --part champion --candidate c4-31leaves
+    .venv/bin/python -m bench.train --part champion --candidate c2-800
                                       # a champion candidate: held-out and redrawn digits
     .venv/bin/python -m bench.train --part resume --runs 2
                                       # a rerun after a crash at the last fold vs a full run
