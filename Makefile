@@ -4,18 +4,27 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run fetch serve test browser postgres lint unit bench bench-train stack-up stack-down deploy clean
+.PHONY: help setup lock run fetch serve test browser postgres lint unit bench bench-train stack-up stack-down deploy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 setup: $(VENV)/.installed ## create .venv and install mlpaint with its dev tools
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
+
+lock: ## re-resolve pyproject.toml's dependencies to their newest releases into constraints.txt
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet -e '.[dev]'
+	{ sed -n '/^#/p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
 
 run: setup ## the main job on embedded defaults: fetch MNIST, train, register, publish with explanations, then serve the drawing page
 	$(BIN)/mlpaint train --publish-to .mlpaint/bundles
