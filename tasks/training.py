@@ -71,7 +71,7 @@ def share_table(folder: str, catalog: Catalog) -> str:
 def prepare_features(table: str, stage: FeatureStage, limit: int | None,
                      catalog: Catalog) -> FeatureMatrix:
     """Apply the feature stage to a split (the table at URI `table`, its first `limit`
-    rows), stored by table, stage and limit."""
+    rows), stored by table, stage, the stage code's version and limit."""
     key = f"{_table_key(table, '-')}-{stage.value}-code{FEATURE_CODE_VERSION}-{limit or 'all'}"
     location = catalog.location(FEATURES, key)
     split = load_table(local_folder(table))
