@@ -87,6 +87,17 @@ def _load(mnist: Path):
     return train_x, train_y, test_x, test_y
 
 
+def _mldb_held_out(rows: int) -> np.ndarray:
+    """MLDB's held-out 20% of the training rows as a mask: the default spec's testing_where
+    (`rowHash() % 5 = 0`), evaluated by the rule training itself uses."""
+    from mlpaint.data.catalog import Split
+    from mlpaint.data.dataset import row_hashes, row_keys
+    from mlpaint.training.spec import MldbFolds
+
+    _, testing = MldbFolds().rules()
+    return testing.mask(row_hashes(row_keys(Split.TRAIN, rows)))
+
+
 def part_accuracy(mnist: Path, save_dir: Path | None) -> list[dict]:
     from mlpaint.features import apply_feature_stage
     from mlpaint.training.algorithms import load_algorithms, train_model
@@ -197,13 +208,11 @@ def _fit_with_checkpoints(params: dict, x: np.ndarray, y: np.ndarray, rounds: in
 def part_size(mnist: Path, repeats: int) -> list[dict]:
     """Held-out accuracy and one-row explanation latency by round count, per SIZES shape."""
 
-    from mlpaint.data.catalog import Split
-    from mlpaint.data.dataset import row_hashes, row_keys
     from mlpaint.features import apply_feature_stage
 
     train_x, train_y, _, _ = _load(mnist)
     features = apply_feature_stage("deskew", train_x)
-    held_out = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(5) == 0
+    held_out = _mldb_held_out(len(train_y))
     x, y, vx, vy = features[~held_out], train_y[~held_out], features[held_out], train_y[held_out]
     shared = {"min_data_in_leaf": 20, "lambda_l2": 1.0, "bagging_fraction": 0.8,
               "bagging_freq": 1, "max_bin": 63, "feature_fraction": 0.3}
@@ -224,22 +233,21 @@ def part_size(mnist: Path, repeats: int) -> list[dict]:
 
 _CHAMPION_SHARED = {"feature_fraction": 0.3, "bagging_fraction": 0.5, "bagging_freq": 1,
                     "min_data_in_leaf": 20, "lambda_l2": 1.0, "max_bin": 63}
+# The packaged champion's tree shape and rate (mlpaint/configs/algorithms.yaml).
+_SHIPPED_SHAPE = {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2}
 CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max rounds)
     "c3-31leaves": ({"copies": 3}, {**_CHAMPION_SHARED, "num_leaves": 31,
                                     "learning_rate": 0.15}, 1000),
-    "c3-15leaves": ({"copies": 3}, {**_CHAMPION_SHARED, "num_leaves": 15,
-                                    "learning_rate": 0.2}, 1200),
+    "c3-15leaves": ({"copies": 3}, _SHIPPED_SHAPE, 1200),
     # The shipped champion (2 copies, 400 rounds), longer, and on more copies.
-    "c2-800": ({"copies": 2}, {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2},
-               800),
-    "c4-400": ({"copies": 4}, {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2},
-               400),
+    "c2-800": ({"copies": 2}, _SHIPPED_SHAPE, 800),
+    "c4-400": ({"copies": 4}, _SHIPPED_SHAPE, 400),
     # The shipped champion with the "as drawn" pen widened from 0.06-0.22 of the digit's
     # height to 0.03-0.30: the page's 18 px pen on a digit drawn 60 to 270 px tall spans
     # 0.07-0.30, and the thin variation of bench/robustness.py (6-9 px on 190-230) 0.03-0.05.
     "c2-wide-pen": ({"copies": 2, "as_drawn": {"probability": 0.5, "min_stroke": 0.03,
                                                "max_stroke": 0.30}},
-                    {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2}, 400),
+                    _SHIPPED_SHAPE, 400),
 }
 
 
@@ -251,8 +259,6 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
 
     from bench.robustness import decode_canvases, generate, summarise
     from mlpaint.augment import AugmentSpec, augment
-    from mlpaint.data.catalog import Split
-    from mlpaint.data.dataset import row_hashes, row_keys
     from mlpaint.features import apply_feature_stage
 
     configs = REPO / "mlpaint/configs"
@@ -266,7 +272,7 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
         base = yaml.safe_load((configs / "experiment.yaml").read_text())["augment"]
         spec = AugmentSpec.model_validate({**base, **augment_fields})
     train_x, train_y, _, _ = _load(mnist)
-    held_out = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(5) == 0
+    held_out = _mldb_held_out(len(train_y))
     start = time.perf_counter()
     copies, source = augment(train_x[~held_out], spec, seed=0)
     augment_seconds = time.perf_counter() - start
@@ -314,13 +320,11 @@ def _feature_maps(deskewed: np.ndarray, kind: str) -> np.ndarray:
 def part_maps(mnist: Path, rows: int = 20_000, rounds: int = 300) -> list[dict]:
     import lightgbm as lgb
 
-    from mlpaint.data.catalog import Split
-    from mlpaint.data.dataset import row_hashes, row_keys
     from mlpaint.features import apply_feature_stage
     from mlpaint.training.algorithms import lightgbm_params, load_algorithms
 
     train_x, train_y, _, _ = _load(mnist)
-    held_out = row_hashes(row_keys(Split.TRAIN, len(train_y))) % np.uint64(5) == 0
+    held_out = _mldb_held_out(len(train_y))
     fit_rows = np.flatnonzero(~held_out)[:rows]
     deskewed = apply_feature_stage("deskew", train_x).reshape(-1, 28, 28)
     params = lightgbm_params(load_algorithms()["lgbm"].params, seed=0, num_threads=1)
