@@ -91,7 +91,12 @@ def test_without_an_api_url_the_command_brings_a_temporary_server(shared_mnist, 
     with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
         assert db.execute("SELECT state_type FROM flow_run").fetchall() == [("COMPLETED",)]
         last = db.execute("SELECT message FROM log ORDER BY timestamp DESC LIMIT 1").fetchone()
+        events = {row[0] for row in db.execute("SELECT event FROM events")}
     assert last == ("Finished in state Completed()",)
+    # Its events were kept too, but no flow run heartbeat: nothing outlives this server to
+    # read one, and ending a run with heartbeats on waits for the heartbeat thread.
+    assert "prefect.flow-run.Completed" in events
+    assert "prefect.flow-run.heartbeat" not in events
 
 
 def test_failure_is_one_line_and_nonzero(cli_env, tmp_path):
