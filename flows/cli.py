@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from flows.prefect_api import temporary_api
 from mlpaint.serving.commands import add_feedback_commands, add_serve_command
@@ -209,30 +209,10 @@ def _print_publish(report: dict, *, as_json: bool) -> None:
           f"{report['bundle']['latest']}")
 
 
-def _open_tracking_store_meanwhile() -> Callable[[], None]:
-    """Open the local MLflow store on a thread now; the function returned waits for it.
-
-    Opening a new SQLite store builds its schema through all of MLflow's migrations: about
-    3 s of Python that, inside the flow, held the GIL against the data fetch beside it
-    (0.2 s alone, 1.8 s beside it) and then made the fits wait for the experiment's id.
-    Begun here, it runs while the temporary Prefect server starts, which the command
-    waits for anyway."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from mlpaint.tracking.store import SQLITE_PREFIX, prepare_sqlite_store, resolve_tracking_uri
-
-    tracking_uri = resolve_tracking_uri()
-    if not tracking_uri.startswith(SQLITE_PREFIX):
-        return lambda: None
-    pool = ThreadPoolExecutor(1, thread_name_prefix="open-mlflow-store")
-    opened = pool.submit(prepare_sqlite_store, tracking_uri)
-    pool.shutdown(wait=False)  # its one thread ends with the job
-    return opened.result
-
-
 def _run_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mlpaint.tracking import prepare_store_meanwhile, resolve_tracking_uri
     from mlpaint.training.algorithms import load_algorithms
     from mlpaint.training.spec import load_spec, parse_folds_option
 
@@ -254,7 +234,8 @@ def _run_train(args: argparse.Namespace) -> int:
         raise ValueError("--dask-workers must be at least 1")
 
     with temporary_api() as api_ready:
-        tracking_store_ready = _open_tracking_store_meanwhile()
+        # The local MLflow store, opened while the temporary Prefect server starts.
+        tracking_store_ready = prepare_store_meanwhile(resolve_tracking_uri())
         from flows.train import train_mnist
 
         flow = train_mnist

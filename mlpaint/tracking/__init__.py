@@ -32,6 +32,7 @@ from mlpaint.tracking.store import (
     TrackingStoreError,
     ensure_experiment,
     prepare_sqlite_store,
+    prepare_store_meanwhile,
     resolve_tracking_uri,
     tracking_client,
 )
@@ -41,7 +42,7 @@ __all__ = [
     "MODEL_PACKAGES", "REGISTERED_MODEL_NAME", "RUN_COMPLETE", "RUN_INCOMPLETE", "RUN_STATE_TAG",
     "SQLITE_PREFIX", "DatasetUse", "RegisteredModel", "TrackingStoreError", "end_open_runs",
     "ensure_experiment", "log_datasets", "log_digit_model", "mark_complete",
-    "peak_rss_megabytes", "prepare_sqlite_store", "recording_resources",
-    "render_confusion_heatmap", "resolve_tracking_uri", "tracking_client",
-    "write_evaluation_artifacts",
+    "peak_rss_megabytes", "prepare_sqlite_store", "prepare_store_meanwhile",
+    "recording_resources", "render_confusion_heatmap", "resolve_tracking_uri",
+    "tracking_client", "write_evaluation_artifacts",
 ]

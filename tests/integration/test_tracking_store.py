@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from mlflow.store.db.utils import _get_alembic_config
 from mlflow.store.tracking.dbmodels.initial_models import Base as InitialBase
 
-from mlpaint.tracking import TrackingStoreError, prepare_sqlite_store
+from mlpaint.tracking import TrackingStoreError, prepare_sqlite_store, prepare_store_meanwhile
 
 pytestmark = pytest.mark.integration
 
@@ -66,3 +66,26 @@ def test_a_copy_without_its_original_is_reported_with_the_fix(tmp_path):
                                                  r"RENAME TO experiments.*mlflow db upgrade"):
         prepare_sqlite_store(uri)
     assert "_alembic_tmp_experiments" in _tables(database)  # nothing guessed at
+
+
+def test_a_store_prepared_meanwhile_is_complete_once_waited_for(tmp_path):
+    """What `mlpaint train` does while the temporary Prefect server starts: the schema is
+    built on a thread, and waiting returns only when a client can use it."""
+    database = tmp_path / "new" / "mlflow.db"
+    wait = prepare_store_meanwhile(f"sqlite:///{database}")
+    wait()
+    assert {"alembic_version", "experiments", "runs", "registered_models"} <= _tables(database)
+    assert MlflowClient(f"sqlite:///{database}").search_experiments()
+
+
+def test_waiting_for_a_store_prepared_meanwhile_raises_what_preparing_raised(tmp_path):
+    database, uri = _interrupted_store(tmp_path)
+    with sqlite3.connect(database) as connection:
+        connection.execute("DROP TABLE experiments")
+    wait = prepare_store_meanwhile(uri)
+    with pytest.raises(TrackingStoreError, match="mlflow db upgrade"):
+        wait()
+
+
+def test_a_tracking_server_needs_no_preparing():
+    assert prepare_store_meanwhile("http://127.0.0.1:5000")() is None
