@@ -39,6 +39,15 @@ def _interrupted_store(folder: Path) -> tuple[Path, str]:
     return database, uri
 
 
+def _orphaned_copy_store(folder: Path) -> tuple[Path, str]:
+    """An interrupted store whose original `experiments` table is gone too: only the copy
+    is left, which the repair does not guess at."""
+    database, uri = _interrupted_store(folder)
+    with sqlite3.connect(database) as connection:
+        connection.execute("DROP TABLE experiments")
+    return database, uri
+
+
 def _tables(database: Path) -> set[str]:
     with sqlite3.connect(database) as connection:
         return {row[0] for row in connection.execute(
@@ -59,9 +68,7 @@ def test_a_half_migrated_store_is_repaired_and_backed_up(tmp_path):
 
 
 def test_a_copy_without_its_original_is_reported_with_the_fix(tmp_path):
-    database, uri = _interrupted_store(tmp_path)
-    with sqlite3.connect(database) as connection:
-        connection.execute("DROP TABLE experiments")
+    database, uri = _orphaned_copy_store(tmp_path)
     with pytest.raises(TrackingStoreError, match=r"ALTER TABLE _alembic_tmp_experiments "
                                                  r"RENAME TO experiments.*mlflow db upgrade"):
         prepare_sqlite_store(uri)
@@ -79,13 +86,13 @@ def test_a_store_prepared_meanwhile_is_complete_once_waited_for(tmp_path):
 
 
 def test_waiting_for_a_store_prepared_meanwhile_raises_what_preparing_raised(tmp_path):
-    database, uri = _interrupted_store(tmp_path)
-    with sqlite3.connect(database) as connection:
-        connection.execute("DROP TABLE experiments")
+    _, uri = _orphaned_copy_store(tmp_path)
     wait = prepare_store_meanwhile(uri)
     with pytest.raises(TrackingStoreError, match="mlflow db upgrade"):
         wait()
 
 
-def test_a_tracking_server_needs_no_preparing():
+def test_a_tracking_server_needs_no_preparing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     assert prepare_store_meanwhile("http://127.0.0.1:5000")() is None
+    assert not any(tmp_path.iterdir())  # no database, folder or lock made for it
