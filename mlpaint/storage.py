@@ -16,14 +16,19 @@ Guarantees both kinds keep:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import logging
 import os
 import shutil
 import socket
+import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -79,6 +84,64 @@ def _lock_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
+_linkat_refused = threading.Event()
+
+
+@functools.cache
+def _linkat() -> Callable[..., int] | None:
+    """libc's linkat(2), or None where there is none to call (not Linux)."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "O_TMPFILE"):
+        return None
+    try:
+        function = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_int]
+    return function
+
+
+def _create_unnamed_then_link(destination: Path, data: bytes) -> bool | None:
+    """`LocalStore.create` in two steps: the bytes written and fsynced to a file with no name
+    yet (open(2) with O_TMPFILE), which then gets its name with linkat(2). Like link(2),
+    linkat fails when the name is taken, so the first writer wins; unlike a named scratch
+    file, there is nothing to remove afterwards, nor to leave behind if the process dies.
+    That is fewer file system calls than the scratch file's, on a path every feedback post
+    takes. None where the kernel, the file system or the process's privileges do not allow
+    it (linkat with AT_EMPTY_PATH needs CAP_DAC_READ_SEARCH before Linux 6.10): the caller
+    then uses a named scratch file."""
+    linkat = _linkat()
+    if linkat is None or _linkat_refused.is_set():
+        return None
+    folder = destination.parent
+    try:
+        descriptor = os.open(folder, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+    except FileNotFoundError:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _create_unnamed_then_link(destination, data)
+    except OSError:  # EOPNOTSUPP, EISDIR: no O_TMPFILE on this file system
+        return None
+    try:
+        with os.fdopen(descriptor, "wb", closefd=False) as handle:
+            handle.write(data)
+        os.fchmod(descriptor, 0o644)  # readable by all whatever the umask, as scratch files are
+        os.fsync(descriptor)
+        if linkat(descriptor, b"", _AT_FDCWD, os.fsencode(destination), _AT_EMPTY_PATH) == 0:
+            return True
+        error = ctypes.get_errno()
+        if error == errno.EEXIST:
+            return False
+        if error in (errno.EPERM, errno.ENOENT, errno.EXDEV, errno.EOPNOTSUPP, errno.EINVAL):
+            # Not allowed to this process: remembered, so later creates do not write twice.
+            _linkat_refused.set()
+            return None
+        raise OSError(error, os.strerror(error), str(destination))
+    finally:
+        os.close(descriptor)
+
+
 @dataclass(frozen=True)
 class LocalStore:
     root: Path
@@ -108,6 +171,9 @@ class LocalStore:
 
     def create(self, key: str, data: bytes) -> bool:
         destination = self.root / key
+        created = _create_unnamed_then_link(destination, data)
+        if created is not None:
+            return created
         with scratch_path(destination.parent, destination.name) as tmp:
             with tmp.open("wb") as handle:
                 handle.write(data)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mlpaint import storage
 from mlpaint.data.formats import read_csv_split
 from mlpaint.feedback import FeedbackError, FeedbackRecord, FeedbackStore, write_csv
 from mlpaint.storage import LocalStore, sibling_uri
@@ -74,11 +75,24 @@ def test_export_is_read_back_by_the_csv_source(tmp_path):
     assert np.array_equal(images.reshape(12, -1), np.stack([r.pixels for r in records]))
 
 
-def test_local_create_never_overwrites(tmp_path):
+@pytest.mark.parametrize("unnamed_files", [True, False], ids=["o_tmpfile", "scratch_file"])
+def test_local_create_never_overwrites(tmp_path, monkeypatch, unnamed_files):
+    """Both ways of creating: an unnamed file linked into place (Linux), and a named scratch
+    file where that is not allowed."""
+    if unnamed_files:
+        if storage._linkat() is None:
+            pytest.skip("no O_TMPFILE and linkat(2) here")
+        assert storage._create_unnamed_then_link(tmp_path / "probe", b"") is True
+    else:
+        monkeypatch.setattr(storage, "_create_unnamed_then_link", lambda *_: None)
     store = LocalStore(tmp_path)
     assert store.create("a/b.json", b"first") and not store.create("a/b.json", b"second")
+    assert store.create("new/folder/c.json", b"third")
     assert store.get_bytes("a/b.json") == b"first"
+    assert store.get_bytes("new/folder/c.json") == b"third"
+    assert (tmp_path / "a/b.json").stat().st_mode & 0o777 == 0o644
     assert store.list_keys("a") == ["a/b.json"]  # no scratch file is left behind
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["b.json"]
 
 
 def _append(root: str, seeds: list[int]) -> int:
