@@ -235,11 +235,6 @@ _CHAMPION_SHARED = {"feature_fraction": 0.3, "bagging_fraction": 0.5, "bagging_f
                     "min_data_in_leaf": 20, "lambda_l2": 1.0, "max_bin": 63}
 # The packaged champion's tree shape and rate (mlpaint/configs/algorithms.yaml).
 _SHIPPED_SHAPE = {**_CHAMPION_SHARED, "num_leaves": 15, "learning_rate": 0.2}
-_ONE_PIXEL_SHIFT = {"feature_shift": {"probability": 1.0, "max_px": 1}}
-_MILD_MOVES = {"affine": {"probability": 1.0, "max_shift_px": 2.0, "max_rotation_deg": 8.0,
-                          "scale_min": 0.9, "scale_max": 1.1, "max_shear_deg": 10.0},
-               "elastic": {"probability": 0.5, "alpha": 20.0, "sigma": 4.0},
-               "stroke": {"probability": 0.3, "min_strength": 0.5, "max_strength": 1.0}}
 CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max rounds)
     "c3-31leaves": ({"copies": 3}, {**_CHAMPION_SHARED, "num_leaves": 31,
                                     "learning_rate": 0.15}, 1000),
@@ -253,14 +248,6 @@ CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max roun
     "c2-wide-pen": ({"copies": 2, "as_drawn": {"probability": 0.5, "min_stroke": 0.03,
                                                "max_stroke": 0.30}},
                     _SHIPPED_SHAPE, 400),
-    # Every copy moved by one whole pixel after deskewing (which re-centres each digit and so
-    # undoes the pixel-level shift), with the shipped shape, and with larger trees.
-    "c2-shift-800": ({"copies": 2, **_ONE_PIXEL_SHIFT}, _SHIPPED_SHAPE, 800),
-    "c2-shift-31leaves": ({"copies": 2, **_ONE_PIXEL_SHIFT},
-                          {**_CHAMPION_SHARED, "num_leaves": 31, "learning_rate": 0.15}, 800),
-    # The same, with the MNIST-like moves milder (rotation 8 degrees, scale 0.9-1.1; elastic
-    # more often but weaker; stroke changes less often), "as drawn" as shipped.
-    "c2-shift-mild-800": ({"copies": 2, **_ONE_PIXEL_SHIFT, **_MILD_MOVES}, _SHIPPED_SHAPE, 800),
 }
 
 
@@ -271,7 +258,7 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
     official test set is not read."""
 
     from bench.robustness import decode_canvases, generate, summarise
-    from mlpaint.augment import AugmentSpec, augmented_features
+    from mlpaint.augment import AugmentSpec, augment
     from mlpaint.features import apply_feature_stage
 
     configs = REPO / "mlpaint/configs"
@@ -287,9 +274,9 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
     train_x, train_y, _, _ = _load(mnist)
     held_out = _mldb_held_out(len(train_y))
     start = time.perf_counter()
-    copies, source = augmented_features(train_x[~held_out], spec, seed=0, stage="deskew")
+    copies, source = augment(train_x[~held_out], spec, seed=0)
     augment_seconds = time.perf_counter() - start
-    x = np.concatenate([apply_feature_stage("deskew", train_x[~held_out]), copies])
+    x = apply_feature_stage("deskew", np.concatenate([train_x[~held_out], copies]))
     y = np.concatenate([train_y[~held_out], train_y[~held_out][source]])
     del copies
     vx = apply_feature_stage("deskew", train_x[held_out])

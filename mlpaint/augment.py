@@ -18,13 +18,6 @@ Each copy of a row goes through, in this order, each transform whose probability
   drawing preprocessing (`mlpaint.preprocess.to_mnist`), so training sees what serving sees.
   Where on the canvas it was drawn does not matter: that function crops to the ink first.
 
-Then, after the feature stage (`augmented_features`):
-
-- **feature shift**: the copy's feature image moved by whole pixels. The deskew stage puts
-  every digit's centre of mass back in the middle of the frame, undoing the affine shift
-  above, so without this a tree model only ever sees digits centred to the pixel and leans
-  on exactly where each stroke falls.
-
 Geometry and stroke work on the whole stack at once; "as drawn" thins, measures and
 re-renders one digit at a time (skeletonisation, distance transform and the app's
 preprocessing are per-image operations), about 1.5 ms a digit.
@@ -36,12 +29,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
-from mlpaint.features import FeatureStage, apply_feature_stage, as_images
+from mlpaint.features import as_images
 
 # Bumped whenever a transform changes what it produces, so cached augmented sets are rebuilt.
 AUGMENT_CODE_VERSION = "1"
-# The feature shift's random stream: apart from every copy's own ([seed, copy], copy < 16).
-_FEATURE_SHIFT_STREAM = 1_000
 
 _CENTRE = (IMAGE_SIDE - 1) / 2.0
 _AS_DRAWN_UPSCALE = 3  # render resolution: 84x84, enough for a smooth pen edge
@@ -86,15 +77,6 @@ class AsDrawnAugment(_Transform):
                               description="widest pen, as a fraction of the digit's height")
 
 
-class FeatureShiftAugment(_Transform):
-    """A whole-pixel move of the copy after the feature stage, by an offset drawn uniformly
-    from those within `max_px` on each axis other than (0, 0); what moves off the frame is
-    lost, what comes in is blank. Off unless asked for, as in the packaged default."""
-
-    probability: float = Field(0.0, ge=0.0, le=1.0)
-    max_px: int = Field(1, ge=1, le=3, description="each axis, whole pixels")
-
-
 class AugmentSpec(BaseModel):
     """How many augmented copies each training row gets, and how they are made. Copies are
     made only of the rows a model trains on; `copies: 0` turns augmentation off."""
@@ -107,7 +89,6 @@ class AugmentSpec(BaseModel):
     affine: AffineAugment = Field(default_factory=AffineAugment)
     stroke: StrokeAugment = Field(default_factory=StrokeAugment)
     as_drawn: AsDrawnAugment = Field(default_factory=AsDrawnAugment)
-    feature_shift: FeatureShiftAugment = Field(default_factory=FeatureShiftAugment)
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> AugmentSpec:
@@ -260,43 +241,6 @@ def augment_images(images: np.ndarray, spec: AugmentSpec,
     for row in np.flatnonzero(use_as_drawn):
         result[row] = render_as_drawn(result[row], float(pen[row]))
     return result
-
-
-def shift_features(features: np.ndarray, spec: FeatureShiftAugment,
-                   rng: np.random.Generator) -> np.ndarray:
-    """A (N, 784) feature matrix laid out as 28x28 images, each row moved by whole pixels
-    with the spec's probability (a new array; the input is left as it was)."""
-    images = np.asarray(features).reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-    n = images.shape[0]
-    reach = spec.max_px
-    offsets = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)
-               if (dy, dx) != (0, 0)]
-    # Drawn for every row whatever the probability, like the pixel transforms' parameters.
-    moved = rng.random(n) < spec.probability
-    chosen = rng.integers(0, len(offsets), n)
-    padded = np.pad(images, ((0, 0), (reach, reach), (reach, reach)))
-    out = images.copy()
-    for index, (dy, dx) in enumerate(offsets):
-        rows = np.flatnonzero(moved & (chosen == index))
-        if rows.size:
-            # Output pixel (r, c) shows input pixel (r - dy, c - dx): the digit moves by (dy, dx).
-            out[rows] = padded[rows, reach - dy:reach - dy + IMAGE_SIDE,
-                               reach - dx:reach - dx + IMAGE_SIDE]
-    return out.reshape(n, -1)
-
-
-def augmented_features(pixels: np.ndarray, spec: AugmentSpec, seed: int,
-                       stage: FeatureStage | str) -> tuple[np.ndarray, np.ndarray]:
-    """`augment`'s copies through the feature stage, then shifted (`spec.feature_shift`):
-    what a model trains on, and for each copy the position of the row it was made from.
-    Training and `bench.train` both make augmented features here."""
-    copies, source = augment(pixels, spec, seed)
-    features = apply_feature_stage(stage, copies)
-    del copies
-    if spec.feature_shift.probability > 0 and len(features):
-        features = shift_features(features, spec.feature_shift,
-                                  np.random.default_rng([seed, _FEATURE_SHIFT_STREAM]))
-    return features, source
 
 
 def fold_training_rows(train_rows: np.ndarray, copy_source: np.ndarray) -> np.ndarray:

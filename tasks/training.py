@@ -18,7 +18,7 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augmented_features
+from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
 from mlpaint.catalog import (
     AUGMENTED,
     FEATURES,
@@ -115,10 +115,9 @@ def prepare_augmented(table: str, stage: FeatureStage, limit: int | None,
     if catalog.is_finished(location):
         return AugmentedMatrix(location, rows * augment_spec.copies)
     start = time.perf_counter()
-    features, source = augmented_features(np.asarray(split.pixels[:rows]), augment_spec, seed,
-                                          stage)
+    pixels, source = augment(np.asarray(split.pixels[:rows]), augment_spec, seed)
     with catalog.staging(location) as staging:
-        np.save(staging / "features.npy", features)
+        np.save(staging / "features.npy", apply_feature_stage(stage, pixels))
         np.save(staging / "labels.npy", np.asarray(split.labels[:rows])[source])
         np.save(staging / "source_row.npy", source)
         catalog.finish(staging, location)
@@ -150,13 +149,12 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
                                int((~wild).sum()), int((~wild).sum()) * (1 + copies),
                                int(wild.sum()), snapshot.rejected, feedback_spec.weight)
     if not catalog.is_finished(location):
-        train_features = apply_feature_stage(stage, train_pixels)
         if copies:
-            extra_features, source = augmented_features(train_pixels, augment_spec, seed, stage)
-            train_features = np.concatenate([train_features, extra_features])
+            extra_pixels, source = augment(train_pixels, augment_spec, seed)
+            train_pixels = np.concatenate([train_pixels, extra_pixels])
             train_labels = np.concatenate([train_labels, train_labels[source]])
         with catalog.staging(location) as staging:
-            np.save(staging / "train_features.npy", train_features)
+            np.save(staging / "train_features.npy", apply_feature_stage(stage, train_pixels))
             np.save(staging / "train_labels.npy", train_labels)
             np.save(staging / "wild_features.npy",
                     apply_feature_stage(stage, snapshot.pixels[wild]))

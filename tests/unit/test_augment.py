@@ -9,19 +9,15 @@ from mlpaint.augment import (
     AsDrawnAugment,
     AugmentSpec,
     ElasticAugment,
-    FeatureShiftAugment,
     StrokeAugment,
     affine_matrices,
     augment,
-    augmented_features,
     change_stroke,
     elastic_fields,
     fold_training_rows,
     render_as_drawn,
-    shift_features,
     warp,
 )
-from mlpaint.features import apply_feature_stage
 from mlpaint.training.spec import KFolds, MldbFolds, plan_folds
 
 OFF = {"elastic": ElasticAugment(probability=0), "affine": AffineAugment(probability=0),
@@ -164,56 +160,6 @@ def test_as_drawn_redraws_with_a_uniform_pen_centred_like_mnist(images):
         assert inked_rows[-1] - inked_rows[0] + 1 >= 19  # scaled to MNIST's 20-pixel box
     blank = np.zeros((28, 28), dtype=np.uint8)
     assert np.array_equal(render_as_drawn(blank, 0.1), blank)
-
-
-def _offset_of(moved: np.ndarray, original: np.ndarray, reach: int) -> tuple[int, int] | None:
-    """The whole-pixel move (dy, dx) within `reach` that turns `original` into `moved`."""
-    for dy in range(-reach, reach + 1):
-        for dx in range(-reach, reach + 1):
-            if np.array_equal(np.roll(original, (dy, dx), axis=(0, 1)), moved):
-                return dy, dx
-    return None
-
-
-def test_feature_shift_moves_each_row_by_whole_pixels_within_reach():
-    rng = np.random.default_rng(5)
-    features = np.zeros((300, 28, 28), dtype=np.float32)
-    features[:, 4:24, 4:24] = rng.random((300, 20, 20))  # a blank margin: nothing falls off
-    for reach in (1, 2):
-        moved = shift_features(features.reshape(300, -1),
-                               FeatureShiftAugment(probability=1.0, max_px=reach),
-                               np.random.default_rng(0))
-        assert moved.shape == (300, 784) and moved.dtype == np.float32
-        offsets = {_offset_of(m, f, reach)
-                   for m, f in zip(moved.reshape(-1, 28, 28), features, strict=True)}
-        assert None not in offsets and (0, 0) not in offsets
-        assert len(offsets) == (2 * reach + 1) ** 2 - 1  # every allowed move is drawn
-    unmoved = shift_features(features.reshape(300, -1), FeatureShiftAugment(probability=0.0),
-                             np.random.default_rng(0))
-    assert np.array_equal(unmoved, features.reshape(300, -1))
-    half = shift_features(features.reshape(300, -1), FeatureShiftAugment(probability=0.5),
-                          np.random.default_rng(0)).reshape(-1, 28, 28)
-    assert 100 < sum(not np.array_equal(h, f) for h, f in zip(half, features, strict=True)) < 200
-
-
-def test_feature_shift_happens_after_the_feature_stage(images):
-    """Shifting before deskewing would be undone (the stage re-centres the ink); the copies
-    come out of the stage moved by exactly one pixel, and deterministically for a seed."""
-    spec = AugmentSpec(copies=2, **OFF, feature_shift=FeatureShiftAugment(probability=1.0))
-    features, source = augmented_features(images, spec, seed=0, stage="deskew")
-    assert features.shape == (12, 784) and features.dtype == np.float32
-    assert source.tolist() == [0, 1, 2, 3, 4, 5] * 2
-    deskewed = apply_feature_stage("deskew", images).reshape(-1, 28, 28)
-    for copy, row in zip(features.reshape(-1, 28, 28), source, strict=True):
-        dy, dx = _offset_of(copy, deskewed[row], 1)
-        assert max(abs(dy), abs(dx)) == 1
-    again, _ = augmented_features(images, spec, seed=0, stage="deskew")
-    other, _ = augmented_features(images, spec, seed=1, stage="deskew")
-    assert np.array_equal(features, again) and not np.array_equal(features, other)
-    # Off (the default): exactly the pixel copies through the stage.
-    plain, _ = augmented_features(images, AugmentSpec(copies=2), seed=0, stage="deskew")
-    assert np.array_equal(plain, apply_feature_stage(
-        "deskew", augment(images, AugmentSpec(copies=2), seed=0)[0]))
 
 
 @pytest.mark.parametrize("folds", [MldbFolds(), KFolds(k=3)])
