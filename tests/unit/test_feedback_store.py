@@ -83,6 +83,11 @@ def test_local_create_never_overwrites(tmp_path, monkeypatch, unnamed_files):
         if storage._linkat() is None:
             pytest.skip("no O_TMPFILE and linkat(2) here")
         assert storage._create_unnamed_then_link(tmp_path / "probe", b"") is True
+
+        def no_scratch_file(*_):
+            raise AssertionError("create fell back to a named scratch file")
+
+        monkeypatch.setattr(storage, "scratch_path", no_scratch_file)
     else:
         monkeypatch.setattr(storage, "_create_unnamed_then_link", lambda *_: None)
     store = LocalStore(tmp_path)
