@@ -40,7 +40,8 @@ leaves), alternating. Medians, and the resumed run's share of the full run's wal
 `ratio`: `mlpaint train --folds 5 --augment-copies 0` against a bare script that does the
 same work — parse the IDX files, the same feature stage, the same six fits with the same
 parameters, threads and concurrency, the same predictions — with nothing else: no Prefect,
-no MLflow, no checks. The two alternate, `--runs` times each; medians are quoted. By
+no MLflow, no checks. Both are timed as commands, from the interpreter's start to its exit.
+The two alternate, `--runs` times each; medians are quoted. By
 default the flow starts and stops Prefect's temporary local server itself, as `mlpaint
 train` does on a fresh machine; `--prefect-server-port` runs it against `prefect server
 start` instead, as deployed and scheduled runs are.
@@ -425,8 +426,9 @@ def part_resume(mnist: Path, runs: int, folds: int) -> dict:
     return result
 
 
-def _bare(mnist: Path, folds: int, stage: str) -> float:
-    """The same fits as `mlpaint train --folds K --features STAGE`, with nothing around them."""
+def _bare_fits(mnist: Path, folds: int, stage: str) -> None:
+    """The same fits as `mlpaint train --folds K --features STAGE`, with nothing around them:
+    the bare script `_bare` runs as a command of its own."""
     import lightgbm as lgb
 
     from mlpaint.data.catalog import Split
@@ -435,7 +437,6 @@ def _bare(mnist: Path, folds: int, stage: str) -> float:
     from mlpaint.training.algorithms import lightgbm_params, load_algorithms
     from mlpaint.training.fits import fit_threads
 
-    start = time.perf_counter()
     config = load_algorithms()["lgbm"]
     train_x, train_y, test_x, test_y = _load(mnist)
     features, test_features = apply_feature_stage(stage, train_x), apply_feature_stage(stage,
@@ -452,16 +453,27 @@ def _bare(mnist: Path, folds: int, stage: str) -> float:
         else:
             x, y, tx, ty = features, train_y, test_features, test_y
         params = lightgbm_params(config.params, seed=fold if fold < folds else 0,
-                              num_threads=threads)
+                                 num_threads=threads)
         booster = lgb.train(params, lgb.Dataset(x, y, params=params),
                             num_boost_round=config.rounds)
-        return float((booster.predict(tx).argmax(1) == ty).mean())
+        # Scored with the fit's threads, as the flow scores its fits (see fits.py).
+        return float((booster.predict(tx, num_threads=threads).argmax(1) == ty).mean())
 
     # The final fit first, as the flow submits it.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         accuracies = list(pool.map(fit, [folds, *range(folds)]))
     logger.info("bare accuracies %s", accuracies)
-    return time.perf_counter() - start
+
+
+def _bare(mnist: Path, folds: int, stage: str) -> float:
+    """Wall seconds of the bare script as a command of its own, from the interpreter's start
+    to its exit, as the flow's `mlpaint train` is timed: its imports count, as the flow's do."""
+    code = (f"import logging; logging.basicConfig(level=logging.INFO); "
+            f"from pathlib import Path; from bench.train import _bare_fits; "
+            f"_bare_fits(Path({str(mnist)!r}), {folds}, {stage!r})")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return timed_run([sys.executable, "-c", code], env, timeout_s=None).seconds
 
 
 @contextlib.contextmanager

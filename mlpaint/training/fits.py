@@ -103,12 +103,17 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
                         seed=seed, num_threads=threads, weights=weights)
     seconds = time.perf_counter() - start
-    evaluation = evaluate(test[1], model.predict_proba(test[0]))
-    train_evaluation = (evaluate(train[1], model.predict_proba(train[0])) if eval_train
-                        else None)
+    # Scored with the fit's own thread count. LightGBM keeps its thread count in one
+    # process-wide setting that every call with parameters overwrites: a prediction on
+    # "every core" would switch the fits still training beside this one to every core
+    # too, until the next fit starts, and four threads would then fight over two cores.
+    evaluation = evaluate(test[1], model.predict_proba(test[0], num_threads=threads))
+    train_evaluation = (evaluate(train[1], model.predict_proba(train[0], num_threads=threads))
+                        if eval_train else None)
     if feedback is not None and feedback.wild_rows:
         wild_features, wild_labels = feedback.load_wild()
-        wild_evaluation = evaluate(wild_labels, model.predict_proba(wild_features))
+        wild_evaluation = evaluate(wild_labels, model.predict_proba(wild_features,
+                                                                    num_threads=threads))
     model.save(model_dir)
     logger.info("%s: accuracy %.4f on %d rows%s (fit %.1f s)", name, evaluation.accuracy,
                 evaluation.rows, f", {wild_evaluation.accuracy:.4f} on {wild_evaluation.rows} "

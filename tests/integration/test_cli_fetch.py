@@ -3,7 +3,12 @@
 import json
 import os
 import re
+import socket
 import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import boto3
 import pytest
@@ -11,7 +16,7 @@ import requests
 
 from mlpaint.data.catalog import DEFAULT_MIRRORS, PUBLISHED_LABEL_COUNTS, Split
 from mlpaint.processes import free_port
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -97,6 +102,51 @@ def test_without_an_api_url_the_command_brings_a_temporary_server(shared_mnist, 
     # read one, and ending a run with heartbeats on waits for the heartbeat thread.
     assert "prefect.flow-run.Completed" in events
     assert "prefect.flow-run.heartbeat" not in events
+
+
+def test_a_killed_command_takes_its_temporary_server_with_it(tmp_path):
+    """SIGKILL runs none of the command's cleanup; the kernel still ends the temporary
+    server it launched (PR_SET_PDEATHSIG), which would otherwise keep running for good."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLPAINT_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PREFECT_API_URL", None)
+    # A source that accepts connections and never answers keeps the flow busy until killed.
+    with socket.socket() as silent, open(tmp_path / "stderr", "w+") as stderr:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        source = f"http://127.0.0.1:{silent.getsockname()[1]}/mnist/"
+        command = subprocess.Popen(
+            [str(Path(sys.executable).parent / "mlpaint"), "data", "fetch", "--source", source],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
+        try:
+            api = _wait_for(lambda: re.search(
+                r"temporary Prefect server on (http://127\.0\.0\.1:\d+/api)",
+                (tmp_path / "stderr").read_text()), "the server's address")[1]
+            _wait_for(lambda: "Beginning flow run" in (tmp_path / "stderr").read_text(),
+                      "the flow to begin")
+            assert command.poll() is None, (tmp_path / "stderr").read_text()
+            command.kill()
+            command.wait(timeout=10)
+        finally:
+            command.kill()
+
+        def gone() -> bool:
+            try:
+                requests.get(f"{api}/health", timeout=2)
+            except requests.ConnectionError:
+                return True
+            return False
+
+        _wait_for(gone, "the temporary server to stop")
+
+
+def _wait_for(condition, what: str, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+    return result
 
 
 def test_failure_is_one_line_and_nonzero(cli_env, tmp_path):
