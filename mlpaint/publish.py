@@ -96,17 +96,19 @@ class GateDecision:
 
 def decide(candidate_accuracy: float, champion_accuracy: float | None,
            champion_version: str | None, *, margin: float, force: bool,
-           wild: WildScores | None = None) -> GateDecision:
+           wild: WildScores | None = None, champion_name: str | None = None) -> GateDecision:
     """Promote unless the candidate is worse than the champion by more than `margin` on the
     official test set, or (with a wild set) any worse on the wild set: drawings people made
     and labelled, which neither model trained on. A flood of wrong labels therefore cannot
-    crown a model that reads MNIST worse. `force` promotes regardless."""
+    crown a model that reads MNIST worse. `force` promotes regardless. The reason names the
+    champion by `champion_name`, else as registry version `champion_version`."""
     if champion_accuracy is None:
         promote, reason = True, "no champion yet"
     else:
         test_ok = candidate_accuracy >= champion_accuracy - margin
         reason = (f"official test accuracy {candidate_accuracy:.4f} against the champion's "
-                  f"{champion_accuracy:.4f} (version {champion_version}, margin {margin:.4f}): "
+                  f"{champion_accuracy:.4f} ({champion_name or f'version {champion_version}'}"
+                  f", margin {margin:.4f}): "
                   + ("not worse" if test_ok else "worse by more than the margin"))
         wild_ok = True
         if wild is not None and wild.rows and wild.champion_accuracy is not None:

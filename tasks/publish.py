@@ -14,7 +14,10 @@ from prefect.logging import get_run_logger
 
 from mlpaint.bundle import (
     BundleInfo,
+    BundleIntegrityError,
     PublishResult,
+    current_pointer,
+    load_bundle,
     publish_bundle,
 )
 from mlpaint.catalog import place_in_cache
@@ -117,41 +120,69 @@ def _read_built(folder: Path) -> BuiltBundle:
 
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)
 def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
-         margin: float, force: bool, tracking_uri: str, feedback_store: str | None = None,
-         wild_share: float = 0.2) -> GateDecision:
+         margin: float, force: bool, tracking_uri: str, destination: str,
+         feedback_store: str | None = None, wild_share: float = 0.2) -> GateDecision:
     """Score the current champion on the same official test set (and, given a feedback
-    store, candidate and champion on its wild test set) and decide. The candidate's test
+    store, candidate and champion on its wild test set) and decide. The champion is the
+    registry's `champion` version; where the registry names none, the model of the bundle
+    `destination`'s LATEST names, which people are being served. The candidate's test
     accuracy and model come from its built bundle, not from the registry again."""
     candidate_accuracy = built.test_accuracy
     champion = version_with_alias(tracking_client(tracking_uri), REGISTERED_MODEL_NAME,
                                   CHAMPION)
-    wild = None
-    champion_accuracy = None
-    if champion is not None and str(champion.version) == candidate.version:
-        champion_accuracy = candidate_accuracy
-    elif champion is not None:
-        table = load_table(Path(test_table_dir))
+    champion_version = str(champion.version) if champion else None
+    champion_name = None
+    if champion_version == candidate.version:
+        return _decided(decide(candidate_accuracy, candidate_accuracy, champion_version,
+                               margin=margin, force=force))
+    if champion is not None:
         try:
-            model = load_registered_model(REGISTERED_MODEL_NAME, str(champion.version),
+            model = load_registered_model(REGISTERED_MODEL_NAME, champion_version,
                                           tracking_uri)
         except ModelFormatError:
             if not force:
                 raise
             # An operator replacing a champion that an older mlpaint registered: it cannot
             # be scored, and the decision says so rather than "no champion yet".
-            decision = GateDecision(
-                True, CHAMPION, candidate_accuracy, None, str(champion.version), margin, True,
-                f"forced by the operator; champion version {champion.version} was registered "
-                "by an older mlpaint and cannot be scored")
-            get_run_logger().info("gate: %s — %s", decision.alias, decision.reason)
-            return decision
+            return _decided(GateDecision(
+                True, CHAMPION, candidate_accuracy, None, champion_version, margin, True,
+                f"forced by the operator; champion version {champion_version} was "
+                "registered by an older mlpaint and cannot be scored"))
+    else:
+        model, champion_name = _served_model(destination)
+    champion_accuracy = wild = None
+    if model is not None:
+        table = load_table(Path(test_table_dir))
         champion_accuracy = accuracy(model, table.pixels, table.labels)
         if feedback_store:
             wild = _wild_scores(DigitModel.load(Path(built.staging) / "model"), model,
                                 feedback_store, wild_share)
-    decision = decide(candidate_accuracy, champion_accuracy,
-                      str(champion.version) if champion else None, margin=margin, force=force,
-                      wild=wild)
+    return _decided(decide(candidate_accuracy, champion_accuracy, champion_version,
+                           margin=margin, force=force, wild=wild, champion_name=champion_name))
+
+
+def _served_model(destination: str) -> tuple[DigitModel | None, str | None]:
+    """The model of the bundle LATEST names at `destination`, and how a decision names it;
+    (None, None) where nothing is served there yet. A registry without a champion (a new
+    MLflow store publishing to an existing destination) must not let a worse model replace
+    the one people are served."""
+    served = current_pointer(destination)
+    if served is None:
+        return None, None
+    try:
+        bundle = load_bundle(destination, version=served)
+        model = bundle.model()
+    except (BundleIntegrityError, ModelFormatError, FileNotFoundError) as exc:
+        # Nothing a server could load either: replacing it can only help.
+        get_run_logger().warning("gate: the bundle %s that LATEST names at %s cannot be read "
+                                 "(%s); gating as if nothing were served", served,
+                                 destination, exc)
+        return None, None
+    return model, (f"the served bundle {served} (model version "
+                   f"{bundle.info.model_version} of the registry that published it)")
+
+
+def _decided(decision: GateDecision) -> GateDecision:
     get_run_logger().info("gate: %s — %s", decision.alias, decision.reason)
     return decision
 

@@ -250,3 +250,27 @@ def test_a_rerun_reuses_the_built_bundle_and_leaves_no_work_area(harness, regist
     other = _publish(registry, monkeypatch, model_version="3", to=dest, force=True)
     assert other.bundle.version != first.bundle.version  # another model, built anew
     assert set(work.iterdir()) == left_before
+
+
+def test_without_a_champion_in_the_registry_the_served_bundle_is_the_one_to_beat(
+        harness, registry, monkeypatch, tmp_path):
+    """A registry naming no champion (a new MLflow store, or the alias removed) publishing to a
+    destination that already serves a model: the gate scores the served bundle, so a worse
+    candidate is not served in its place."""
+    client = MlflowClient(registry["uri"], registry["uri"])
+    dest = str(tmp_path / "bundles")
+    aliases_before = dict(client.get_registered_model("mnist-digits").aliases)
+    served = _publish(registry, monkeypatch, model_version="1", to=dest, force=True)
+    assert read_latest(store_for(dest)) == served.bundle.version
+    client.delete_registered_model_alias("mnist-digits", "champion")
+    try:
+        worse = _publish(registry, monkeypatch, model_version="2", to=dest)
+        assert not worse.decision.promote and worse.decision.alias == "challenger"
+        assert f"the served bundle {served.bundle.version}" in worse.decision.reason
+        assert worse.decision.champion_accuracy > worse.decision.candidate_accuracy
+        assert read_latest(store_for(dest)) == served.bundle.version  # LATEST untouched
+    finally:
+        for alias in client.get_registered_model("mnist-digits").aliases:
+            client.delete_registered_model_alias("mnist-digits", alias)
+        for alias, version in aliases_before.items():
+            client.set_registered_model_alias("mnist-digits", alias, version)
