@@ -178,8 +178,8 @@ def _served_model(destination: str) -> tuple[DigitModel | None, str | None]:
                                  "(%s); gating as if nothing were served", served,
                                  destination, exc)
         return None, None
-    return model, (f"the served bundle {served} (model version "
-                   f"{bundle.info.model_version} of the registry that published it)")
+    return model, (f"the served bundle {served}, model version {bundle.info.model_version} "
+                   "of the registry that published it")
 
 
 def _decided(decision: GateDecision) -> GateDecision:
