@@ -120,13 +120,14 @@ def _read_built(folder: Path) -> BuiltBundle:
 
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)
 def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
-         margin: float, force: bool, tracking_uri: str, destination: str,
+         margin: float, force: bool, tracking_uri: str, destination: str, cache_dir: str,
          feedback_store: str | None = None, wild_share: float = 0.2) -> GateDecision:
     """Score the current champion on the same official test set (and, given a feedback
     store, candidate and champion on its wild test set) and decide. The champion is the
     registry's `champion` version; where the registry names none, the model of the bundle
-    `destination`'s LATEST names, which people are being served. The candidate's test
-    accuracy and model come from its built bundle, not from the registry again."""
+    `destination`'s LATEST names, which people are being served (a remote one copied into
+    `cache_dir`). The candidate's test accuracy and model come from its built bundle, not
+    from the registry again."""
     candidate_accuracy = built.test_accuracy
     champion = version_with_alias(tracking_client(tracking_uri), REGISTERED_MODEL_NAME,
                                   CHAMPION)
@@ -149,7 +150,7 @@ def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
                 f"forced by the operator; champion version {champion_version} was "
                 "registered by an older mlpaint and cannot be scored"))
     else:
-        model, champion_name = _served_model(destination)
+        model, champion_name = _served_model(destination, Path(cache_dir))
     champion_accuracy = wild = None
     if model is not None:
         table = load_table(Path(test_table_dir))
@@ -161,7 +162,7 @@ def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
                            margin=margin, force=force, wild=wild, champion_name=champion_name))
 
 
-def _served_model(destination: str) -> tuple[DigitModel | None, str | None]:
+def _served_model(destination: str, cache_dir: Path) -> tuple[DigitModel | None, str | None]:
     """The model of the bundle LATEST names at `destination`, and how a decision names it;
     (None, None) where nothing is served there yet. A registry without a champion (a new
     MLflow store publishing to an existing destination) must not let a worse model replace
@@ -170,7 +171,7 @@ def _served_model(destination: str) -> tuple[DigitModel | None, str | None]:
     if served is None:
         return None, None
     try:
-        bundle = load_bundle(destination, version=served)
+        bundle = load_bundle(destination, version=served, cache_dir=cache_dir)
         model = bundle.model()
     except (BundleIntegrityError, ModelFormatError, FileNotFoundError) as exc:
         # Nothing a server could load either: replacing it can only help.
