@@ -57,32 +57,42 @@ def render_sample_grid(table: SplitTable, destination: Path, *, per_label: int =
                              title=table.split.value, per_label=per_label, seed=seed)
 
 
+# The grid's drawing: each digit's pixels scaled up this many times, a band for the title
+# on top and one for the digit labels on the left.
+_GRID_SCALE = 2
+_GRID_TITLE_BAND = 28
+_GRID_LABEL_BAND = 24
+_GRID_FONT_SIZE = 14
+
+
 def render_label_grid(images: np.ndarray, labels: np.ndarray, destination: Path, *,
                       title: str, per_label: int = 10, seed: int = 0) -> Path:
     """A PNG with one row per digit and up to `per_label` sampled images (N x 28 x 28) of
-    it; a digit with fewer examples leaves its row short."""
-    import matplotlib
+    it, dark ink on white; a digit with fewer examples leaves its row short.
 
-    matplotlib.use("Agg")  # headless; called at run time, never at import
-    import matplotlib.pyplot as plt
+    Drawn with Pillow, not matplotlib: it is on the training flow's way to its first fit,
+    where matplotlib's import and figure took 0.45 s for the two splits' grids."""
+    from PIL import Image, ImageDraw, ImageFont
 
     chosen = sample_indices(labels, per_label, seed)
-    # One image drawn once: a hundred separate axes took matplotlib 1.5 s per grid.
     mosaic = sample_mosaic(images, chosen, per_label)
-    cell = (mosaic.shape[0] + 2) / N_CLASSES
-    figure, axis = plt.subplots(figsize=(per_label * 0.8, N_CLASSES * 0.8))
-    axis.imshow(mosaic, cmap="gray_r", vmin=0, vmax=255, interpolation="nearest")
-    axis.set_xticks([])
-    axis.set_yticks([digit * cell + images.shape[1] / 2 - 0.5 for digit in range(N_CLASSES)],
-                    labels=[str(digit) for digit in range(N_CLASSES)], fontsize=12)
-    axis.tick_params(length=0)
-    for spine in axis.spines.values():
-        spine.set_visible(False)
-    axis.set_title(f"{title}: {per_label} samples per digit (seed {seed})")
-    figure.tight_layout()
+    ink = Image.fromarray(255 - mosaic, mode="L").resize(
+        (mosaic.shape[1] * _GRID_SCALE, mosaic.shape[0] * _GRID_SCALE), Image.NEAREST)
+    canvas = Image.new("L", (ink.width + _GRID_LABEL_BAND, ink.height + _GRID_TITLE_BAND),
+                       255)
+    canvas.paste(ink, (_GRID_LABEL_BAND, _GRID_TITLE_BAND))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=_GRID_FONT_SIZE)
+    draw.text((canvas.width // 2, _GRID_TITLE_BAND // 2),
+              f"{title}: {per_label} samples per digit (seed {seed})", fill=0, font=font,
+              anchor="mm")
+    row_height = (mosaic.shape[0] + 2) / N_CLASSES * _GRID_SCALE  # the mosaic's gap is 2
+    side = images.shape[1] * _GRID_SCALE
+    for digit in range(N_CLASSES):
+        draw.text((_GRID_LABEL_BAND // 2, _GRID_TITLE_BAND + digit * row_height + side / 2),
+                  str(digit), fill=0, font=font, anchor="mm")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(destination, dpi=80)
-    plt.close(figure)
+    canvas.save(destination)
     return destination
 
 

@@ -67,6 +67,25 @@ def test_a_damaged_file_is_named_not_read(catalog, tmp_path, monkeypatch):
     assert not catalog.is_finished(location)
 
 
+def test_the_writer_reads_what_it_finished_without_hashing_it_again(catalog, monkeypatch):
+    import mlpaint.catalog as catalog_module
+
+    hashed = []
+    real = catalog_module.sha256_file
+    monkeypatch.setattr(catalog_module, "sha256_file",
+                        lambda path: hashed.append(path.name) or real(path))
+    location = _write(catalog, "ghi", np.ones(5, np.float32))
+    assert sorted(hashed) == ["features.npy", "trees.txt"]  # once, to write the manifest
+    folder = local_folder(location)
+    assert sorted(hashed) == ["features.npy", "trees.txt"]
+    (folder / "model" / "trees.txt").write_text("tre")  # changed since: hashed again
+    if catalog.remote:  # the damaged local copy is downloaded again
+        assert (local_folder(location) / "model" / "trees.txt").read_text() == "tree"
+    else:
+        with pytest.raises(IntegrityError, match=r"trees\.txt does not match"):
+            local_folder(location)
+
+
 def test_tables_are_shared_by_uri_only_when_the_store_cannot_see_them(catalog, tmp_path):
     table = tmp_path / "writer-cache" / "tables" / "0123" / "train"
     table.mkdir(parents=True)

@@ -65,3 +65,16 @@ def test_blank_image_stays_blank_and_shapes_are_checked():
     assert not apply_feature_stage("deskew", np.zeros((1, 784), np.uint8)).any()
     with pytest.raises(ValueError, match="expected N x 784"):
         apply_feature_stage("raw", np.zeros((2, 100), np.uint8))
+
+
+def test_a_large_matrix_split_across_threads_is_deskewed_row_for_row(monkeypatch):
+    import mlpaint.features as features_module
+
+    images = np.random.default_rng(2).integers(0, 256, (300, 28, 28)).astype(np.uint8)
+    images[np.random.default_rng(3).random(images.shape) < 0.8] = 0
+    whole = apply_feature_stage(FeatureStage.DESKEW, images)  # 300 rows: one thread
+    monkeypatch.setattr(features_module, "_ROWS_PER_THREAD", 64)
+    monkeypatch.setattr(features_module.os, "cpu_count", lambda: 3)  # blocks of 100 rows
+    split = apply_feature_stage(FeatureStage.DESKEW, images)
+    assert np.array_equal(split, whole)
+    assert np.array_equal(split[150], apply_feature_stage(FeatureStage.DESKEW, images[150:151])[0])
