@@ -327,8 +327,8 @@ def local_folder(uri: str) -> Path:
 
 def _file_stats(folder: Path, manifest: bytes) -> tuple:
     """The size and modification time of each file the manifest lists."""
-    return tuple((name, (folder / name).stat().st_size, (folder / name).stat().st_mtime_ns)
-                 for name in json.loads(manifest)["files"])
+    stats = {name: (folder / name).stat() for name in json.loads(manifest)["files"]}
+    return tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
 
 
 def _remember_verified(folder: Path, manifest: bytes) -> None:
