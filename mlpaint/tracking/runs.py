@@ -42,32 +42,101 @@ def write_evaluation_artifacts(evaluation: Evaluation, folder: Path, title: str)
     return [confusion_json, statistics_csv, heatmap]
 
 
-def render_confusion_heatmap(evaluation: Evaluation, destination: Path, title: str) -> Path:
-    import matplotlib
+# viridis at nine evenly spaced points; the heat map's colours are interpolated between them.
+_VIRIDIS = np.array([[0x44, 0x01, 0x54], [0x47, 0x2D, 0x7B], [0x3B, 0x52, 0x8B],
+                     [0x2C, 0x72, 0x8E], [0x21, 0x90, 0x8C], [0x27, 0xAD, 0x81],
+                     [0x5D, 0xC8, 0x63], [0xAA, 0xDC, 0x32], [0xFD, 0xE7, 0x25]], dtype=float)
+# The heat map's drawing, in pixels: a square cell per (actual, predicted) pair, bands for
+# the title, the axes' names and ticks, and the colour bar on the right.
+_CELL = 44
+_TITLE_BAND = 34
+_LEFT_BAND = 64
+_BOTTOM_BAND = 52
+_BAR_GAP = 18
+_BAR_WIDTH = 20
+_BAR_LABELS = 56
+_HEATMAP_FONT_SIZE = 13
+_COUNT_FONT_SIZE = 11
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
+
+def viridis(positions: np.ndarray) -> np.ndarray:
+    """RGB (uint8) of the viridis colour map at `positions` in [0, 1] (clipped)."""
+    scaled = np.clip(np.asarray(positions, dtype=float), 0.0, 1.0) * (len(_VIRIDIS) - 1)
+    low = np.minimum(np.floor(scaled).astype(int), len(_VIRIDIS) - 2)
+    share = (scaled - low)[..., None]
+    return np.rint(_VIRIDIS[low] * (1 - share) + _VIRIDIS[low + 1] * share).astype(np.uint8)
+
+
+def log_colour_positions(counts: np.ndarray, top: int) -> np.ndarray:
+    """Where each count (>= 1) lies on a log colour scale from 1 (0.0) to `top` (1.0)."""
+    return np.log(np.maximum(counts, 1)) / np.log(max(top, 2))
+
+
+def render_confusion_heatmap(evaluation: Evaluation, destination: Path, title: str) -> Path:
+    """The confusion matrix as a PNG: rows actual, columns predicted, each non-zero cell
+    coloured on a log scale (so the few off-diagonal errors stay visible) with its count,
+    zero cells left white, and a colour bar.
+
+    Drawn with Pillow, not matplotlib: it is drawn for every fit while the others train,
+    where matplotlib's import and figures took CPU the fits lose (0.3 s, then 0.16 s a
+    matrix)."""
+    from PIL import Image, ImageDraw, ImageFont
 
     matrix = np.asarray(evaluation.confusion)
-    figure, axis = plt.subplots(figsize=(6.5, 5.5))
-    shown = np.ma.masked_equal(matrix, 0)
-    image = axis.imshow(shown, cmap="viridis", norm=LogNorm(vmin=1, vmax=max(matrix.max(), 2)))
-    for actual in range(matrix.shape[0]):
-        for predicted in range(matrix.shape[1]):
-            if matrix[actual, predicted]:
-                axis.text(predicted, actual, str(matrix[actual, predicted]), ha="center",
-                          va="center", fontsize=7,
-                          color="white" if actual != predicted else "black")
-    axis.set_xlabel("predicted")
-    axis.set_ylabel("actual")
-    axis.set_xticks(range(matrix.shape[1]))
-    axis.set_yticks(range(matrix.shape[0]))
-    axis.set_title(f"{title}: accuracy {evaluation.accuracy:.4f} (log colour scale)")
-    figure.colorbar(image, ax=axis, label="count")
-    figure.tight_layout()
-    figure.savefig(destination, dpi=90)
-    plt.close(figure)
+    n = matrix.shape[0]
+    top = max(int(matrix.max()), 2)
+    side = n * _CELL
+    bar_left = _LEFT_BAND + side + _BAR_GAP
+    canvas = Image.new("RGB", (bar_left + _BAR_WIDTH + _BAR_LABELS,
+                               _TITLE_BAND + side + _BOTTOM_BAND), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=_HEATMAP_FONT_SIZE)
+    small = ImageFont.load_default(size=_COUNT_FONT_SIZE)
+    colours = viridis(log_colour_positions(matrix, top))
+    for actual in range(n):
+        for predicted in range(n):
+            count = int(matrix[actual, predicted])
+            if not count:
+                continue
+            left, upper = _LEFT_BAND + predicted * _CELL, _TITLE_BAND + actual * _CELL
+            colour = tuple(int(c) for c in colours[actual, predicted])
+            draw.rectangle((left, upper, left + _CELL - 1, upper + _CELL - 1), fill=colour)
+            light = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 128
+            draw.text((left + _CELL / 2, upper + _CELL / 2), str(count), font=small,
+                      fill="black" if light else "white", anchor="mm")
+    draw.rectangle((_LEFT_BAND - 1, _TITLE_BAND - 1, _LEFT_BAND + side, _TITLE_BAND + side),
+                   outline="black")
+    for index in range(n):
+        centre = index * _CELL + _CELL / 2
+        draw.text((_LEFT_BAND + centre, _TITLE_BAND + side + 6), str(index), font=font,
+                  fill="black", anchor="mt")
+        draw.text((_LEFT_BAND - 8, _TITLE_BAND + centre), str(index), font=font,
+                  fill="black", anchor="rm")
+    draw.text((_LEFT_BAND + side / 2, _TITLE_BAND + side + _BOTTOM_BAND - 6), "predicted",
+              font=font, fill="black", anchor="mb")
+    label = Image.new("RGB", (side, _HEATMAP_FONT_SIZE + 6), "white")
+    ImageDraw.Draw(label).text((side / 2, label.height / 2), "actual", font=font,
+                               fill="black", anchor="mm")
+    canvas.paste(label.rotate(90, expand=True), (6, _TITLE_BAND))
+    draw.text((canvas.width / 2, _TITLE_BAND / 2),
+              f"{title}: accuracy {evaluation.accuracy:.4f} (log colour scale)", font=font,
+              fill="black", anchor="mm")
+    # The colour bar: 1 at the bottom, the largest count at the top, a tick per power of 10.
+    gradient = viridis(np.linspace(1.0, 0.0, side))
+    bar = np.repeat(gradient[:, None, :], _BAR_WIDTH, axis=1)
+    canvas.paste(Image.fromarray(bar, mode="RGB"), (bar_left, _TITLE_BAND))
+    draw.rectangle((bar_left - 1, _TITLE_BAND - 1, bar_left + _BAR_WIDTH, _TITLE_BAND + side),
+                   outline="black")
+    power = 1
+    while power <= top:
+        y = _TITLE_BAND + side - 1 - float(log_colour_positions(np.array(power), top)) * (
+            side - 1)
+        draw.line((bar_left + _BAR_WIDTH, y, bar_left + _BAR_WIDTH + 4, y), fill="black")
+        draw.text((bar_left + _BAR_WIDTH + 7, y), f"{power:,}", font=small, fill="black",
+                  anchor="lm")
+        power *= 10
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(destination)
     return destination
 
 

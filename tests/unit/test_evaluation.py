@@ -74,3 +74,32 @@ def test_bad_inputs_are_rejected():
         evaluate(np.array([0, 1]), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="actual labels outside"):
         evaluate(np.array([5]), np.zeros((1, 3)))
+
+
+def test_confusion_heatmap_colours_counts_on_a_log_scale_and_leaves_zeros_white(tmp_path):
+    from PIL import Image
+
+    from mlpaint.tracking.runs import (
+        _CELL,
+        _LEFT_BAND,
+        _TITLE_BAND,
+        render_confusion_heatmap,
+        viridis,
+    )
+
+    actual = np.array([0] * 100 + [1] * 10 + [1] + [2])
+    predicted = np.array([0] * 100 + [1] * 10 + [0] + [2])
+    evaluation = evaluate(actual, _one_hot(predicted, n_classes=10))
+    heatmap = render_confusion_heatmap(evaluation, tmp_path / "confusion.png", "fold 1")
+    drawn = np.asarray(Image.open(heatmap).convert("RGB"))
+
+    def fill(actual_label: int, predicted_label: int) -> np.ndarray:
+        # Inside the cell's corner, clear of the count drawn at its centre.
+        return drawn[_TITLE_BAND + actual_label * _CELL + 2,
+                     _LEFT_BAND + predicted_label * _CELL + 2]
+
+    assert (fill(0, 0) == viridis(1.0)).all()  # the largest count tops the scale
+    assert (fill(1, 1) == viridis(0.5)).all()  # 10 of 100: half way up, on a log scale
+    assert (fill(1, 0) == viridis(0.0)).all() and (fill(2, 2) == viridis(0.0)).all()  # 1
+    assert (fill(0, 1) == 255).all() and (fill(9, 9) == 255).all()  # no count: white
+    assert not np.array_equal(fill(0, 0), fill(1, 1))
