@@ -20,8 +20,9 @@ import base64
 import csv
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,10 @@ REJECTIONS = "rejections"
 ID_HEX_DIGITS = 32  # 128 bits of SHA-256: collisions are not a practical concern
 #: Reads in flight when reading a whole store: within botocore's pool of 10 connections.
 READ_THREADS = 8
+#: Reads done ahead of the one the reader waits for. Bounded: the reads outpace the parsing,
+#: and with every read submitted at once the bytes of a whole store piled up unparsed (peak
+#: memory 452 MB instead of 256 MB for 100,000 records).
+READ_AHEAD = 4 * READ_THREADS
 #: The record's pixels and label as a CSV the `*.csv` source reads (mlpaint.data.formats).
 CSV_HEADER = ("label", *(f"pixel_{i}" for i in range(N_FEATURES)))
 
@@ -181,7 +186,11 @@ class FeedbackStore:
         records)."""
         keys = [key for key in self.store.list_keys(prefix) if key.endswith(".json")]
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            for key, data in zip(keys, pool.map(self.store.get_bytes, keys), strict=True):
+            reads: deque[Future[bytes | None]] = deque()
+            for index, key in enumerate(keys):
+                while len(reads) < READ_AHEAD and index + len(reads) < len(keys):
+                    reads.append(pool.submit(self.store.get_bytes, keys[index + len(reads)]))
+                data = reads.popleft().result()
                 if data is not None:  # removed since it was listed
                     yield key, data
 

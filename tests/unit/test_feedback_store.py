@@ -153,3 +153,24 @@ def test_snapshot_leaves_rejected_records_out(tmp_path):
     before = snapshot.digest
     store.add(_record(99, 9))
     assert FeedbackSnapshot.of(store).digest != before
+
+
+def test_a_whole_store_is_read_in_order_at_most_read_ahead_records_ahead(tmp_path,
+                                                                         monkeypatch):
+    from mlpaint import feedback
+
+    store = FeedbackStore.at(str(tmp_path / "fb"))
+    records = [_record(seed, seed % 10) for seed in range(3 * feedback.READ_AHEAD)]
+    for record in records:
+        store.add(record)
+    reads = []
+    read = LocalStore.get_bytes
+    monkeypatch.setattr(LocalStore, "get_bytes",
+                        lambda self, key: reads.append(key) or read(self, key))
+    consumed = 0
+    for _ in store.records():
+        consumed += 1
+        # The reads never run more than READ_AHEAD records ahead of the one being parsed.
+        assert consumed <= len(reads) <= consumed + feedback.READ_AHEAD
+    assert consumed == len(records) and len(reads) == len(records)
+    assert [r.id for r in store.records()] == sorted(r.id for r in records)  # id order
