@@ -13,8 +13,10 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pytest
@@ -159,6 +161,22 @@ def cli_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": prefect_api,
             "PREFECT_HOME": str(tmp_path / "prefect-client"),
             "MLPAINT_CACHE_DIR": str(tmp_path / "cache")}
+
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], what: str, *, timeout_s: float = 60.0,
+             interval_s: float = 0.2) -> T:
+    """Call `condition` every `interval_s` until it returns something truthy, and return that;
+    fail the test, naming `what` was awaited, after `timeout_s`. The condition may itself
+    assert what must hold meanwhile (a process still running, a run not yet ended)."""
+    deadline = time.monotonic() + timeout_s
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)
+    return result
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300

@@ -7,7 +7,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -16,7 +15,7 @@ import requests
 
 from mlpaint.data.catalog import DEFAULT_MIRRORS, PUBLISHED_LABEL_COUNTS, Split
 from mlpaint.processes import free_port
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_cli, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -119,11 +118,11 @@ def test_a_killed_command_takes_its_temporary_server_with_it(tmp_path):
             [str(Path(sys.executable).parent / "mlpaint"), "data", "fetch", "--source", source],
             env=env, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO)
         try:
-            api = _wait_for(lambda: re.search(
+            api = wait_for(lambda: re.search(
                 r"temporary Prefect server on (http://127\.0\.0\.1:\d+/api)",
                 (tmp_path / "stderr").read_text()), "the server's address")[1]
-            _wait_for(lambda: "Beginning flow run" in (tmp_path / "stderr").read_text(),
-                      "the flow to begin")
+            wait_for(lambda: "Beginning flow run" in (tmp_path / "stderr").read_text(),
+                     "the flow to begin")
             assert command.poll() is None, (tmp_path / "stderr").read_text()
             command.kill()
             command.wait(timeout=10)
@@ -137,16 +136,7 @@ def test_a_killed_command_takes_its_temporary_server_with_it(tmp_path):
                 return True
             return False
 
-        _wait_for(gone, "the temporary server to stop")
-
-
-def _wait_for(condition, what: str, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-    return result
+        wait_for(gone, "the temporary server to stop")
 
 
 def test_failure_is_one_line_and_nonzero(cli_env, tmp_path):

@@ -24,7 +24,7 @@ import requests
 from flows.steps import experiment_spec
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.spec import ExperimentSpec, load_spec
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -92,13 +92,13 @@ def _prefect_client(api_url):
 def _wait_until_final(client, flow_run_id, timeout_s: float = 420,
                       passing: frozenset[str] | set[str] = frozenset()):
     """The flow run's first final state, not counting the state types in `passing`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+
+    def final():
         state = client.read_flow_run(flow_run_id).state
-        if (state.is_final() and state.type.value not in passing) or \
-                time.monotonic() > deadline:
-            return state
-        time.sleep(2)
+        return state if state.is_final() and state.type.value not in passing else None
+
+    return wait_for(final, f"flow run {flow_run_id} to end", timeout_s=timeout_s,
+                    interval_s=2)
 
 
 @pytest.fixture
@@ -122,12 +122,12 @@ def served_bundles(tmp_path):
 
 
 def _wait_for_bundle(server: str, version: str, timeout_s: float = 60) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while True:
+    def serving() -> dict | None:
         ready = requests.get(f"{server}/readyz", timeout=5).json()
-        if ready.get("bundle_version") == version or time.monotonic() > deadline:
-            return ready
-        time.sleep(1)
+        return ready if ready.get("bundle_version") == version else None
+
+    return wait_for(serving, f"{server} to serve bundle {version}", timeout_s=timeout_s,
+                    interval_s=1)
 
 
 def _form_field(page, label: str):
@@ -236,15 +236,11 @@ def test_a_run_from_the_ui_form_is_completed_by_the_worker(stack, shared_mnist, 
         )
         from prefect.client.schemas.objects import StateType
 
-        deadline = time.monotonic() + 90
-        upcoming = []
-        while not upcoming and time.monotonic() < deadline:
-            upcoming = client.read_flow_runs(
-                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[weekly.id])),
-                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))))
-            time.sleep(2)
-        assert upcoming, "the weekly schedule created no upcoming runs"
+        upcoming = wait_for(lambda: client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[weekly.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])))),
+            "the weekly schedule's upcoming runs", timeout_s=90, interval_s=2)
         assert all(run.expected_start_time.weekday() == 0 for run in upcoming)  # Mondays
 
         # The run the schedule created, brought forward to now (and made small: the champion
@@ -417,12 +413,9 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
                     "image": drawing, "label": int(label), "digit": answer})
                 assert response.status_code == 201, response.text
 
-            deadline = time.monotonic() + 120
-            runs = []
-            while not runs and time.monotonic() < deadline:
-                runs = client.read_flow_runs(deployment_filter=DeploymentFilter(
-                    id=DeploymentFilterId(any_=[triggered.id])))
-                time.sleep(2)
+            runs = wait_for(lambda: client.read_flow_runs(deployment_filter=DeploymentFilter(
+                id=DeploymentFilterId(any_=[triggered.id]))),
+                "the run 100 feedback events trigger", timeout_s=120, interval_s=2)
             assert len(runs) == 1, "100 feedback events did not trigger one run"
             state = _wait_until_final(client, runs[0].id)
             assert state.is_completed(), f"{state.type}: {state.message}"
@@ -500,13 +493,13 @@ def test_a_killed_worker_run_is_finished_by_a_live_worker(stack, shared_mnist, t
                 "sources": [str(shared_mnist)], "limit": 4000,
                 "folds": {"kind": "kfold", "k": 4}, "experiment": "e2e-crash"}})
         # Kill when the first fold has been logged and others still train.
-        deadline = time.monotonic() + 420
-        while not any(_tags(r).get("mlflow.parentRunId") for r in _mlflow_runs(stack,
-                                                                            "e2e-crash")):
+        def fold_logged() -> bool:
             state = client.read_flow_run(flow_run.id).state
             assert not state.is_final(), f"ended {state.type} before the kill"
-            assert time.monotonic() < deadline, "no fold finished"
-            time.sleep(0.5)
+            return any(_tags(r).get("mlflow.parentRunId")
+                       for r in _mlflow_runs(stack, "e2e-crash"))
+
+        wait_for(fold_logged, "a fold to finish", timeout_s=420, interval_s=0.5)
         assert not client.read_flow_run(flow_run.id).state.is_final()
         spare = subprocess.run([script, "worker"], env=stack["env"], capture_output=True,
                                text=True, timeout=60)
@@ -586,11 +579,9 @@ def test_two_runs_at_once_survive_an_mlflow_outage_and_a_database_restart(
                 "sources": [str(shared_mnist)], "limit": 4000,
                 "folds": {"kind": "kfold", "k": 3}, "seed": seed,
                 "experiment": "e2e-twice"}}) for seed in (1, 2)]
-        deadline = time.monotonic() + 420
-        while not any(_tags(r).get("mlflow.parentRunId") for r in _mlflow_runs(stack,
-                                                                            "e2e-twice")):
-            assert time.monotonic() < deadline, "no fold finished"
-            time.sleep(0.5)
+        wait_for(lambda: any(_tags(r).get("mlflow.parentRunId")
+                             for r in _mlflow_runs(stack, "e2e-twice")),
+                 "a fold to finish", timeout_s=420, interval_s=0.5)
         for args in (["postgres"], ["mlflow-server", "30"]):  # each while both still run
             assert all(client.read_flow_run(r.id).state.is_running() for r in flow_runs)
             restarted = subprocess.run([script, "restart", *args], env=stack["env"],

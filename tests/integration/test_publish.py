@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from mlpaint.publish import PublishSpec
 from mlpaint.storage import S3Store, store_for
 from mlpaint.tracking import ensure_experiment, log_digit_model
 from mlpaint.training.algorithms import DigitModel, GbdtConfig, train_model
-from tests.conftest import REPO
+from tests.conftest import REPO, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -125,14 +124,11 @@ def test_killed_publisher_leaves_the_previous_bundle(harness, registry, monkeypa
          registry["cache"]], env=env, cwd=REPO, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        uploaded = []
-        while not uploaded and time.monotonic() < deadline:
-            uploaded = [p for p in (dest / "versions").glob("*-v3") if (p / "manifest.json")
-                        .exists()]
+        def uploaded() -> list[Path]:
             assert process.poll() is None, process.stdout.read().decode()[-3000:]
-            time.sleep(0.5)
-        assert uploaded, "the publisher never finished uploading"
+            return list((dest / "versions").glob("*-v3/manifest.json"))
+
+        wait_for(uploaded, "the publisher to finish uploading", timeout_s=300, interval_s=0.5)
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
@@ -215,10 +211,12 @@ def test_two_publishers_at_once_leave_the_alias_and_latest_agreeing(harness, reg
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     first = publisher("3", pause="45")
-    deadline = time.monotonic() + 300
-    while not list((dest / "versions").glob("*-v3/manifest.json")):
-        assert first.poll() is None and time.monotonic() < deadline, first.communicate()
-        time.sleep(0.5)
+    def uploaded() -> list[Path]:
+        assert first.poll() is None, first.communicate()
+        return list((dest / "versions").glob("*-v3/manifest.json"))
+
+    wait_for(uploaded, "the first publisher to finish uploading", timeout_s=300,
+             interval_s=0.5)
     second = publisher("2", "--force")
     reports = []
     for process in (first, second):

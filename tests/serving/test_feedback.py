@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,7 +23,7 @@ from mlpaint.feedback import FeedbackStore
 from mlpaint.preprocess import image_to_mnist
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.serving.app import create_app
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_for
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -166,13 +165,11 @@ def test_two_workers_posting_at_once_store_everything_once_and_tell_prefect(
         assert len(created) == len(set(created)) == 80
         assert {r.json()["id"] for r in responses} == set(created)
 
-        deadline = time.monotonic() + 60
-        events = []
-        while time.monotonic() < deadline:
+        def all_events() -> list[dict] | None:
             events = _prefect_events(prefect_api, "mlpaint.feedback.received", started)
-            if len(events) >= 80:
-                break
-            time.sleep(1)
+            return events if len(events) >= 80 else None
+
+        events = wait_for(all_events, "80 feedback events", timeout_s=60, interval_s=1)
         assert len(events) == 80  # one per new record, none for a repeat
         assert {e["resource"]["prefect.resource.id"] for e in events} == {
             f"mlpaint.feedback.{record_id}" for record_id in created}
@@ -217,10 +214,8 @@ def test_feedback_is_stored_when_prefect_is_down(bundle_root, mnist_tables, tmp_
             assert response.status_code == 201, response.text
         assert len(FeedbackStore.at(str(tmp_path / "fb")).ids()) == 3
         # Prefect's events worker gives up after its reconnection attempts and says so.
-        deadline = time.monotonic() + 90
-        while "EventsWorker' failed" not in log.read_text() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert "EventsWorker' failed" in log.read_text()
+        wait_for(lambda: "EventsWorker' failed" in log.read_text(),
+                 "the events worker to give up", timeout_s=90, interval_s=1)
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
     finally:
         stop_service(process)

@@ -12,6 +12,7 @@ import requests
 
 from mlpaint.data.catalog import Split
 from mlpaint.processes import free_port, start_service, stop_service
+from tests.conftest import wait_for
 from tests.serving.conftest import build_and_publish
 
 pytestmark = pytest.mark.integration
@@ -42,10 +43,8 @@ def test_two_workers_serve_and_both_follow_latest(small_model, mnist_tables, tmp
          "--watch-seconds", "0.5"], f"{url}/readyz", log=tmp_path / "serve.log",
         timeout_s=120)
     try:
-        deadline = time.monotonic() + 60
-        while len(_children(process.pid)) < 2 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len(_children(process.pid)) >= 2, "uvicorn did not start two workers"
+        wait_for(lambda: len(_children(process.pid)) >= 2, "uvicorn's two workers",
+                 interval_s=0.5)
         digit = [int(v) for v in mnist_tables[Split.TEST].pixels[0]]
         for _ in range(20):
             response = requests.post(f"{url}/v1/predict", json={"pixels": digit}, timeout=10)
@@ -54,9 +53,7 @@ def test_two_workers_serve_and_both_follow_latest(small_model, mnist_tables, tmp
         assert len(first) == 1
 
         build_and_publish(small_model, mnist_tables, tmp_path, "2", rows=300)
-        deadline = time.monotonic() + 60
-        while _versions_seen(url, 1) == first and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(lambda: _versions_seen(url, 1) != first, "a worker to serve version 2")
         time.sleep(2)  # every worker's watcher has had several chances to look
         second = _versions_seen(url, 40)
         assert len(second) == 1 and second != first, (first, second)
