@@ -104,7 +104,8 @@ def _deskew_into(images: np.ndarray, out: np.ndarray) -> None:
                 out[i, r * IMAGE_SIDE + c] = value
 
 
-# Below this many rows one thread does the work: a drawing being served is one row.
+# The fewest rows a thread is given: below twice this, one thread does the work (a drawing
+# being served is one row).
 _ROWS_PER_THREAD = 8192
 
 
