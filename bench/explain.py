@@ -30,13 +30,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _test_set(mnist: Path, rows: int):
+def _test_set(model, mnist: Path, rows: int):
+    """The first `rows` official test digits through the model's own feature stage."""
     from bench.train import _read_idx
-    from mlpaint.features import apply_feature_stage
 
     pixels = _read_idx(mnist / "t10k-images-idx3-ubyte.gz").reshape(-1, 784)[:rows]
     labels = _read_idx(mnist / "t10k-labels-idx1-ubyte.gz")[:rows]
-    return apply_feature_stage("deskew", pixels), labels
+    return model.features(pixels), labels
 
 
 def _worker(variant: str, model_dir: Path, mnist: Path, rows: int) -> None:
@@ -44,7 +44,7 @@ def _worker(variant: str, model_dir: Path, mnist: Path, rows: int) -> None:
     from mlpaint.training.algorithms import DigitModel
 
     model = DigitModel.load(model_dir)
-    features, labels = _test_set(mnist, rows)
+    features, labels = _test_set(model, mnist, rows)
     booster = model.boosters[0]
     if variant == "tree-explainer":
         import shap
@@ -77,7 +77,7 @@ def _latency(model_dir: Path, mnist: Path, repeats: int) -> dict:
 
     model = DigitModel.load(model_dir)
     booster = model.boosters[0]
-    features, _ = _test_set(mnist, repeats)
+    features, _ = _test_set(model, mnist, repeats)
     tree_explainer = shap.TreeExplainer(booster)
     class_explainer = ClassExplainer(model, parallel=False)  # as the server runs it
     top3 = np.argsort(model.raw_scores(features), axis=1)[:, ::-1][:, :3]

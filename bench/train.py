@@ -1,6 +1,6 @@
 """Training benchmark on full MNIST, 2 cores.
 
-    .venv/bin/python -m bench.train --part accuracy   # lgbm raw, lgbm deskew, bbdt_d5
+    .venv/bin/python -m bench.train --part accuracy   # lgbm and bbdt_d5: raw, deskew, moments
     .venv/bin/python -m bench.train --part default    # `mlpaint train` as the README runs it
     .venv/bin/python -m bench.train --part ratio      # flow vs bare LightGBM, 5 folds + final
     .venv/bin/python -m bench.train --part ratio --prefect-server-port 4299
@@ -106,8 +106,8 @@ def part_accuracy(mnist: Path, save_dir: Path | None) -> list[dict]:
     algorithms = load_algorithms()
     train_x, train_y, test_x, test_y = _load(mnist)
     rows = []
-    for name, stage in (("lgbm", "raw"), ("lgbm", "deskew"), ("bbdt_d5", "raw"),
-                        ("bbdt_d5", "deskew")):
+    for name, stage in (("lgbm", "raw"), ("lgbm", "deskew"), ("lgbm", "moments"),
+                        ("bbdt_d5", "raw"), ("bbdt_d5", "deskew"), ("bbdt_d5", "moments")):
         features, test_features = (apply_feature_stage(stage, train_x),
                                    apply_feature_stage(stage, test_x))
         start = time.perf_counter()
@@ -252,11 +252,13 @@ CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max roun
 }
 
 
-def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dict:
+def part_champion(mnist: Path, candidate: str, digits: int, repeats: int,
+                  features: str | None) -> dict:
     """One champion candidate: trained on MLDB's 80% of the training digits plus its
     augmented copies (of those rows only), scored every 100 rounds on the held-out 20% and
     on those held-out digits redrawn by the robustness generator (bench/robustness.py). The
-    official test set is not read."""
+    official test set is not read. `features` overrides the feature stage (a candidate's is
+    `deskew` otherwise, `shipped`'s its spec's)."""
 
     from bench.robustness import decode_canvases, generate, summarise
     from mlpaint.augment import AugmentSpec, augment
@@ -265,22 +267,24 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
     configs = REPO / "mlpaint/configs"
     if candidate == "shipped":  # exactly what the weekly deployment trains
         shipped = yaml.safe_load((configs / "algorithms.yaml").read_text())["champion"]
-        spec = AugmentSpec.model_validate(
-            yaml.safe_load((configs / "champion.yaml").read_text())["augment"])
+        champion_spec = yaml.safe_load((configs / "champion.yaml").read_text())
+        spec = AugmentSpec.model_validate(champion_spec["augment"])
         lgbm_params, rounds = shipped["params"], shipped["rounds"]
+        stage = features or champion_spec["features"]
     else:
         augment_fields, lgbm_params, rounds = CHAMPION_CANDIDATES[candidate]
         base = yaml.safe_load((configs / "experiment.yaml").read_text())["augment"]
         spec = AugmentSpec.model_validate({**base, **augment_fields})
+        stage = features or "deskew"
     train_x, train_y, _, _ = _load(mnist)
     held_out = _mldb_held_out(len(train_y))
     start = time.perf_counter()
     copies, source = augment(train_x[~held_out], spec, seed=0)
     augment_seconds = time.perf_counter() - start
-    x = apply_feature_stage("deskew", np.concatenate([train_x[~held_out], copies]))
+    x = apply_feature_stage(stage, np.concatenate([train_x[~held_out], copies]))
     y = np.concatenate([train_y[~held_out], train_y[~held_out][source]])
     del copies
-    vx = apply_feature_stage("deskew", train_x[held_out])
+    vx = apply_feature_stage(stage, train_x[held_out])
     vy = train_y[held_out]
     chosen = np.sort(np.random.default_rng(7).choice(len(vy), digits, replace=False))
     canvases = generate(train_x[held_out].reshape(-1, 28, 28), chosen, seed=7)
@@ -291,7 +295,7 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
     for n, cut in cuts:
         drawn_scores = {}
         for name, (pixels, drawn) in decoded.items():
-            probabilities = cut.predict(apply_feature_stage("deskew", pixels))
+            probabilities = cut.predict(apply_feature_stage(stage, pixels))
             drawn_scores[name] = summarise(probabilities, vy[chosen], drawn,
                                            len(chosen))["accuracy"]
         by_rounds[n] = {
@@ -301,7 +305,8 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int) -> dic
             "drawn": drawn_scores,
             "explain_10_digits_ms": _one_row_latency_ms(cut, vx[:1], list(range(10)), repeats)}
         logger.info("%s @ %d rounds: %s", candidate, n, by_rounds[n])
-    return {"candidate": candidate, "augment": spec.model_dump(), "params": lgbm_params,
+    return {"candidate": candidate, "features": stage, "augment": spec.model_dump(),
+            "params": lgbm_params,
             "train_rows": len(y), "augment_seconds": round(augment_seconds, 1),
             "fit_seconds": round(fit_seconds, 1), "by_rounds": by_rounds}
 
@@ -537,7 +542,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30,
                         help="with --part size: one-row explanations timed per point")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--features", default="deskew")
+    parser.add_argument("--features", choices=["raw", "deskew", "moments"],
+                        help="the feature stage: with --part ratio (default deskew), or a "
+                             "--part champion candidate's (default deskew; `shipped`: its "
+                             "spec's)")
     parser.add_argument("--save-models", type=Path, metavar="DIR",
                         help="with --part accuracy: keep the trained models here")
     parser.add_argument("--port", type=int, default=50124, help="the moto S3 server's port")
@@ -555,7 +563,8 @@ def main() -> None:
     elif args.part == "champion":
         if not args.candidate:
             parser.error("--part champion needs --candidate")
-        result = part_champion(args.mnist, args.candidate, args.digits, args.repeats)
+        result = part_champion(args.mnist, args.candidate, args.digits, args.repeats,
+                               args.features)
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
     elif args.part == "maps":
@@ -563,7 +572,7 @@ def main() -> None:
     elif args.part == "resume":
         result = part_resume(args.mnist, args.runs, args.folds)
     else:
-        result = part_ratio(args.mnist, args.runs, args.folds, args.features,
+        result = part_ratio(args.mnist, args.runs, args.folds, args.features or "deskew",
                             prefect_server_port=args.prefect_server_port)
     print(json.dumps(result, indent=1))
 

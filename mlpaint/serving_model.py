@@ -2,7 +2,7 @@
 
 The model applies its own feature stage (recorded in its model.json), so whoever loads it
 from the registry — `mlflow.pyfunc.load_model`, `mlflow models serve`, a batch job — sends
-what a drawing is (PIXEL_INPUT) and gets what the app shows, with no knowledge of deskewing.
+what a drawing is (PIXEL_INPUT) and gets what the app shows, with no knowledge of the feature stage.
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ class ExperimentSpec(BaseModel):
 
     experiment: str = Field("mnist-digits", min_length=1)
     algorithm: str = "lgbm"
-    features: FeatureStage = FeatureStage.DESKEW
+    features: FeatureStage = FeatureStage.MOMENTS
     folds: FoldSpec = Field(default_factory=MldbFolds)
     eval_train: bool = False
     sources: list[str] | None = None

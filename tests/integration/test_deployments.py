@@ -284,7 +284,7 @@ def test_a_run_from_the_ui_form_is_completed_by_the_worker(stack, shared_mnist, 
         "experiment_ids": [experiment["experiment"]["experiment_id"]]}).json()["runs"]
     names = sorted(next(t["value"] for t in r["data"]["tags"] if t["key"] == "mlflow.runName")
                    for r in runs)
-    assert names == ["fold-0", "fold-1", "lgbm-deskew"]
+    assert names == ["fold-0", "fold-1", "lgbm-moments"]
     parent = next(r for r in runs if not any(t["key"] == "mlflow.parentRunId"
                                              for t in r["data"]["tags"]))
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}

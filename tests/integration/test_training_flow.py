@@ -143,7 +143,7 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     # Self-contained: it takes pixels as an MLflow user has them and applies its own stage.
     model = mlflow.pyfunc.load_model(summary.registered.model_uri)
     card = model.metadata.metadata
-    assert card["feature_stage"] == "deskew" and card["labels"] == list(range(10))
+    assert card["feature_stage"] == "moments" and card["labels"] == list(range(10))
     assert model.metadata.get_input_schema().input_names() == ["pixels"]
     pixels, labels = _official_test_digits(training_inputs["source"], 300)
     accuracy = (np.asarray(model.predict(pixels.astype(np.float32))).argmax(axis=1)

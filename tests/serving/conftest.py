@@ -16,7 +16,7 @@ from mlpaint.publish import build_bundle_folder, explain_test_set
 from mlpaint.storage import LocalStore
 from mlpaint.training.algorithms import GbdtConfig, train_model
 
-STAGE = "deskew"
+STAGE = "moments"  # the default spec's
 
 
 @pytest.fixture(scope="session")

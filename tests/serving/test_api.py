@@ -44,7 +44,7 @@ def test_health_ready_and_model(client):
     ready = client.get("/readyz").json()
     assert ready["ready"] and ready["bundle_version"].endswith("-v1")
     model = client.get("/v1/model").json()
-    assert model["model_version"] == "1" and model["feature_stage"] == "deskew"
+    assert model["model_version"] == "1" and model["feature_stage"] == "moments"
     assert 0.9 < model["metrics"]["test_accuracy"] <= 1 and model["gallery_per_digit"] == 8
 
 

@@ -60,18 +60,19 @@ def test_draw_a_three_and_see_why(server, browser, tmp_path):
     first = maps.first
     assert int(first.get_attribute("data-positive")) > 0
     assert int(first.get_attribute("data-negative")) > 0
-    # green and red pixels are really on the rendered map
-    colours = page.evaluate("""() => {
-        const c = document.querySelector('#maps canvas'), d = c.getContext('2d')
-            .getImageData(0, 0, 28, 28).data;
+    # Green and red pixels are really on the rendered maps: green on the winner's (the ink
+    # that makes it a 3), red at least on a runner-up's (ink that speaks against an 8 or a
+    # 5). A well drawn 3 may have no pixel against it strong enough to show red.
+    colours = page.evaluate("""() => [...document.querySelectorAll('#maps canvas')].map(c => {
+        const d = c.getContext('2d').getImageData(0, 0, 28, 28).data;
         let green = 0, red = 0;
         for (let i = 0; i < d.length; i += 4) {
             if (d[i + 1] > d[i] + 40) green++;
             if (d[i] > d[i + 1] + 40) red++;
         }
         return {green, red};
-    }""")
-    assert colours["green"] > 0 and colours["red"] > 0
+    })""")
+    assert colours[0]["green"] > 0 and any(c["red"] > 0 for c in colours[1:]), colours
     assert "3" in page.locator("#maps figcaption").first.text_content()
     page.check("#all10")
     page.wait_for_function("document.querySelectorAll('#maps canvas').length === 10")

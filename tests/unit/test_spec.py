@@ -20,7 +20,7 @@ KNOWN = frozenset({"lgbm", "bbdt_d5"})
 
 def test_packaged_default_is_mldbs_split():
     spec = load_spec(known_algorithms=KNOWN)
-    assert spec.algorithm == "lgbm" and spec.features.value == "deskew"
+    assert spec.algorithm == "lgbm" and spec.features.value == "moments"
     assert spec.folds == MldbFolds(training_where="rowHash() % 5 != 0",
                                    testing_where="rowHash() % 5 = 0")
     flat = spec.flat_params()
@@ -44,7 +44,7 @@ def test_overrides_and_yaml_file(tmp_path):
         ({"folds": {"kind": "mldb", "training_where": "rand() < 0.8"}},
          "folds.training_where: .* is not of the form"),
         ({"limit": 5}, "limit: Input should be greater than or equal to 100"),
-        ({"features": "blur"}, "features: Input should be 'raw' or 'deskew'"),
+        ({"features": "blur"}, "features: Input should be 'raw', 'deskew' or 'moments'"),
         ({"colour": "red"}, "colour: Extra inputs are not permitted"),
     ],
 )
