@@ -323,8 +323,8 @@ lgbm:
   params: {learning_rate: 0.3, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}
 weak:
   kind: gbdt
-  rounds: 2
-  params: {learning_rate: 0.1, num_leaves: 4, min_data_in_leaf: 10, max_bin: 31}
+  rounds: 1
+  params: {learning_rate: 0.1, num_leaves: 2, min_data_in_leaf: 10, max_bin: 31}
 """
 
 
@@ -376,11 +376,12 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
     sources = [str(shared_mnist)]
     with _prefect_client(stack["prefect"]) as client:
         # A deliberately weak model, forced to champion (the registry is shared with the
-        # tests before this one), for the server to start from.
+        # tests before this one), for the server to start from: one stump per digit on raw
+        # pixels (the `moments` stage makes even two rounds of 4-leaf trees read 86%).
         weak = client.create_flow_run_from_deployment(
             client.read_deployment_by_name("train-mnist/train").id,
             parameters={"algorithms_path": str(algorithms), "spec": {
-                "sources": sources, "algorithm": "weak", "limit": 1200,
+                "sources": sources, "algorithm": "weak", "features": "raw", "limit": 1200,
                 "folds": {"kind": "kfold", "k": 2}, "experiment": "e2e-weak"}})
         assert _wait_until_final(client, weak.id).is_completed()
         forced = client.create_flow_run_from_deployment(
@@ -425,7 +426,7 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
             # The drawings people corrected are now read as their labels, most of them: 80 of
             # the 100 trained the new model (the other ~20 are its wild test set), and a model
             # of 40 rounds reads digits it trained on nearly always and unseen ones about 90%
-            # of the time; the 2-round model the server started with read about half of them.
+            # of the time; the stumps the server started with read about a third of them.
             now_read = np.array(_read(server, drawings))
             assert (now_read == labels).mean() >= 0.85
             assert (now_read == labels).mean() > (np.array(weak_read) == labels).mean() + 0.2
