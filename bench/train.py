@@ -529,6 +529,8 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
 
 
 def main() -> None:
+    from mlpaint.features import FeatureStage
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",
                                            "champion", "resume", "maps"], required=True)
@@ -542,7 +544,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30,
                         help="with --part size: one-row explanations timed per point")
     parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--features", choices=["raw", "deskew", "moments"],
+    parser.add_argument("--features", choices=[stage.value for stage in FeatureStage],
                         help="the feature stage: with --part ratio (default deskew), or a "
                              "--part champion candidate's (default deskew; `shipped`: its "
                              "spec's)")
