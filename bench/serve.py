@@ -121,7 +121,6 @@ def _in_process(bundle: str, digits: list[list[int]], repeats: int) -> dict:
     same with LightGBM's own predict on the same model and rows (the bare library), and the
     server's predict + explain of the top three."""
     from mlpaint.serving.model import ModelHolder, top_labels
-    from mlpaint.training.algorithms import softmax
 
     holder = ModelHolder(bundle)
     holder.load_initial()
@@ -129,7 +128,8 @@ def _in_process(bundle: str, digits: list[list[int]], repeats: int) -> dict:
     rows = np.asarray(digits, dtype=np.uint8)
 
     def lightgbm_predict(row: np.ndarray) -> None:
-        softmax(served.model.raw_scores(served.features(row[None, :]), num_threads=1))
+        served.model.probabilities(served.model.raw_scores(served.features(row[None, :]),
+                                                           num_threads=1))
 
     def predict(row: np.ndarray) -> None:
         served.score(served.features(row[None, :]))

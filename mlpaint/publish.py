@@ -28,7 +28,7 @@ from mlpaint.explain import (
     render_digit_maps,
 )
 from mlpaint.tracking.publication import CHALLENGER, CHAMPION
-from mlpaint.training.algorithms import DigitModel, softmax
+from mlpaint.training.algorithms import DigitModel
 from mlpaint.training.evaluation import evaluate
 
 
@@ -156,11 +156,11 @@ def explain_test_set(model: DigitModel, features: np.ndarray, pixels: np.ndarray
         "pixels": np.asarray(pixels[order], dtype=np.uint8),
         "features": np.asarray(features[order], dtype=np.float32),
         "raw_scores": raw[order],
-        "probabilities": softmax(raw[order]).astype(np.float32),
+        "probabilities": model.probabilities(raw[order]).astype(np.float32),
         "contributions": stored,
         "offsets": np.cumsum([0] + [len(chosen[d]) for d in range(N_CLASSES)]),
     }
-    return Explanations(maps, gallery, error, evaluate(labels, softmax(raw)).accuracy)
+    return Explanations(maps, gallery, error, evaluate(labels, model.probabilities(raw)).accuracy)
 
 
 def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanations, *,

@@ -14,7 +14,7 @@ from mlpaint import treepredict, treeshap
 from mlpaint.bundle import LoadedBundle, current_pointer, load_bundle
 from mlpaint.data.catalog import N_CLASSES, N_FEATURES
 from mlpaint.explain import ClassExplainer
-from mlpaint.training.algorithms import DigitModel, softmax
+from mlpaint.training.algorithms import DigitModel
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class ServedModel:
     def score(self, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Raw scores and probabilities for rows of features (see `features`)."""
         raw = treepredict.raw_scores(self.trees, features)
-        return raw, softmax(raw)
+        return raw, self.model.probabilities(raw)
 
     def explain(self, features: np.ndarray, labels: list[int]) -> np.ndarray:
         """For one row of features: (len(labels), 785) contributions, the bias last."""

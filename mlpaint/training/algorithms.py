@@ -2,22 +2,28 @@
 
 `gbdt` trains one multiclass booster. `bagged_boosting` is the analogue of MLDB's bbdt_d5:
 several bags, each a short boosting run whose round count is chosen on the bag's held-out
-rows. A bagged model averages its bags' *raw scores* (then applies softmax) rather than their
-probabilities: the average of additive tree models is still additive, so exact TreeSHAP
-contributions of the ensemble are the average of each bag's, and the explanations the
-serving step shows stay exact.
+rows. A bagged model averages its bags' *raw scores* (then turns them into probabilities)
+rather than their probabilities: the average of additive tree models is still additive, so
+exact TreeSHAP contributions of the ensemble are the average of each bag's, and the
+explanations the serving step shows stay exact.
+
+Either trains LightGBM's `multiclass` objective (one softmax over ten scores) or its
+`multiclassova` (one binary model per digit, each score that digit's log-odds against the
+rest). Both are ten additive scores per row, explained the same way; only the step from
+scores to probabilities (`ScoreLink`) differs, and the model card records it.
 """
 
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.features import FeatureStage, apply_feature_stage, as_images
@@ -33,7 +39,49 @@ PIXEL_INPUT = ("pixels: rows of 784 values, a 28x28 image row by row, 0 = backgr
                "255 = full ink (MNIST's convention)")
 
 
-class GbdtConfig(BaseModel):
+class ScoreLink(StrEnum):
+    """How a model's ten raw scores become the probabilities of the ten digits."""
+
+    SOFTMAX = "softmax"  # `multiclass`: the scores are a softmax's logits
+    # `multiclassova`: each score is one digit's log-odds against the rest; the ten sigmoids
+    # are scaled to sum to 1, as scikit-learn's one-vs-rest classifier does.
+    NORMALISED_SIGMOID = "normalised_sigmoid"
+
+
+# LightGBM's names (and aliases) of the objectives mlpaint trains, and their links.
+_OBJECTIVE_LINKS = {"multiclass": ScoreLink.SOFTMAX, "softmax": ScoreLink.SOFTMAX,
+                    "multiclassova": ScoreLink.NORMALISED_SIGMOID,
+                    "multiclass_ova": ScoreLink.NORMALISED_SIGMOID,
+                    "ova": ScoreLink.NORMALISED_SIGMOID, "ovr": ScoreLink.NORMALISED_SIGMOID}
+
+
+def link_for_params(params: dict[str, Any]) -> ScoreLink:
+    """The link of the objective LightGBM parameters name (`multiclass` when they name none)."""
+    objective = params.get("objective", "multiclass")
+    if objective not in _OBJECTIVE_LINKS:
+        raise ValueError(f"objective {objective!r}: mlpaint trains digit models with "
+                         f"{sorted(_OBJECTIVE_LINKS)}")
+    return _OBJECTIVE_LINKS[objective]
+
+
+def probabilities(scores: np.ndarray, link: ScoreLink | str) -> np.ndarray:
+    """(rows, 10) raw scores as probabilities that sum to 1 per row."""
+    if ScoreLink(link) is ScoreLink.SOFTMAX:
+        return softmax(scores)
+    # Sigmoids scaled to sum to 1 are the softmax of their logarithms, log sigmoid(s) =
+    # -log(1 + e^-s): computed so, no row of very negative scores divides 0 by 0.
+    return softmax(-np.logaddexp(0.0, -scores))
+
+
+class _ParamsChecked(BaseModel):
+    @field_validator("params", check_fields=False)
+    @classmethod
+    def _known_objective(cls, params: dict[str, Any]) -> dict[str, Any]:
+        link_for_params(params)  # refused when the file is read, not after a long fit
+        return params
+
+
+class GbdtConfig(_ParamsChecked):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["gbdt"] = "gbdt"
     description: str = ""
@@ -41,7 +89,7 @@ class GbdtConfig(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class BaggedBoostingConfig(BaseModel):
+class BaggedBoostingConfig(_ParamsChecked):
     model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["bagged_boosting"] = "bagged_boosting"
     description: str = ""
@@ -85,13 +133,15 @@ class DigitModel:
     that turns pixels into what they read: the model is not complete without it."""
 
     def __init__(self, boosters: list, *, algorithm: str, rounds: list[int],
-                 feature_stage: FeatureStage | str) -> None:
+                 feature_stage: FeatureStage | str,
+                 link: ScoreLink | str = ScoreLink.SOFTMAX) -> None:
         if not boosters:
             raise ValueError("a model needs at least one booster")
         self.boosters = boosters
         self.algorithm = algorithm
         self.rounds = rounds
         self.feature_stage = FeatureStage(feature_stage)
+        self.link = ScoreLink(link)
 
     def raw_scores(self, features: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
         """Mean raw score of the boosters. `num_threads=0` lets LightGBM use every core; a
@@ -103,7 +153,11 @@ class DigitModel:
         return total / len(self.boosters)
 
     def predict_proba(self, features: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
-        return softmax(self.raw_scores(features, num_threads=num_threads))
+        return self.probabilities(self.raw_scores(features, num_threads=num_threads))
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """Raw scores (see `raw_scores`) as probabilities, through the model's link."""
+        return probabilities(scores, self.link)
 
     def features(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels (see PIXEL_INPUT; N x 784 or N x 28 x 28) through the model's own stage."""
@@ -123,7 +177,8 @@ class DigitModel:
     def card(self) -> dict:
         return {"format_version": MODEL_FORMAT_VERSION, "algorithm": self.algorithm,
                 "feature_stage": self.feature_stage.value, "input": PIXEL_INPUT,
-                "labels": LABELS, "combine": COMBINE, "rounds": self.rounds}
+                "labels": LABELS, "combine": COMBINE, "link": self.link.value,
+                "rounds": self.rounds}
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -150,8 +205,10 @@ class DigitModel:
             raise ModelFormatError(f"{folder / MODEL_CARD}: labels {card['labels']} combined "
                                    f"by {card['combine']!r} are not what mlpaint serves")
         boosters = [lgb.Booster(model_file=str(folder / name)) for name in card["boosters"]]
+        # Cards written before `link` was recorded are all `multiclass` models.
         return cls(boosters, algorithm=card["algorithm"], rounds=card["rounds"],
-                   feature_stage=card["feature_stage"])
+                   feature_stage=card["feature_stage"],
+                   link=card.get("link", ScoreLink.SOFTMAX))
 
 
 def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: np.ndarray,
@@ -162,11 +219,12 @@ def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: 
     import lightgbm as lgb
 
     params = lightgbm_params(config.params, seed=seed, num_threads=num_threads)
+    link = link_for_params(params)
     if isinstance(config, GbdtConfig):
         booster = lgb.train(params, lgb.Dataset(features, labels, weight=weights, params=params),
                             num_boost_round=config.rounds)
         return DigitModel([booster], algorithm=name, rounds=[config.rounds],
-                          feature_stage=feature_stage)
+                          feature_stage=feature_stage, link=link)
 
     rng = np.random.default_rng(seed)
     boosters, rounds = [], []
@@ -188,4 +246,5 @@ def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: 
         best = config.min_rounds + int(np.argmin(losses[config.min_rounds - 1:]))
         boosters.append(lgb.Booster(model_str=booster.model_to_string(num_iteration=best)))
         rounds.append(best)
-    return DigitModel(boosters, algorithm=name, rounds=rounds, feature_stage=feature_stage)
+    return DigitModel(boosters, algorithm=name, rounds=rounds, feature_stage=feature_stage,
+                      link=link)

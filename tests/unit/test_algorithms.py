@@ -6,6 +6,7 @@ from mlpaint.training.algorithms import (
     DigitModel,
     GbdtConfig,
     ModelFormatError,
+    ScoreLink,
     load_algorithms,
     softmax,
     train_model,
@@ -43,6 +44,49 @@ def test_gbdt_learns_and_round_trips(separable, tmp_path):
     assert np.allclose(loaded.raw_scores(features), model.raw_scores(features))
     # one booster: our softmax of raw scores is LightGBM's own probability
     assert np.allclose(probabilities, model.boosters[0].predict(features), atol=1e-9)
+
+
+def test_one_vs_rest_models_read_their_scores_as_sigmoids(separable, tmp_path):
+    """`multiclassova` trains ten binary models: each score is a digit's log-odds against
+    the rest, so its probabilities are the ten sigmoids (LightGBM's own prediction), scaled
+    to sum to 1; the card records that, and a reloaded model reads its scores the same way."""
+    features, labels = separable
+    config = GbdtConfig(rounds=15, params={"objective": "multiclassova", "num_leaves": 7,
+                                           "min_data_in_leaf": 5, "extra_trees": True,
+                                           "max_depth": 3})
+    model = train_model("ova", config, features, labels, feature_stage="raw", seed=0,
+                        num_threads=1)
+    assert model.link is ScoreLink.NORMALISED_SIGMOID
+    sigmoids = model.boosters[0].predict(features)
+    assert not np.allclose(sigmoids.sum(axis=1), 1.0)  # ten separate binary answers
+    probabilities = model.predict_proba(features)
+    assert np.allclose(probabilities, sigmoids / sigmoids.sum(axis=1, keepdims=True))
+    assert (probabilities.argmax(axis=1) == labels).mean() > 0.95
+    loaded = DigitModel.load(model.save(tmp_path / "m"))
+    assert loaded.link is ScoreLink.NORMALISED_SIGMOID
+    assert np.allclose(loaded.predict_proba(features), probabilities)
+
+
+def test_a_card_without_a_link_is_a_softmax_model(separable, tmp_path):
+    """Bundles published before the link was recorded hold `multiclass` models."""
+    import json
+
+    features, labels = separable
+    model = train_model("lgbm", GbdtConfig(rounds=3, params={"num_leaves": 4}), features,
+                        labels, feature_stage="raw", seed=0, num_threads=1)
+    folder = model.save(tmp_path / "m")
+    card = json.loads((folder / "model.json").read_text())
+    assert card["link"] == "softmax"
+    del card["link"]
+    (folder / "model.json").write_text(json.dumps(card))
+    loaded = DigitModel.load(folder)
+    assert loaded.link is ScoreLink.SOFTMAX
+    assert np.allclose(loaded.predict_proba(features), model.boosters[0].predict(features))
+
+
+def test_an_objective_mlpaint_cannot_read_is_refused_with_the_config():
+    with pytest.raises(ValueError, match="objective 'regression'"):
+        GbdtConfig(rounds=3, params={"objective": "regression"})
 
 
 def test_bagged_boosting_averages_raw_scores(separable):
