@@ -9,9 +9,12 @@
     .venv/bin/python -m bench.train --part size       # accuracy vs explanation cost
     .venv/bin/python -m bench.train --part champion --candidate c2-800
                                       # a champion candidate: held-out and redrawn digits
+    .venv/bin/python -m bench.train --part champion --candidate shipped \
+        --params '{"extra_trees": true}'  # the weekly champion with other LightGBM settings
     .venv/bin/python -m bench.train --part resume --runs 2
                                       # a rerun after a crash at the last fold vs a full run
     .venv/bin/python -m bench.train --part maps   # extra feature maps aligned with the pixels
+    .venv/bin/python -m bench.train --part params # LightGBM settings over the champion's
 
 `accuracy`: for each algorithm and feature stage, one fit on the 60,000 training rows, scored
 on the official 10,000-row test set; wall time of the fit alone.
@@ -23,7 +26,9 @@ accuracy on the 20% held out by round count, and the cost of exactly explaining 
 (TreeSHAP grows with trees x leaves x depth squared), to pick a model that explains fast
 without losing accuracy. The official test set is kept for `accuracy`.
 `champion`: one candidate of CHAMPION_CANDIDATES (augmentation + LightGBM settings), or
-`shipped` (the packaged champion spec and algorithm, read from mlpaint/configs), trained
+`shipped` (the packaged champion spec and algorithm, read from mlpaint/configs) or
+`shipped-default` (the default spec and `lgbm`, what `make run` trains), `--params` on top
+of its LightGBM settings; trained
 on MLDB's 80% of the training rows and their augmented copies; every 200 rounds, accuracy on
 the held-out 20% and on `--digits` of those held-out digits redrawn by bench/robustness.py's
 generator, and the time to explain one digit for all ten classes. No official test digit is
@@ -32,6 +37,9 @@ read: the champion is chosen without it.
 per pixel) help the default tree shape: the deskewed digit alone, plus its 3x3 mean, plus its
 Sobel gradients; 300 rounds on 20,000 of MLDB's 80% of the training rows, one thread each,
 two at a time, scored on the held-out 20%.
+`params`: a quick screen of LightGBM settings over the champion's (PARAM_VARIANTS, alone or
+joined by "+"), on the `moments` stage without augmentation, 20,000 of MLDB's 80% of the
+training rows, scored on the held-out 20%.
 `resume`: `mlpaint train --folds 5` on full MNIST three ways in one cache: cold (nothing
 cached; once, as it fills the cache), then `--runs` times each full (the data stages cached,
 no fit: a run from scratch on a machine that has the data) and resumed (every fit cached but
@@ -250,32 +258,37 @@ CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max roun
                                                "max_stroke": 0.30}},
                     _SHIPPED_SHAPE, 400),
 }
+# Packaged specs scored as they ship: name -> (spec file, algorithm in algorithms.yaml).
+SHIPPED = {"shipped": ("champion.yaml", "champion"),
+           "shipped-default": ("experiment.yaml", "lgbm")}
 
 
 def part_champion(mnist: Path, candidate: str, digits: int, repeats: int,
-                  features: str | None) -> dict:
+                  features: str | None, params: dict | None = None) -> dict:
     """One champion candidate: trained on MLDB's 80% of the training digits plus its
-    augmented copies (of those rows only), scored every 100 rounds on the held-out 20% and
+    augmented copies (of those rows only), scored every 200 rounds on the held-out 20% and
     on those held-out digits redrawn by the robustness generator (bench/robustness.py). The
     official test set is not read. `features` overrides the feature stage (a candidate's is
-    `deskew` otherwise, `shipped`'s its spec's)."""
+    `deskew` otherwise, a shipped spec's its own); `params` overrides LightGBM parameters."""
 
     from bench.robustness import decode_canvases, generate, summarise
     from mlpaint.augment import AugmentSpec, augment
     from mlpaint.features import apply_feature_stage
 
     configs = REPO / "mlpaint/configs"
-    if candidate == "shipped":  # exactly what the weekly deployment trains
-        shipped = yaml.safe_load((configs / "algorithms.yaml").read_text())["champion"]
-        champion_spec = yaml.safe_load((configs / "champion.yaml").read_text())
-        spec = AugmentSpec.model_validate(champion_spec["augment"])
+    if candidate in SHIPPED:  # exactly what the weekly deployment or `make run` trains
+        spec_file, algorithm = SHIPPED[candidate]
+        shipped = yaml.safe_load((configs / "algorithms.yaml").read_text())[algorithm]
+        shipped_spec = yaml.safe_load((configs / spec_file).read_text())
+        spec = AugmentSpec.model_validate(shipped_spec["augment"])
         lgbm_params, rounds = shipped["params"], shipped["rounds"]
-        stage = features or champion_spec["features"]
+        stage = features or shipped_spec["features"]
     else:
         augment_fields, lgbm_params, rounds = CHAMPION_CANDIDATES[candidate]
         base = yaml.safe_load((configs / "experiment.yaml").read_text())["augment"]
         spec = AugmentSpec.model_validate({**base, **augment_fields})
         stage = features or "deskew"
+    lgbm_params = {**lgbm_params, **(params or {})}
     train_x, train_y, _, _ = _load(mnist)
     held_out = _mldb_held_out(len(train_y))
     start = time.perf_counter()
@@ -290,7 +303,8 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int,
     canvases = generate(train_x[held_out].reshape(-1, 28, 28), chosen, seed=7)
     decoded = {name: decode_canvases(pngs) for name, pngs in canvases.items()}
 
-    fit_seconds, cuts = _fit_with_checkpoints(lgbm_params, x, y, rounds, every=200)
+    fit_seconds, cuts = _fit_with_checkpoints(lgbm_params, x, y, rounds,
+                                              every=min(200, rounds))
     by_rounds = {}
     for n, cut in cuts:
         drawn_scores = {}
@@ -350,6 +364,72 @@ def part_maps(mnist: Path, rows: int = 20_000, rounds: int = 300) -> list[dict]:
 
     with ThreadPoolExecutor(2) as pool:
         return list(pool.map(one, ["pixels", "mean3x3", "sobel"]))
+
+
+# LightGBM settings tried over the champion's (`--part params`), alone and combined with "+".
+PARAM_VARIANTS = {
+    "champion": {},
+    "feature_fraction_bynode": {"feature_fraction": 1.0, "feature_fraction_bynode": 0.3},
+    "feature_fraction_0.15": {"feature_fraction": 0.15},
+    "feature_fraction_0.6": {"feature_fraction": 0.6},
+    "max_bin_255": {"max_bin": 255},
+    "min_data_in_leaf_5": {"min_data_in_leaf": 5},
+    "min_data_in_leaf_60": {"min_data_in_leaf": 60},
+    "lambda_l2_10": {"lambda_l2": 10.0},
+    "extra_trees": {"extra_trees": True},
+    "dart": {"boosting": "dart", "drop_rate": 0.1, "skip_drop": 0.5},
+    "one_vs_rest": {"objective": "multiclassova"},
+    "depth_5": {"num_leaves": 31, "max_depth": 5},
+    "rate_0.1": {"learning_rate": 0.1},
+    "goss": {"data_sample_strategy": "goss", "bagging_fraction": 1.0, "bagging_freq": 0},
+}
+DEFAULT_PARAM_SCREEN = [
+    *PARAM_VARIANTS, "extra_trees+one_vs_rest", "extra_trees+depth_5", "one_vs_rest+depth_5",
+    "extra_trees+one_vs_rest+depth_5", "extra_trees+feature_fraction_0.15",
+    "one_vs_rest+feature_fraction_0.15"]
+
+
+def part_params(mnist: Path, variants: list[str], rows: int, rounds: int,
+                seeds: list[int]) -> list[dict]:
+    """The champion's LightGBM settings (mlpaint/configs/algorithms.yaml) with each variant
+    on top, on the `moments` stage without augmentation: one fit per variant and seed on the
+    first `rows` of MLDB's 80% of the training rows, one thread each, two at a time; held-out
+    accuracy at four round counts. A quick screen: the same settings with another seed
+    differ by about 0.1 points at 20,000 rows, and a variant that wins here must still win
+    with augmentation (`--part champion --params`)."""
+    import lightgbm as lgb
+
+    from mlpaint.features import apply_feature_stage
+    from mlpaint.training.algorithms import lightgbm_params, load_algorithms
+
+    train_x, train_y, _, _ = _load(mnist)
+    held_out = _mldb_held_out(len(train_y))
+    fit_rows = np.flatnonzero(~held_out)[:rows]
+    features = apply_feature_stage("moments", train_x)
+    champion = load_algorithms()["champion"].params
+    cuts = [rounds * quarter // 4 for quarter in (1, 2, 3, 4)]
+
+    def one(job: tuple[str, int]) -> dict:
+        name, seed = job
+        params = dict(champion)
+        for part in name.split("+"):
+            params.update(PARAM_VARIANTS[part])
+        full = lightgbm_params(params, seed=seed, num_threads=1)
+        start = time.perf_counter()
+        booster = lgb.train(full, lgb.Dataset(features[fit_rows], train_y[fit_rows],
+                                              params=full), num_boost_round=rounds)
+        seconds = time.perf_counter() - start
+        accuracy = {n: round(100 * float((booster.predict(
+            features[held_out], num_iteration=n, num_threads=1).argmax(1)
+            == train_y[held_out]).mean()), 2) for n in cuts}
+        leaves = sum(tree["num_leaves"] for tree in booster.dump_model()["tree_info"])
+        row = {"variant": name, "seed": seed, "fit_seconds": round(seconds, 1),
+               "leaves": leaves, "held_out_accuracy_by_rounds": accuracy}
+        logger.info("%s", row)
+        return row
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, [(name, seed) for name in variants for seed in seeds]))
 
 
 def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
@@ -533,12 +613,21 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",
-                                           "champion", "resume", "maps"], required=True)
-    parser.add_argument("--candidate", choices=["shipped", *sorted(CHAMPION_CANDIDATES)],
+                                           "champion", "resume", "maps", "params"],
+                        required=True)
+    parser.add_argument("--candidate", choices=[*SHIPPED, *sorted(CHAMPION_CANDIDATES)],
                         help="with --part champion")
+    parser.add_argument("--params", type=json.loads, metavar="JSON",
+                        help="with --part champion: LightGBM parameters over the candidate's, "
+                             'e.g. \'{"extra_trees": true, "objective": "multiclassova"}\'')
     parser.add_argument("--digits", type=int, default=1000,
                         help="with --part champion: held-out digits redrawn per variation")
-    parser.add_argument("--rounds", type=int, default=400, help="with --part sweep")
+    parser.add_argument("--rounds", type=int, default=400, help="with --part sweep, params")
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_PARAM_SCREEN,
+                        metavar="VARIANT[+VARIANT]",
+                        help=f"with --part params: of {', '.join(PARAM_VARIANTS)}")
+    parser.add_argument("--rows", type=int, default=20_000, help="with --part params")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --part params")
     parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=30,
@@ -566,11 +655,17 @@ def main() -> None:
         if not args.candidate:
             parser.error("--part champion needs --candidate")
         result = part_champion(args.mnist, args.candidate, args.digits, args.repeats,
-                               args.features)
+                               args.features, args.params)
     elif args.part == "default":
         result = part_default(args.mnist, args.port)
     elif args.part == "maps":
         result = part_maps(args.mnist)
+    elif args.part == "params":
+        unknown = {part for name in args.variants for part in name.split("+")} - set(
+            PARAM_VARIANTS)
+        if unknown:
+            parser.error(f"unknown variants {sorted(unknown)}")
+        result = part_params(args.mnist, args.variants, args.rows, args.rounds, args.seeds)
     elif args.part == "resume":
         result = part_resume(args.mnist, args.runs, args.folds)
     else:
