@@ -35,6 +35,16 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+def pytest_sessionfinish(session, exitstatus) -> None:
+    # A flow run in this process without an API URL starts Prefect's temporary server, which
+    # Prefect stops from `atexit`: after pytest has closed the output its logger writes to,
+    # so every run ended with a "Logging error" traceback. Stop it while that output is open.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    for server in list(SubprocessASGIServer._instances.values()):
+        server.stop()
+
+
 @pytest.fixture(scope="session")
 def shared_mnist() -> Path:
     """A folder of the four official MNIST files (gzip IDX): `../shared/data/mnist` where it
