@@ -53,7 +53,7 @@ import io
 import json
 import logging
 import statistics
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -226,28 +226,12 @@ def score_bundle(served, canvases: dict[str, list[bytes]], labels: np.ndarray,
 
 def paired(first_right: np.ndarray, other_right: np.ndarray,
            sources: np.ndarray | None = None) -> dict:
-    """Two models' answers to the same rows: how many only the first reads right, how many
-    only the other, and the exact two-sided sign test of which model is better (the rows both
-    read right or both wrong say nothing about that).
+    """`compare_paired` of the first model against another, with the accuracy difference."""
+    from mlpaint.training.evaluation import compare_paired
 
-    Renderings of one digit (`sources`: the digit each row was drawn from) are not
-    independent trials, so the test counts digits, not rows: a digit goes to the model that
-    reads more of its renderings right, and ties are dropped. Without `sources`, each row is
-    its own digit."""
-    from scipy.stats import binomtest
-
-    only_first = int((first_right & ~other_right).sum())
-    only_other = int((other_right & ~first_right).sum())
-    if sources is None:
-        sources = np.arange(len(first_right))
-    margin = np.bincount(sources, weights=other_right.astype(float) - first_right)
-    digits_first, digits_other = int((margin < 0).sum()), int((margin > 0).sum())
-    p_value = (binomtest(digits_first, digits_first + digits_other).pvalue
-               if digits_first + digits_other else 1.0)
-    return {"rows": len(first_right), "only_first": only_first, "only_other": only_other,
-            "accuracy_difference": (only_other - only_first) / len(first_right),
-            "digits_better_with_first": digits_first, "digits_better_with_other": digits_other,
-            "p_value": float(p_value)}
+    comparison = compare_paired(first_right, other_right, sources)
+    return {**asdict(comparison), "accuracy_difference":
+            (comparison.right_only_second - comparison.right_only_first) / comparison.rows}
 
 
 def _paired_markdown(first: str, comparisons: dict[str, dict[str, dict]]) -> str:
@@ -256,10 +240,11 @@ def _paired_markdown(first: str, comparisons: dict[str, dict[str, dict]]) -> str
              "sign test p |", "|---|---|---|---|---|---|---|---|"]
     for model, sets in comparisons.items():
         for name, c in sets.items():
-            lines.append(f"| {model} | {name} | {c['rows']} | {c['only_first']} | "
-                         f"{c['only_other']} | {100 * c['accuracy_difference']:+.2f} points | "
-                         f"{c['digits_better_with_first']} : "
-                         f"{c['digits_better_with_other']} | {c['p_value']:.3g} |")
+            lines.append(f"| {model} | {name} | {c['rows']} | {c['right_only_first']} | "
+                         f"{c['right_only_second']} | "
+                         f"{100 * c['accuracy_difference']:+.2f} points | "
+                         f"{c['digits_better_first']} : {c['digits_better_second']} | "
+                         f"{c['p_value']:.3g} |")
     return "\n".join(lines)
 
 

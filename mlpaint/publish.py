@@ -29,7 +29,7 @@ from mlpaint.explain import (
 )
 from mlpaint.tracking.publication import CHALLENGER, CHAMPION
 from mlpaint.training.algorithms import DigitModel
-from mlpaint.training.evaluation import evaluate
+from mlpaint.training.evaluation import PairedComparison, evaluate, predicted_labels
 
 
 class PublishSpec(BaseModel):
@@ -72,6 +72,12 @@ def accuracy(model: DigitModel, pixels: np.ndarray, labels: np.ndarray) -> float
     return evaluate(labels, model.predict_pixels(pixels)).accuracy
 
 
+def right_answers(model: DigitModel, pixels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Whether a model reads each pixel row as its label (ties to the lowest digit, as
+    `evaluate` breaks them)."""
+    return predicted_labels(model.predict_pixels(pixels)) == labels
+
+
 @dataclass(frozen=True)
 class WildScores:
     """Candidate and champion on the same wild test set (feedback never trained on)."""
@@ -92,16 +98,22 @@ class GateDecision:
     forced: bool
     reason: str
     wild: WildScores | None = None
+    # Champion (first) and candidate (second), digit by digit on the official test set.
+    paired: PairedComparison | None = None
 
 
 def decide(candidate_accuracy: float, champion_accuracy: float | None,
            champion_version: str | None, *, margin: float, force: bool,
-           wild: WildScores | None = None, champion_name: str | None = None) -> GateDecision:
+           wild: WildScores | None = None, champion_name: str | None = None,
+           paired: PairedComparison | None = None) -> GateDecision:
     """Promote unless the candidate is worse than the champion by more than `margin` on the
     official test set, or (with a wild set) any worse on the wild set: drawings people made
     and labelled, which neither model trained on. A flood of wrong labels therefore cannot
     crown a model that reads MNIST worse. `force` promotes regardless. The reason names the
-    champion by `champion_name`, else as registry version `champion_version`."""
+    champion by `champion_name`, else as registry version `champion_version`, and, given the
+    two models' answers side by side (`paired`), how many test digits they read differently
+    and whether that split is more than chance: a few digits in 10,000 often are not, and
+    the operator choosing a margin should know."""
     if champion_accuracy is None:
         promote, reason = True, "no champion yet"
     else:
@@ -110,6 +122,8 @@ def decide(candidate_accuracy: float, champion_accuracy: float | None,
                   f"{champion_accuracy:.4f} ({champion_name or f'version {champion_version}'}"
                   f", margin {margin:.4f}): "
                   + ("not worse" if test_ok else "worse by more than the margin"))
+        if paired is not None:
+            reason += f" ({paired.summary('the champion', 'the candidate')})"
         wild_ok = True
         if wild is not None and wild.rows and wild.champion_accuracy is not None:
             wild_ok = wild.candidate_accuracy >= wild.champion_accuracy
@@ -121,7 +135,8 @@ def decide(candidate_accuracy: float, champion_accuracy: float | None,
     if forced:
         promote, reason = True, f"forced by the operator; otherwise: {reason}"
     return GateDecision(promote, CHAMPION if promote else CHALLENGER, candidate_accuracy,
-                        champion_accuracy, champion_version, margin, forced, reason, wild)
+                        champion_accuracy, champion_version, margin, forced, reason, wild,
+                        paired)
 
 
 @dataclass(frozen=True)

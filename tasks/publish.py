@@ -33,6 +33,7 @@ from mlpaint.publish import (
     build_bundle_folder,
     decide,
     explain_test_set,
+    right_answers,
 )
 from mlpaint.storage import store_for
 from mlpaint.tracking import (
@@ -47,6 +48,7 @@ from mlpaint.tracking.publication import (
     version_with_alias,
 )
 from mlpaint.training.algorithms import DigitModel, ModelFormatError
+from mlpaint.training.evaluation import compare_paired
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
@@ -151,15 +153,19 @@ def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
                 "registered by an older mlpaint and cannot be scored"))
     else:
         model, champion_name = _served_model(destination, Path(cache_dir))
-    champion_accuracy = wild = None
+    champion_accuracy = wild = paired = None
     if model is not None:
         table = load_table(Path(test_table_dir))
-        champion_accuracy = accuracy(model, table.pixels, table.labels)
+        candidate_model = DigitModel.load(Path(built.staging) / "model")
+        champion_right = right_answers(model, table.pixels, table.labels)
+        champion_accuracy = float(champion_right.mean())
+        paired = compare_paired(champion_right,
+                                right_answers(candidate_model, table.pixels, table.labels))
         if feedback_store:
-            wild = _wild_scores(DigitModel.load(Path(built.staging) / "model"), model,
-                                feedback_store, wild_share)
+            wild = _wild_scores(candidate_model, model, feedback_store, wild_share)
     return _decided(decide(candidate_accuracy, champion_accuracy, champion_version,
-                           margin=margin, force=force, wild=wild, champion_name=champion_name))
+                           margin=margin, force=force, wild=wild, champion_name=champion_name,
+                           paired=paired))
 
 
 def _served_model(destination: str, cache_dir: Path) -> tuple[DigitModel | None, str | None]:

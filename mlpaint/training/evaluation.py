@@ -4,6 +4,7 @@ It reproduces MLDB's `classifier.experiment` categorical statistics: per label, 
 accuracy (tp+tn)/N, precision, recall, F1 and support; `weightedStatistics` as the
 support-weighted means (so weighted recall equals plain accuracy); the confusion matrix in
 MLDB's sparse form and as a dense matrix; and aggregates over folds as min/max/mean/std.
+`compare_paired` sets two models' answers to the same rows side by side.
 """
 
 from __future__ import annotations
@@ -130,3 +131,46 @@ def aggregate(evaluations: Sequence[Evaluation]) -> dict[str, Aggregate]:
     return {name: Aggregate(min(values), max(values), float(np.mean(values)),
                             float(np.std(values)))
             for name, values in per_metric.items()}
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two models' answers to the same rows. Only the rows they disagree on say which is
+    better; `p_value` is the exact two-sided sign test (McNemar's) of that split."""
+
+    rows: int
+    right_only_first: int
+    right_only_second: int
+    # The test's trials: digits, each going to the model that reads more of its rows right
+    # (one row per digit unless the rows are several renderings of the same digits).
+    digits_better_first: int
+    digits_better_second: int
+    p_value: float
+
+    def summary(self, first: str, second: str) -> str:
+        return (f"{self.right_only_first + self.right_only_second} of {self.rows} digits "
+                f"read differently, {self.right_only_first} right only with {first} and "
+                f"{self.right_only_second} only with {second} (sign test p = "
+                f"{self.p_value:.2g})")
+
+
+def compare_paired(first_right: np.ndarray, second_right: np.ndarray,
+                   sources: np.ndarray | None = None) -> PairedComparison:
+    """Side by side, whether each of two models read each row right. Renderings of one digit
+    (`sources`: the digit each row shows, 0..digits-1) are not independent trials, so the
+    test counts digits, not rows, and drops the digits both models read equally well."""
+    from scipy.stats import binomtest
+
+    first_right, second_right = np.asarray(first_right, bool), np.asarray(second_right, bool)
+    if first_right.shape != second_right.shape:
+        raise ValueError(f"{first_right.shape} answers against {second_right.shape}")
+    if sources is None:
+        sources = np.arange(len(first_right))
+    margin = np.bincount(sources, weights=second_right.astype(float) - first_right)
+    better_first, better_second = int((margin < 0).sum()), int((margin > 0).sum())
+    trials = better_first + better_second
+    return PairedComparison(
+        rows=len(first_right), right_only_first=int((first_right & ~second_right).sum()),
+        right_only_second=int((second_right & ~first_right).sum()),
+        digits_better_first=better_first, digits_better_second=better_second,
+        p_value=float(binomtest(better_first, trials).pvalue) if trials else 1.0)

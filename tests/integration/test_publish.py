@@ -90,10 +90,18 @@ def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path
     assert read_latest(load_store(dest)) == latest_after_first  # LATEST untouched
     run = client.get_run(client.get_model_version("mnist-digits", "2").run_id)
     assert "worse by more than the margin" in run.data.tags["mlpaint.gate_reason"]
+    # The two models side by side on the same test digits: what the gate scored each
+    # model's accuracy on, so the split accounts for the gap between them to the digit.
+    paired = worse.decision.paired
+    assert paired.rows == 10_000 and "sign test p = " in worse.decision.reason
+    assert (paired.right_only_second - paired.right_only_first) / paired.rows == pytest.approx(
+        worse.decision.candidate_accuracy - worse.decision.champion_accuracy, abs=1e-12)
 
     equal = _publish(registry, monkeypatch, model_version="3", to=dest)
     assert equal.decision.alias == "champion"
     assert equal.decision.candidate_accuracy == pytest.approx(equal.decision.champion_accuracy)
+    assert (equal.decision.paired.right_only_first, equal.decision.paired.right_only_second,
+            equal.decision.paired.p_value) == (0, 0, 1.0)  # the same booster
     assert read_latest(load_store(dest)) == equal.bundle.version
 
     forced = _publish(registry, monkeypatch, model_version="2", to=dest, force=True)

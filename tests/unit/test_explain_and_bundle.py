@@ -110,6 +110,22 @@ def test_the_gate_needs_both_the_test_set_and_the_wild_set(test_acc, wild_acc, a
     assert "200 feedback drawings" in decision.reason
 
 
+def test_the_reason_says_whether_the_digits_the_models_split_are_more_than_chance():
+    """35 test digits only the champion reads right, 33 only the candidate: a gap of 2 in
+    10,000 that the margin decides, and that the operator should see is no difference."""
+    from mlpaint.training.evaluation import compare_paired
+
+    champion = np.ones(10_000, dtype=bool)
+    candidate = champion.copy()
+    champion[:33] = False
+    candidate[33:68] = False
+    paired = compare_paired(champion, candidate)
+    decision = decide(0.9909, 0.9911, "1", margin=0.0, force=False, paired=paired)
+    assert decision.alias == "challenger" and decision.paired == paired
+    assert ("68 of 10000 digits read differently, 35 right only with the champion and 33 only "
+            "with the candidate (sign test p = 0.9)") in decision.reason
+
+
 def test_margin_admits_a_slightly_worse_candidate():
     assert decide(0.935, 0.94, "1", margin=0.01, force=False).alias == "champion"
     assert decide(0.925, 0.94, "1", margin=0.01, force=False).alias == "challenger"
