@@ -123,7 +123,7 @@ def decide(candidate_accuracy: float, champion_accuracy: float | None,
                   f", margin {margin:.4f}): "
                   + ("not worse" if test_ok else "worse by more than the margin"))
         if paired is not None:
-            reason += f" ({paired.summary('the champion', 'the candidate')})"
+            reason += f"; {paired.summary('the champion', 'the candidate')}"
         wild_ok = True
         if wild is not None and wild.rows and wild.champion_accuracy is not None:
             wild_ok = wild.candidate_accuracy >= wild.champion_accuracy

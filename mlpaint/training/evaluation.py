@@ -150,8 +150,8 @@ class PairedComparison:
     def summary(self, first: str, second: str) -> str:
         return (f"{self.right_only_first + self.right_only_second} of {self.rows} digits "
                 f"read differently, {self.right_only_first} right only with {first} and "
-                f"{self.right_only_second} only with {second} (sign test p = "
-                f"{self.p_value:.2g})")
+                f"{self.right_only_second} only with {second}, sign test p = "
+                f"{self.p_value:.2g}")
 
 
 def compare_paired(first_right: np.ndarray, second_right: np.ndarray,

@@ -122,8 +122,9 @@ def test_the_reason_says_whether_the_digits_the_models_split_are_more_than_chanc
     paired = compare_paired(champion, candidate)
     decision = decide(0.9909, 0.9911, "1", margin=0.0, force=False, paired=paired)
     assert decision.alias == "challenger" and decision.paired == paired
-    assert ("68 of 10000 digits read differently, 35 right only with the champion and 33 only "
-            "with the candidate (sign test p = 0.9)") in decision.reason
+    assert ("worse by more than the margin; 68 of 10000 digits read differently, 35 right "
+            "only with the champion and 33 only with the candidate, sign test p = 0.9"
+            ) in decision.reason
 
 
 def test_margin_admits_a_slightly_worse_candidate():

@@ -17,7 +17,7 @@ def test_only_the_rows_the_models_disagree_on_count():
     assert result.p_value == pytest.approx(1.0)
     assert result.summary("the champion", "the candidate") == (
         "3 of 6 digits read differently, 1 right only with the champion and 2 only with "
-        "the candidate (sign test p = 1)")
+        "the candidate, sign test p = 1")
 
 
 def test_a_lopsided_split_is_significant_and_the_test_is_two_sided():
