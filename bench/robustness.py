@@ -36,13 +36,14 @@ ways: as blocks (nearest) and smoothed (bilinear). They go through the same imag
 
 With two or more bundles, a third table compares each later bundle with the first digit by
 digit, on three sets: MNIST's whole official test set (through the bundle's feature stage, as
-the publishing gate scores it), the redrawn canvases and UCI's digits. It counts the digits only
-the first bundle reads right and those only the other does, with the exact two-sided sign test
-(McNemar's) of that split: a p-value of 0.5 or so is no difference at all, one under 0.05 a
-difference that rarely comes from chance. A digit's renderings (7 redrawn variations, UCI's
-two enlargements) are not independent trials, so there the test counts digits: each goes to
-the model that reads more of its renderings right. Two models' accuracies can differ by a few digits
-in 10,000 and mean nothing; this says whether they do.
+the publishing gate scores it), the redrawn canvases and UCI's digits. Two models'
+accuracies can differ by a few digits in 10,000 and mean nothing; this says whether they do.
+It counts the digits only the first bundle reads right and those only the other does, with
+the exact two-sided sign test (McNemar's) of that split (`mlpaint.training.evaluation.
+compare_paired`, which the publish gate reports too): a p-value of 0.5 or so is no
+difference at all, one under 0.05 a difference that rarely comes from chance. A digit's
+renderings (7 redrawn variations, UCI's two enlargements) are not independent trials, so
+there the test counts digits: each goes to the model that reads more of its renderings right.
 """
 
 from __future__ import annotations
