@@ -128,8 +128,7 @@ def _in_process(bundle: str, digits: list[list[int]], repeats: int) -> dict:
     rows = np.asarray(digits, dtype=np.uint8)
 
     def lightgbm_predict(row: np.ndarray) -> None:
-        served.model.probabilities(served.model.raw_scores(served.features(row[None, :]),
-                                                           num_threads=1))
+        served.model.predict_proba(served.features(row[None, :]), num_threads=1)
 
     def predict(row: np.ndarray) -> None:
         served.score(served.features(row[None, :]))
