@@ -60,10 +60,15 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
     no lock: two runs started together on a new store both migrated it and left it half
     done (`table _alembic_tmp_experiments already exists`), for them and every later run.
     Here the first open happens under a file lock beside the database; whoever comes second
-    finds the schema complete. Once per store per process."""
+    finds the schema complete. A client that takes no such lock (`mlflow ui`, a script) is
+    kept out another way: a new store is built whole in a file of its own and linked into
+    place only once complete, and a store that such a client is creating is waited for
+    rather than migrated a second time beside it. Once per store per process."""
     if tracking_uri in _prepared_stores:
         return
+    from alembic.util.exc import CommandError
     from filelock import FileLock
+    from mlflow.exceptions import MlflowException
     from mlflow.store.model_registry.sqlalchemy_store import (
         SqlAlchemyStore as RegistryStore,
     )
@@ -73,17 +78,104 @@ def prepare_sqlite_store(tracking_uri: str) -> None:
     database = Path(tracking_uri.removeprefix(SQLITE_PREFIX))
     database.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{database}.lock"):
+        if not database.exists():
+            _create_store_aside(database)
+        _await_other_clients_migration(database)
         _repair_interrupted_migration(database)
         try:
-            # Opening the stores runs MLflow's schema creation and migrations.
+            # Opening the stores runs MLflow's migrations of an older schema.
             TrackingStore(tracking_uri, _sqlite_artifact_root(tracking_uri))
             RegistryStore(tracking_uri)
-        except (SQLAlchemyError, sqlite3.Error) as exc:
+        except (SQLAlchemyError, sqlite3.Error, CommandError, MlflowException) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise TrackingStoreError(
-                f"{database}: MLflow could not open or upgrade this store ({exc}). Back the "
-                f"file up, then run `mlflow db upgrade {tracking_uri}`, or move the file "
-                "away to start a new store") from exc
+                f"{database}: MLflow could not open or upgrade this store ({first_line}). If "
+                f"another MLflow client (mlflow ui, mlflow server) has it open, stop that "
+                f"client and run again; otherwise back the file up, then run "
+                f"`mlflow db upgrade {tracking_uri}`, or move the file away to start a new "
+                "store") from exc
     _prepared_stores.add(tracking_uri)
+
+
+def _create_store_aside(database: Path) -> None:
+    """A new store's whole schema built in a file beside `database`, then linked into place
+    (which fails if the name exists), so no other client ever opens a half-built store. If
+    one created its own there meanwhile, that one is kept and this one dropped."""
+    import sqlalchemy
+    from mlflow.store.db.utils import _initialize_tables
+
+    aside = database.with_name(f"{database.name}.creating-{os.getpid()}")
+    aside.unlink(missing_ok=True)
+    engine = sqlalchemy.create_engine(f"{SQLITE_PREFIX}{aside}")
+    try:
+        _initialize_tables(engine)
+    finally:
+        engine.dispose()
+    try:
+        os.link(aside, database)
+    except FileExistsError:
+        logger.info("%s: another MLflow client created this store meanwhile; using it",
+                    database)
+    finally:
+        aside.unlink(missing_ok=True)
+
+
+# How long a store that is not at MLflow's newest schema must stay untouched before it is
+# taken as nobody's work in progress (an older store, or one a killed client left): MLflow
+# commits each of its migrations as it goes, a fraction of a second apart even on a busy
+# machine, and its first commit comes after its imports.
+_MIGRATION_QUIET_S = 10.0
+_MIGRATION_LIMIT_S = 600.0
+
+
+def _await_other_clients_migration(database: Path) -> None:
+    """Return once the store is at MLflow's newest schema, or once it has gone
+    `_MIGRATION_QUIET_S` without any change (nobody is migrating it: MLflow's own upgrade
+    then takes it from where it is)."""
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    newest = _get_latest_schema_revision()
+    started = last_change = time.monotonic()
+    last_state = None
+    waiting_said = False
+    while True:
+        state = _schema_state(database)
+        if state[0] == newest:
+            return
+        now = time.monotonic()
+        if state != last_state:
+            last_state, last_change = state, now
+        elif now - last_change > _MIGRATION_QUIET_S:
+            return
+        if now - started > _MIGRATION_LIMIT_S:
+            raise TrackingStoreError(
+                f"{database}: another MLflow client has been creating or upgrading this store "
+                f"for {_MIGRATION_LIMIT_S / 60:.0f} minutes; stop it (mlflow ui, mlflow server) "
+                "and run again")
+        if not waiting_said:
+            logger.info("%s: not yet at MLflow's schema %s; waiting while another client "
+                        "may be creating or upgrading it", database, newest)
+            waiting_said = True
+        time.sleep(0.1)
+
+
+def _schema_state(database: Path) -> tuple:
+    """What changes while a client migrates the store: its schema revision (None before
+    Alembic's first), whether a write is under way, and the files' sizes and times."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True,
+                                                timeout=0)) as connection:
+            rows = connection.execute("SELECT version_num FROM alembic_version").fetchall()
+        revision = rows[0][0] if rows else None
+    except sqlite3.OperationalError as exc:  # no table yet, or a write holds the file
+        revision = None if "no such table" in str(exc) else f"busy: {exc}"
+    files = []
+    for path in (database, database.with_name(database.name + "-journal"),
+                 database.with_name(database.name + "-wal")):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            files.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return revision, tuple(files)
 
 
 def prepare_store_meanwhile(tracking_uri: str) -> Callable[[], None]:
