@@ -27,6 +27,7 @@ from mlpaint.processes import free_port, start_service, stop_service
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 SHARED_MNIST = Path(os.environ.get("MLPAINT_SHARED_MNIST", REPO.parent / "shared/data/mnist"))
+SHARED_PENDIGITS = REPO.parent / "shared/data/pendigits/pendigits-orig.tra"
 
 
 def pytest_configure(config) -> None:
@@ -126,6 +127,21 @@ def http_server(http_root: Path, tmp_path_factory) -> Iterator[str]:
         log=tmp_path_factory.mktemp("logs") / "http.log")
     yield f"http://127.0.0.1:{port}"
     stop_service(process)
+
+
+@pytest.fixture(scope="session")
+def shared_pendigits(tmp_path_factory) -> Path:
+    """UCI's pen trajectories as UCI's README describes them (`../shared/data/pendigits`,
+    required on CI); elsewhere the copy mlpaint ships, decompressed, so every test runs."""
+    if SHARED_PENDIGITS.is_file():
+        return SHARED_PENDIGITS
+    if os.environ.get("MLPAINT_REQUIRE_SHARED") == "1":
+        pytest.fail(f"pen trajectories missing at {SHARED_PENDIGITS}")
+    from mlpaint.data.pendigits import packaged_pen_copy
+
+    copy = tmp_path_factory.mktemp("pendigits") / SHARED_PENDIGITS.name
+    copy.write_bytes(gzip.decompress(packaged_pen_copy().read_bytes()))
+    return copy
 
 
 @pytest.fixture(scope="session")

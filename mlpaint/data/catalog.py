@@ -70,6 +70,13 @@ PICKLE_ARCHIVE_NAME = "mnist.pkl.gz"
 PICKLE_ARCHIVE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
 PINNED_SHA256[PICKLE_ARCHIVE_NAME] = PICKLE_ARCHIVE_SHA256
 
+#: UCI's pen-based handwritten digits (data set 81), its training portion of 30 writers in
+#: the original UNIPEN text (`mlpaint.data.pendigits`). Pinned as the decompressed text: UCI
+#: ships it compressed with Unix `compress`, mlpaint's packaged copy with gzip.
+PEN_TRAJECTORIES_NAME = "pendigits-orig.tra"
+PEN_TRAJECTORIES_SHA256 = "a66225d68d7d68591e62944df1ad33b3f5aa608e2df2505844b41f5568a80da4"
+PINNED_SHA256[PEN_TRAJECTORIES_NAME] = PEN_TRAJECTORIES_SHA256
+
 IMAGE_SIDE = 28
 N_FEATURES = IMAGE_SIDE * IMAGE_SIDE
 N_CLASSES = 10

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 from mlpaint.data.catalog import IMAGE_SIDE, N_CLASSES, N_FEATURES, Split
 from mlpaint.data.fetch import SplitFiles
 from mlpaint.data.formats import DataFormatError, read_csv_split, read_idx
+from mlpaint.data.integrity import atomic_folder
 
 PIXEL_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(N_FEATURES))
 LABEL_COLUMN = "label"
@@ -113,24 +112,13 @@ def join_split(split: Split, images: np.ndarray, labels: np.ndarray, *, origin: 
 
 
 def save_table(table: SplitTable, folder: Path) -> Path:
-    """Write the table to `folder` atomically: a private staging folder renamed into place.
-
-    Tables are cached under a key of the files they were built from, so a folder that is
-    already there holds the same table: when a concurrent run placed it first, theirs is
-    kept (it may be memory-mapped by that run right now) and ours dropped."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
+    """Write the table to `folder` atomically (`atomic_folder`): tables are cached under a
+    key of the files they were built from."""
+    with atomic_folder(folder, marker="meta.json") as staging:
         np.save(staging / "pixels.npy", table.pixels)
         np.save(staging / "labels.npy", table.labels)
         np.save(staging / "row_hash.npy", table.row_hash)
         (staging / "meta.json").write_text(json.dumps(asdict(table.meta), indent=2))
-        staging.rename(folder)
-    except OSError:
-        if not (folder / "meta.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return folder
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -88,13 +89,26 @@ class FetchedObject:
     verified: bool
 
 
-def _hash_and_decompress(raw: Path, decompressed: Path, name: str) -> tuple[str, str]:
-    """Return (sha256 of raw bytes, sha256 of decompressed bytes), writing the latter."""
-    raw_hash = hashlib.sha256()
-    with raw.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            raw_hash.update(chunk)
+_COMPRESSIONS = (".gz", ".Z")  # gzip, and Unix `compress` (LZW), as UCI's files are
+
+
+def _compression(name: str) -> str | None:
+    return next((suffix for suffix in _COMPRESSIONS if name.endswith(suffix)), None)
+
+
+def _decompress(raw: Path, decompressed: Path, name: str, compression: str) -> str:
+    """Write `raw`'s decompressed bytes to `decompressed`; return their sha256."""
     plain_hash = hashlib.sha256()
+    if compression == ".Z":
+        import ncompress
+
+        try:
+            plain = ncompress.decompress(raw.read_bytes())
+        except (ValueError, OSError) as exc:
+            raise DataFormatError(name, f"corrupt or truncated .Z (LZW) file: {exc}") from exc
+        decompressed.write_bytes(plain)
+        plain_hash.update(plain)
+        return plain_hash.hexdigest()
     try:
         with gzip.open(raw, "rb") as source, decompressed.open("wb") as out:
             for chunk in iter(lambda: source.read(_CHUNK), b""):
@@ -102,33 +116,63 @@ def _hash_and_decompress(raw: Path, decompressed: Path, name: str) -> tuple[str,
                 out.write(chunk)
     except (OSError, EOFError) as exc:  # BadGzipFile is an OSError
         raise DataFormatError(name, f"corrupt or truncated gzip: {exc}") from exc
-    return raw_hash.hexdigest(), plain_hash.hexdigest()
+    return plain_hash.hexdigest()
+
+
+def _zip_member(uri: str) -> tuple[str, str | None]:
+    """(the URI to download, the archive member to take) of `archive.zip#member`; a URI
+    without such a fragment is downloaded as it is."""
+    base, sep, member = uri.partition("#")
+    if sep and member and PurePosixPath(urlsplit(base).path or base).suffix.lower() == ".zip":
+        return base, member
+    return uri, None
+
+
+def _extract_member(archive: Path, member: str, destination: Path, uri: str) -> None:
+    try:
+        with zipfile.ZipFile(archive) as opened, opened.open(member) as source, \
+                destination.open("wb") as out:
+            shutil.copyfileobj(source, out, _CHUNK)
+    except KeyError as exc:
+        raise NotFoundError(f"{uri}: the archive has no member {member!r}") from exc
+    except zipfile.BadZipFile as exc:
+        raise DataFormatError(uri, f"not a readable zip archive: {exc}") from exc
 
 
 def fetch_object(uri: str, context: FetchContext, *, decompressed_sha256: str | None = None
                  ) -> FetchedObject:
     """Fetch one object, verify it against its pins, and cache its decompressed bytes.
 
-    Pins by name: `x.gz` pins the bytes as fetched, `x` the decompressed bytes. When the
-    decompressed hash is known in advance and cached, nothing is downloaded.
+    `archive.zip#member` takes one member of a zip archive. Pins by name: `x.gz` (or `x.Z`)
+    pins the bytes as fetched, `x` the decompressed bytes. When the decompressed hash is
+    known in advance and cached, nothing is downloaded.
     """
-    name = PurePosixPath(urlsplit(uri).path).name or uri
-    is_gzip = name.endswith(".gz")
-    plain_name = name.removesuffix(".gz")
+    download_uri, member = _zip_member(uri)
+    name = PurePosixPath(member or urlsplit(uri).path).name or uri
+    compression = _compression(name)
+    plain_name = name.removesuffix(compression) if compression else name
     pin_plain = decompressed_sha256 or context.pins.for_name(plain_name)
-    pin_raw = context.pins.for_name(name) if is_gzip else None
+    pin_raw = context.pins.for_name(name) if compression else None
     if pin_plain and (cached := context.cache.lookup(pin_plain)):
         logger.info("%s: cached (sha256 %s…)", name, pin_plain[:12])
         return FetchedObject(cached, pin_plain, verified=True)
 
     scratch = context.cache.scratch_dir()
-    with scratch_path(scratch, name) as raw, scratch_path(scratch, plain_name) as plain:
-        download_to_path(transport_for(uri), raw, context.progress(uri), context.retry)
-        if is_gzip:
-            raw_sha, plain_sha = _hash_and_decompress(raw, plain, uri)
+    with scratch_path(scratch, name) as raw, scratch_path(scratch, plain_name) as plain, \
+            scratch_path(scratch, f"{name}.zip") as archive:
+        if member is None:
+            download_to_path(transport_for(download_uri), raw, context.progress(uri),
+                             context.retry)
+        else:
+            download_to_path(transport_for(download_uri), archive, context.progress(uri),
+                             context.retry)
+            _extract_member(archive, member, raw, uri)
+        raw_sha = sha256_file(raw)
+        if compression:
+            plain_sha = _decompress(raw, plain, uri, compression)
         else:
             shutil.copyfile(raw, plain)
-            raw_sha = plain_sha = sha256_file(plain)
+            plain_sha = raw_sha
         if pin_raw and raw_sha != pin_raw:
             raise IntegrityError(f"{uri}: sha256 {raw_sha} does not match the pinned {pin_raw}")
         if pin_plain and plain_sha != pin_plain:

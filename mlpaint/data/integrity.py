@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -95,6 +96,26 @@ def atomic_path(destination: Path) -> Iterator[Path]:
         _fsync(tmp_path)
         tmp_path.chmod(0o644)  # mkstemp makes files private; what we publish is for reading
         tmp_path.replace(destination)
+
+
+@contextmanager
+def atomic_folder(folder: Path, *, marker: str) -> Iterator[Path]:
+    """Yield a private staging folder beside `folder`; on success rename it into place, whole.
+
+    Folders written this way are cached under a key of what they were built from, so one
+    already there holds the same content: when a concurrent run placed it first (its
+    `marker` file is there), theirs is kept (it may be memory-mapped by that run right now)
+    and ours dropped."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        yield staging
+        staging.rename(folder)
+    except OSError:
+        if not (folder / marker).is_file():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @dataclass(frozen=True)
