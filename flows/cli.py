@@ -131,6 +131,10 @@ def _add_train_command(subcommands) -> None:
                        help="also train on the drawings people labelled on the page (a "
                             "folder or s3://bucket/prefix), all but the wild test set, which "
                             "every model is scored on too; weight and share from the spec")
+    train.add_argument("--pen-source", action="append", default=None, metavar="URI",
+                       help="pen trajectories (UNIPEN text: a path, s3://, https://, or "
+                            "archive.zip#member), repeatable (default: UCI's download, then "
+                            "the copy mlpaint ships)")
     train.add_argument("--cache-dir", metavar="DIR",
                        help="this machine's cache (default $MLPAINT_CACHE_DIR or "
                             "~/.cache/mlpaint)")
@@ -178,6 +182,10 @@ def _add_publish_command(subcommands) -> None:
     publish.add_argument("--feedback-store", metavar="URI",
                          help="the candidate must also not lose to the champion on this "
                               "feedback store's wild test set")
+    publish.add_argument("--pen-source", action="append", default=None, metavar="URI",
+                         help="pen trajectories of the drawn test set, which the candidate "
+                              "must not lose on either (default: UCI's download, then the "
+                              "copy mlpaint ships)")
     publish.add_argument("--json", action="store_true")
     publish.set_defaults(handler=_run_publish)
 
@@ -191,7 +199,7 @@ def _run_publish(args: argparse.Namespace) -> int:
         to=args.to or (default_bundle_destination(args.store) if args.store else None),
         force=args.force, margin=args.margin, retention=args.retention,
         gallery_per_digit=args.gallery_per_digit, sources=args.source,
-        feedback_store=args.feedback_store)
+        feedback_store=args.feedback_store, pen_sources=args.pen_source)
     with temporary_api() as api_ready:
         from flows.publish import publish_model
 
@@ -227,7 +235,8 @@ def _run_train(args: argparse.Namespace) -> int:
                  "augment": ({"copies": args.augment_copies}
                              if args.augment_copies is not None else None),
                  "feedback": ({"store": args.feedback_store}
-                              if args.feedback_store is not None else None)}
+                              if args.feedback_store is not None else None),
+                 "pen": ({"sources": args.pen_source} if args.pen_source else None)}
     # Validated once, here, before Prefect or any data is touched; the flow trains this spec.
     spec = load_spec(args.spec, overrides, known_algorithms=frozenset(load_algorithms(
         Path(args.algorithms) if args.algorithms else None)))

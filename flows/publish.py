@@ -16,6 +16,7 @@ from mlpaint.data.integrity import default_cache_dir
 from mlpaint.publish import PublishReport, PublishSpec
 from mlpaint.storage import store_for
 from mlpaint.tracking import resolve_tracking_uri
+from tasks.data import fetch_pen_table
 from tasks.publish import (
     build_bundle,
     gate,
@@ -45,6 +46,7 @@ def publish_model(spec: PublishSpec | None = None, cache_dir: str | None = None
     tracking_uri = resolve_tracking_uri()
     candidate = resolve_candidate(spec.run_id, spec.model_version, tracking_uri)
     dataset = ingest_mnist(IngestSpec(sources=spec.sources), str(cache))
+    pen_table = fetch_pen_table(spec.pen_sources, cache)
     fingerprint = {"dataset": dataset.fingerprint,
                    "training_run_dataset": candidate.data_fingerprint}
     with work_area(cache, f"publish-v{candidate.version}") as work_dir:
@@ -57,7 +59,7 @@ def publish_model(spec: PublishSpec | None = None, cache_dir: str | None = None
         with store_for(destination).lock(PUBLISH_LOCK):
             decision = gate(candidate, built, dataset.tables["test"], spec.margin, spec.force,
                             tracking_uri, destination, str(cache), spec.feedback_store,
-                            spec.wild_share)
+                            spec.wild_share, str(pen_table))
             result = upload_bundle(built, destination, decision.promote, spec.retention)
             record_publication(candidate, built, decision, destination, tracking_uri)
     create_markdown_artifact(

@@ -34,8 +34,9 @@ from mlpaint.tracking import (
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, load_algorithms
 from mlpaint.training.evaluation import aggregate
 from mlpaint.training.fits import ExperimentSummary, fit_threads, fits_to_train
-from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix
+from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix, PenMatrix
 from mlpaint.training.spec import ExperimentSpec, SpecError, check_spec, plan_folds
+from tasks.data import fetch_pen_table
 from tasks.training import (
     log_data_inputs,
     log_experiment_summary,
@@ -45,6 +46,7 @@ from tasks.training import (
     prepare_experiment,
     prepare_features,
     prepare_feedback,
+    prepare_pen,
     share_table,
     start_experiment_run,
     train_final,
@@ -124,6 +126,9 @@ def train_mnist(
     feedback_future = (prepare_feedback.submit(spec.feedback, spec.features, spec.augment,
                                                spec.seed, catalog)
                        if spec.feedback.store else None)
+    pen_table = share_table(str(fetch_pen_table(spec.pen.sources, cache)), catalog)
+    pen_future = prepare_pen.submit(pen_table, spec.pen, spec.features, spec.limit,
+                                    spec.augment, spec.seed, catalog)
     # Fail on a fold with an empty side before anything trains.
     row_hash = load_table(Path(dataset.tables["train"])).row_hash[: spec.limit]
     n_folds = len(plan_folds(spec.folds, row_hash))
@@ -135,14 +140,15 @@ def train_mnist(
     with recording_resources(tracking_uri, parent_run_id, cache):
         summary = _train_and_log(spec, config, dataset, catalog, tracking_uri, parent_run_id,
                                  n_folds, train_matrix, test_matrix, augmented,
-                                 feedback_future)
+                                 feedback_future, pen_future)
     if publish_to and summary.registered:
         from flows.publish import publish_model
         from mlpaint.publish import PublishSpec
 
         report = publish_model(PublishSpec(
             model_version=summary.registered.version, to=publish_to, sources=spec.sources,
-            feedback_store=spec.feedback.store, wild_share=spec.feedback.wild_share),
+            feedback_store=spec.feedback.store, wild_share=spec.feedback.wild_share,
+            pen_sources=spec.pen.sources),
             cache_dir=str(cache))
         summary = dataclasses.replace(summary, publication=report.to_json())
     return summary
@@ -154,17 +160,18 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
                    n_folds: int, train_matrix: PrefectFuture[FeatureMatrix],
                    test_matrix: PrefectFuture[FeatureMatrix],
                    augmented: PrefectFuture[AugmentedMatrix] | None,
-                   feedback_future: PrefectFuture[FeedbackMatrix] | None
-                   ) -> ExperimentSummary:
+                   feedback_future: PrefectFuture[FeedbackMatrix] | None,
+                   pen_future: PrefectFuture[PenMatrix]) -> ExperimentSummary:
     """Every fit, each logged to MLflow as it finishes, then the experiment's summary."""
     feedback = feedback_future.result() if feedback_future is not None else None
-    log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, tracking_uri)
+    pen = pen_future.result()
+    log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, pen, tracking_uri)
     n_fits = n_folds + (1 if spec.final_fit else 0)
     # The cores are shared among the fits that will train, not those a rerun reuses: the
     # one fold a crash left unfinished gets every core.
     to_train = fits_to_train(spec, config, n_folds, catalog, train_matrix.result(),
                              test_matrix.result(), augmented.result() if augmented else None,
-                             feedback)
+                             feedback, pen)
     threads = fit_threads(to_train)
     if to_train < n_fits:
         get_run_logger().info("%d of %d fits are stored from an earlier run and will be "
@@ -176,10 +183,10 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     # The final fit is submitted first: it is the longest, and logging its model (seconds of
     # MLflow work) then overlaps the folds' fits instead of following the last of them.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
-                                       catalog, augmented, feedback)
+                                       catalog, augmented, feedback, pen)
                     if spec.final_fit else None)
     fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, catalog,
-                                      augmented, feedback)
+                                      augmented, feedback, pen)
                     for i in range(n_folds)]
     registered = None
     for done, future in enumerate(as_completed([*fold_futures, *filter(None, [final_future])]),
@@ -195,7 +202,7 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
 
     summary = ExperimentSummary(parent_run_id, fold_results,
                                 aggregate([r.evaluation for r in fold_results]), final,
-                                registered, feedback=feedback)
+                                registered, feedback=feedback, pen=pen)
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
     return summary
@@ -205,13 +212,15 @@ def _publish_prefect_artifacts(summary: ExperimentSummary) -> None:
     """A markdown summary and the confusion matrix as a table, under fixed keys so the UI
     keeps their history from run to run."""
     lines = [f"# Training run `{summary.parent_run_id}`", "",
-             "| fit | train rows | test rows | accuracy | weighted accuracy | log-loss |",
-             "|---|---|---|---|---|---|"]
+             "| fit | train rows | test rows | accuracy | weighted accuracy | log-loss | drawn "
+             "accuracy |", "|---|---|---|---|---|---|---|"]
     fits = [*summary.folds, *([summary.final] if summary.final else [])]
     for fit in fits:
         e = fit.evaluation
+        drawn = (f"{fit.drawn_evaluation.accuracy:.4f}" if fit.drawn_evaluation else "-")
         lines.append(f"| {fit.name} | {fit.train_rows:,} | {fit.test_rows:,} | "
-                     f"{e.accuracy:.4f} | {e.weighted['accuracy']:.4f} | {e.log_loss:.4f} |")
+                     f"{e.accuracy:.4f} | {e.weighted['accuracy']:.4f} | {e.log_loss:.4f} | "
+                     f"{drawn} |")
     accuracy = summary.aggregated["accuracy"]
     lines += ["", f"Folds: accuracy mean {accuracy.mean:.4f}, std {accuracy.std:.4f}, "
                   f"min {accuracy.min:.4f}, max {accuracy.max:.4f}."]

@@ -90,8 +90,8 @@ def feedback_store_option(value: str | None, bundle_uri: str | None = None) -> s
 
 #: Cache folders whose entries are built in hidden staging folders (`.<key>.<random>`) and
 #: renamed into place when whole.
-STAGED_CACHE_FOLDERS = ("tables", "features", "augmented", "feedback-matrices", "fits",
-                        "mirror")
+STAGED_CACHE_FOLDERS = ("tables", "features", "augmented", "feedback-matrices",
+                        "pen-matrices", "fits", "mirror")
 #: Built bundles, kept for a retry or rerun of the same publication only.
 BUILT_BUNDLES = "built-bundles"
 #: Cache folders whose entries serve one run and its retries: per-run work areas (`publish`
@@ -156,8 +156,8 @@ def sweep_stale_work(cache_dir: Path, older_than_s: float = STALE_AFTER_SECONDS)
 
 MANIFEST = "manifest.json"
 #: The store's areas (see the table at the top).
-TABLES, FEATURES, AUGMENTED, FEEDBACK_MATRICES, FITS = (
-    "tables", "features", "augmented", "feedback-matrices", "fits")
+TABLES, FEATURES, AUGMENTED, FEEDBACK_MATRICES, PEN_MATRICES, FITS = (
+    "tables", "features", "augmented", "feedback-matrices", "pen-matrices", "fits")
 
 
 def is_remote(uri: str) -> bool:

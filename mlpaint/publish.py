@@ -18,6 +18,7 @@ from mlpaint.bundle import (
     write_manifest,
 )
 from mlpaint.data.catalog import N_CLASSES
+from mlpaint.data.pendigits import drawn_test_writers
 from mlpaint.explain import (
     ClassExplainer,
     DigitMaps,
@@ -58,6 +59,9 @@ class PublishSpec(BaseModel):
                                        "set the candidate must also not lose on")
     wild_share: float = Field(0.2, gt=0, lt=1, description="the share of feedback records in "
                                                            "the wild test set, as in training")
+    pen_sources: list[str] | None = Field(None, description="pen trajectories of the drawn "
+                                          "test set (default: UCI's download, then the copy "
+                                          "mlpaint ships)")
 
     @model_validator(mode="after")
     def _one_version_at_most(self) -> PublishSpec:
@@ -88,6 +92,26 @@ class WildScores:
 
 
 @dataclass(frozen=True)
+class DrawnScores:
+    """Candidate and champion on the same drawn test set: pen drawings of writers neither
+    model trained on."""
+
+    rows: int
+    writers: int
+    candidate_accuracy: float
+    champion_accuracy: float
+
+
+def held_out_writers(run_params: dict[str, str], writers: list[int]) -> frozenset[int]:
+    """The pen writers a training run never trained on, from its recorded spec: those of its
+    drawn test set (`pen.test_share`), or every writer for a run that drew none (trained
+    before pen drawings, or with `pen.renderings: 0`)."""
+    if int(run_params.get("pen.renderings", "0")) == 0:
+        return frozenset(writers)
+    return drawn_test_writers(writers, float(run_params["pen.test_share"]))
+
+
+@dataclass(frozen=True)
 class GateDecision:
     promote: bool
     alias: str
@@ -100,16 +124,20 @@ class GateDecision:
     wild: WildScores | None = None
     # Champion (first) and candidate (second), digit by digit on the official test set.
     paired: PairedComparison | None = None
+    drawn: DrawnScores | None = None
 
 
 def decide(candidate_accuracy: float, champion_accuracy: float | None,
            champion_version: str | None, *, margin: float, force: bool,
            wild: WildScores | None = None, champion_name: str | None = None,
-           paired: PairedComparison | None = None) -> GateDecision:
+           paired: PairedComparison | None = None,
+           drawn: DrawnScores | None = None) -> GateDecision:
     """Promote unless the candidate is worse than the champion by more than `margin` on the
-    official test set, or (with a wild set) any worse on the wild set: drawings people made
-    and labelled, which neither model trained on. A flood of wrong labels therefore cannot
-    crown a model that reads MNIST worse. `force` promotes regardless. The reason names the
+    official test set, or any worse on the wild set (drawings people made and labelled) or on
+    the drawn test set (pen drawings of writers), neither of which either model trained on.
+    A flood of wrong labels therefore cannot crown a model that reads MNIST worse, nor a
+    model that reads MNIST a little better but real drawings worse. `force` promotes
+    regardless. The reason names the
     champion by `champion_name`, else as registry version `champion_version`, and, given the
     two models' answers side by side (`paired`), how many test digits they read differently
     and whether that split is more than chance: a few digits in 10,000 often are not, and
@@ -130,13 +158,20 @@ def decide(candidate_accuracy: float, champion_accuracy: float | None,
             reason += (f"; wild accuracy {wild.candidate_accuracy:.4f} against "
                        f"{wild.champion_accuracy:.4f} on {wild.rows} feedback drawings: "
                        + ("not worse" if wild_ok else "worse"))
-        promote = test_ok and wild_ok
+        drawn_ok = True
+        if drawn is not None and drawn.rows:
+            drawn_ok = drawn.candidate_accuracy >= drawn.champion_accuracy
+            reason += (f"; drawn accuracy {drawn.candidate_accuracy:.4f} against "
+                       f"{drawn.champion_accuracy:.4f} on {drawn.rows} pen drawings of "
+                       f"{drawn.writers} writers neither trained on: "
+                       + ("not worse" if drawn_ok else "worse"))
+        promote = test_ok and wild_ok and drawn_ok
     forced = force and not promote
     if forced:
         promote, reason = True, f"forced by the operator; otherwise: {reason}"
     return GateDecision(promote, CHAMPION if promote else CHALLENGER, candidate_accuracy,
                         champion_accuracy, champion_version, margin, forced, reason, wild,
-                        paired)
+                        paired, drawn)
 
 
 @dataclass(frozen=True)

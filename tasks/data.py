@@ -17,6 +17,12 @@ from mlpaint.data.dataset import load_table, save_table, table_cache_key, table_
 from mlpaint.data.explore import DatasetReport, SplitSummary, render_sample_grid, summarize
 from mlpaint.data.fetch import FetchContext, SplitFiles, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.data.pendigits import (
+    fetch_pen_trajectories,
+    pen_table_cache_key,
+    read_pen_file,
+    save_pen_table,
+)
 from mlpaint.data.transports import ProgressCallback
 from tasks.artifacts import create_png_artifact
 
@@ -83,6 +89,27 @@ def fetch_mnist_files(sources: list[str] | None, sha256: dict[str, str],
         logger.info("%s: from %s (%s)", split.value, files.origin,
                     "verified" if files.verified else "UNVERIFIED")
     return fetched
+
+
+@task(name="fetch-pen-trajectories", retries=1, retry_delay_seconds=30,
+      retry_condition_fn=_chain_failed_transiently)
+def fetch_pen_table(sources: list[str] | None, cache_dir: Path) -> Path:
+    """Fetch and verify the pen trajectories (the first source of the chain that yields them
+    intact) and parse them into a table folder, cached by the hash of what was parsed."""
+    logger = get_run_logger()
+    context = FetchContext(Pins(), BlobCache(cache_dir), progress=_progress_factory(logger))
+    fetched, origin = fetch_pen_trajectories(sources, context)
+    folder = cache_dir / "tables" / pen_table_cache_key(fetched.sha256) / "pen"
+    if (folder / "meta.json").is_file():
+        logger.info("pen trajectories from %s: table cached at %s", origin, folder)
+        return folder
+    table = read_pen_file(fetched.path, origin=origin, sha256=fetched.sha256,
+                          verified=fetched.verified)
+    save_pen_table(table, folder)
+    logger.info("pen trajectories from %s (%s): %d digits by %d writers, label counts %s, in "
+                "%s", origin, "verified" if fetched.verified else "UNVERIFIED", len(table),
+                table.meta.writers, table.label_counts(), folder)
+    return folder
 
 
 @task(name="join-split")

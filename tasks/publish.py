@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
 
@@ -23,16 +24,21 @@ from mlpaint.bundle import (
 from mlpaint.catalog import place_in_cache
 from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import load_table, row_keys
+from mlpaint.data.integrity import atomic_path
+from mlpaint.data.pendigits import PenTable, load_pen_table
+from mlpaint.drawing import DRAWING_CODE_VERSION, DrawnTestSet, drawn_set_of_writers
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.publish import (
     CHAMPION,
     BuiltBundle,
+    DrawnScores,
     GateDecision,
     WildScores,
     accuracy,
     build_bundle_folder,
     decide,
     explain_test_set,
+    held_out_writers,
     right_answers,
 )
 from mlpaint.storage import store_for
@@ -123,9 +129,11 @@ def _read_built(folder: Path) -> BuiltBundle:
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)
 def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
          margin: float, force: bool, tracking_uri: str, destination: str, cache_dir: str,
-         feedback_store: str | None = None, wild_share: float = 0.2) -> GateDecision:
+         feedback_store: str | None = None, wild_share: float = 0.2,
+         pen_table: str | None = None) -> GateDecision:
     """Score the current champion on the same official test set (and, given a feedback
-    store, candidate and champion on its wild test set) and decide. The champion is the
+    store, candidate and champion on its wild test set; given pen trajectories, both on the
+    drawings of the writers neither trained on) and decide. The champion is the
     registry's `champion` version; where the registry names none, the model of the bundle
     `destination`'s LATEST names, which people are being served (a remote one copied into
     `cache_dir`). The candidate's test accuracy and model come from its built bundle, not
@@ -153,7 +161,7 @@ def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
                 "registered by an older mlpaint and cannot be scored"))
     else:
         model, champion_name = _served_model(destination, Path(cache_dir))
-    champion_accuracy = wild = paired = None
+    champion_accuracy = wild = paired = drawn = None
     if model is not None:
         table = load_table(Path(test_table_dir))
         candidate_model = DigitModel.load(Path(built.staging) / "model")
@@ -163,9 +171,18 @@ def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
                                 right_answers(candidate_model, table.pixels, table.labels))
         if feedback_store:
             wild = _wild_scores(candidate_model, model, feedback_store, wild_share)
+        if pen_table:
+            client = tracking_client(tracking_uri)
+            champion_run = (client.get_model_version(REGISTERED_MODEL_NAME,
+                                                     champion_version).run_id
+                            if champion is not None else None)
+            drawn = _drawn_scores(candidate_model, model, Path(pen_table),
+                                  client.get_run(candidate.run_id).data.params,
+                                  client.get_run(champion_run).data.params
+                                  if champion_run else None, Path(cache_dir))
     return _decided(decide(candidate_accuracy, champion_accuracy, champion_version,
                            margin=margin, force=force, wild=wild, champion_name=champion_name,
-                           paired=paired))
+                           paired=paired, drawn=drawn))
 
 
 def _served_model(destination: str, cache_dir: Path) -> tuple[DigitModel | None, str | None]:
@@ -204,6 +221,43 @@ def _wild_scores(candidate_model: DigitModel, champion_model: DigitModel,
     pixels, labels = snapshot.pixels[wild], snapshot.labels[wild]
     return WildScores(int(wild.sum()), accuracy(candidate_model, pixels, labels),
                       accuracy(champion_model, pixels, labels))
+
+
+def _drawn_set(table: PenTable, writers: frozenset[int], cache_dir: Path) -> DrawnTestSet:
+    """`drawn_set_of_writers`, kept in the cache by the trajectories, the writers and the
+    drawing code: every publication gates on it, and drawing thousands of digits takes
+    seconds."""
+    material = json.dumps({"pen": table.meta.sha256, "writers": sorted(writers),
+                           "code": DRAWING_CODE_VERSION})
+    path = cache_dir / "drawn-sets" / f"{hashlib.sha256(material.encode()).hexdigest()[:32]}.npz"
+    if path.is_file():
+        with np.load(path) as stored:
+            return DrawnTestSet(stored["pixels"], stored["labels"], stored["writers"])
+    drawn = drawn_set_of_writers(table, writers)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as partial, partial.open("wb") as out:
+        np.savez(out, pixels=drawn.pixels, labels=drawn.labels, writers=drawn.writers)
+    return drawn
+
+
+def _drawn_scores(candidate_model: DigitModel, champion_model: DigitModel, pen_table: Path,
+                  candidate_params: dict[str, str], champion_params: dict[str, str] | None,
+                  cache_dir: Path) -> DrawnScores | None:
+    """Both models on the pen drawings of the writers neither trained on, as each run's
+    recorded spec says (`held_out_writers`). A champion whose run is not in this registry
+    (a served bundle from another) is taken to have trained on whatever the candidate did
+    not hold out: the comparison can then favour the champion, never the candidate."""
+    table = load_pen_table(pen_table)
+    writers = sorted(set(table.writers.tolist()))
+    held_out = held_out_writers(candidate_params, writers)
+    if champion_params is not None:
+        held_out &= held_out_writers(champion_params, writers)
+    if not held_out:
+        return None
+    drawn = _drawn_set(table, held_out, cache_dir)
+    return DrawnScores(len(drawn.labels), len(held_out),
+                       accuracy(candidate_model, drawn.pixels, drawn.labels),
+                       accuracy(champion_model, drawn.pixels, drawn.labels))
 
 
 @task(name="upload-bundle", **SERVICE_CALL_RETRIES)

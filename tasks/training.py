@@ -23,6 +23,7 @@ from mlpaint.catalog import (
     AUGMENTED,
     FEATURES,
     FEEDBACK_MATRICES,
+    PEN_MATRICES,
     TABLES,
     Catalog,
     local_folder,
@@ -30,6 +31,8 @@ from mlpaint.catalog import (
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import render_label_grid
+from mlpaint.data.pendigits import load_pen_table
+from mlpaint.drawing import DRAWING_CODE_VERSION, drawn_test_rows, drawn_test_set, render_rows
 from mlpaint.features import FEATURE_CODE_VERSION, FeatureStage, apply_feature_stage
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.tracking import (
@@ -49,13 +52,16 @@ from mlpaint.tracking.experiment import (
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig
 from mlpaint.training.fits import ExperimentSummary, FitResult, fit_final, fit_fold
 from mlpaint.training.matrices import (
+    PEN_SAMPLE_GRID,
+    PEN_WRITERS,
     RECORD_IDS,
     SAMPLE_GRID,
     AugmentedMatrix,
     FeatureMatrix,
     FeedbackMatrix,
+    PenMatrix,
 )
-from mlpaint.training.spec import ExperimentSpec, FeedbackSpec
+from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, PenSpec
 from tasks.artifacts import create_png_artifact
 from tasks.retries import SERVICE_CALL_RETRIES
 
@@ -183,23 +189,93 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
     return reference
 
 
+def _pen_key(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: int | None,
+             augment_spec: AugmentSpec, seed: int) -> str:
+    material = json.dumps({"table": _table_key(pen_table, "/"), "stage": stage.value,
+                           "limit": limit, "seed": seed,
+                           "augment": augment_spec.model_dump(mode="json"),
+                           "pen": pen_spec.model_dump(mode="json",
+                                                      exclude={"sources", "weight"}),
+                           "code": AUGMENT_CODE_VERSION, "drawing_code": DRAWING_CODE_VERSION,
+                           "feature_code": FEATURE_CODE_VERSION}, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
+@task(name="prepare-pen-drawings")
+def prepare_pen(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: int | None,
+                augment_spec: AugmentSpec, seed: int, catalog: Catalog) -> PenMatrix:
+    """The pen trajectories (the table at URI `pen_table`, its first `limit` digits) drawn as
+    the page draws them: the training writers' digits `pen_spec.renderings` times each, then
+    augmented as MNIST's rows are, and the held-out writers' digits once each as the drawn
+    test set; all through the feature stage, stored by everything that shapes the result."""
+    logger = get_run_logger()
+    table = load_pen_table(local_folder(pen_table))
+    if limit is not None and limit < len(table):
+        table = table.head(limit)
+    location = catalog.location(PEN_MATRICES, _pen_key(pen_table, pen_spec, stage, limit,
+                                                       augment_spec, seed))
+    drawn_rows = drawn_test_rows(table, pen_spec.test_share)
+    train_rows = np.setdiff1d(np.arange(len(table)), drawn_rows)
+    copies = augment_spec.copies if pen_spec.renderings else 0
+    train_writers = np.unique(table.writers[train_rows]).tolist()
+    drawn_writers = np.unique(table.writers[drawn_rows]).tolist()
+    reference = PenMatrix(location, table.meta.sha256, table.meta.origin, table.meta.verified,
+                          len(train_rows) * pen_spec.renderings * (1 + copies),
+                          len(train_writers), len(drawn_rows), len(drawn_writers),
+                          pen_spec.weight)
+    if not catalog.is_finished(location):
+        start = time.perf_counter()
+        pixels, source = render_rows(table, train_rows, renderings=pen_spec.renderings,
+                                     style=pen_spec.style, seed=seed)
+        if copies:
+            extra, copied_from = augment(pixels, augment_spec, seed)
+            pixels, source = np.concatenate([pixels, extra]), np.concatenate(
+                [source, source[copied_from]])
+        drawn = drawn_test_set(table, pen_spec.test_share)
+        with catalog.staging(location) as staging:
+            np.save(staging / "train_features.npy", apply_feature_stage(stage, pixels))
+            np.save(staging / "train_labels.npy", table.labels[source])
+            np.save(staging / "train_row_hash.npy", table.row_hash[source])
+            np.save(staging / "drawn_features.npy", apply_feature_stage(stage, drawn.pixels))
+            np.save(staging / "drawn_labels.npy", drawn.labels)
+            np.save(staging / "drawn_writers.npy", drawn.writers)
+            render_label_grid(drawn.pixels.reshape(-1, 28, 28), drawn.labels,
+                              staging / PEN_SAMPLE_GRID, title="pen drawings")
+            (staging / PEN_WRITERS).write_text(json.dumps({"train": train_writers,
+                                                           "drawn": drawn_writers}))
+            catalog.finish(staging, location)
+        logger.info("pen drawings rendered in %.1f s", time.perf_counter() - start)
+    logger.info("pen drawings from %s: %d training rows from %d writers (%d renderings of "
+                "each digit, %d augmented copies of each), %d digits of %d other writers in "
+                "the drawn test set", table.meta.origin, reference.train_rows,
+                reference.train_writers, pen_spec.renderings, copies, reference.drawn_rows,
+                reference.drawn_writers)
+    create_png_artifact(reference.sample_grid(), "mnist-pen-sample-grid",
+                        "The drawn test set's digits (held-out writers' pen trajectories) as "
+                        "the models see them")
+    return reference
+
+
 @task(name="train-fold")
 def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
                catalog: Catalog, augmented: AugmentedMatrix | None = None,
-               feedback: FeedbackMatrix | None = None) -> FitResult:
+               feedback: FeedbackMatrix | None = None,
+               pen: PenMatrix | None = None) -> FitResult:
     """Fold `fold_index`'s model (`fit_fold`), or its finished fit stored by an earlier run."""
-    return fit_fold(matrix, spec, config, fold_index, threads, catalog, augmented, feedback)
+    return fit_fold(matrix, spec, config, fold_index, threads, catalog, augmented, feedback,
+                    pen)
 
 
 @task(name="train-final-model")
 def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
                 config: GbdtConfig | BaggedBoostingConfig, threads: int,
                 catalog: Catalog, augmented: AugmentedMatrix | None = None,
-                feedback: FeedbackMatrix | None = None) -> FitResult:
+                feedback: FeedbackMatrix | None = None,
+                pen: PenMatrix | None = None) -> FitResult:
     """The final model (`fit_final`), or its finished fit stored by an earlier run."""
     return fit_final(train_matrix, test_matrix, spec, config, threads, catalog, augmented,
-                     feedback)
+                     feedback, pen)
 
 
 # --- MLflow ----------------------------------------------------------------------------------
@@ -241,9 +317,11 @@ def start_experiment_run(spec: ExperimentSpec, experiment_id: str,
 
 @task(name="log-datasets", **SERVICE_CALL_RETRIES)
 def log_data_inputs(parent_run_id: str, tables: dict[str, str], limit: int | None,
-                    feedback: FeedbackMatrix | None, tracking_uri: str) -> None:
+                    feedback: FeedbackMatrix | None, pen: PenMatrix | None,
+                    tracking_uri: str) -> None:
     """The parent run's inputs: MNIST's training and test splits and, when used, the
-    feedback snapshot's training part and wild test set, each with its digest and rows."""
+    feedback snapshot's training part and wild test set and the pen drawings' training
+    writers and drawn test set, each with its digest and rows."""
     uses = []
     for split, context in (("train", "training"), ("test", "testing")):
         meta = load_table(local_folder(tables[split])).meta
@@ -255,6 +333,11 @@ def log_data_inputs(parent_run_id: str, tables: dict[str, str], limit: int | Non
                             feedback.train_records, "training"),
                  DatasetUse("feedback-wild", feedback.digest, feedback.store,
                             feedback.wild_rows, "wild test")]
+    if pen is not None:
+        uses += [DatasetUse("pen-drawings", pen.sha256, pen.origin, pen.train_rows,
+                            "training"),
+                 DatasetUse("pen-drawn-test", pen.sha256, pen.origin, pen.drawn_rows,
+                            "drawn test")]
     log_datasets(tracking_client(tracking_uri), parent_run_id, uses)
 
 

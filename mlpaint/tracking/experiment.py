@@ -57,6 +57,23 @@ def _wild_metrics(prefix: str, result: FitResult) -> dict[str, float]:
             f"{prefix}feedback_train_rows": float(result.feedback_rows)}
 
 
+def _drawn_metrics(prefix: str, result: FitResult) -> dict[str, float]:
+    """On the drawn test set (the held-out writers' pen drawings): `drawn_accuracy` and the
+    rest, `drawn_rows`, each digit's accuracy (its recall) and the worst writer's."""
+    if result.drawn_evaluation is None:
+        return {}
+    evaluation = result.drawn_evaluation
+    metrics = {**_metrics(f"{prefix}drawn_", evaluation),
+               f"{prefix}drawn_rows": float(evaluation.rows),
+               f"{prefix}pen_train_rows": float(result.pen_rows)}
+    metrics.update({f"{prefix}drawn_digit_{s.label}_accuracy": s.recall
+                    for s in evaluation.labels})
+    if result.drawn_writer_accuracy:
+        metrics[f"{prefix}drawn_worst_writer_accuracy"] = min(
+            result.drawn_writer_accuracy.values())
+    return metrics
+
+
 def start_parent_run(client, experiment_id: str, run_name: str, params: dict[str, str],
                      dataset_fingerprint: str, flow_run_id: str | None,
                      flow_run_url: str | None) -> tuple[str, list[str]]:
@@ -115,7 +132,8 @@ def log_fold(client, parent_run_id: str, result: FitResult) -> str:
         run_id = client.create_run(parent.info.experiment_id, tags=tags).info.run_id
     _log_params(client, run_id, {"fold": result.name, "train_rows": str(result.train_rows),
                                  "test_rows": str(result.test_rows)})
-    metrics = {**_metrics("", result.evaluation), **_wild_metrics("", result)}
+    metrics = {**_metrics("", result.evaluation), **_wild_metrics("", result),
+               **_drawn_metrics("", result)}
     if result.train_evaluation:
         metrics.update(_metrics("train_", result.train_evaluation))
     metrics["fit_seconds"] = result.seconds
@@ -140,6 +158,7 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
     if summary.final:
         metrics.update(_metrics("test_", summary.final.evaluation))
         metrics.update(_wild_metrics("", summary.final))
+        metrics.update(_drawn_metrics("", summary.final))
     # The flow's own process is measured by recording_resources; fits may run elsewhere.
     metrics["resources/fit_peak_rss_mb"] = max(
         fit.peak_rss_mb for fit in [*summary.folds, *filter(None, [summary.final])])
@@ -149,6 +168,10 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
         if summary.final:
             for path in _write_fit_artifacts(summary.final, folder / "test", "official test"):
                 client.log_artifact(run_id, str(path), "evaluation/test")
+            if summary.final.drawn_evaluation:
+                for path in write_evaluation_artifacts(summary.final.drawn_evaluation,
+                                                       folder / "drawn", "drawn test"):
+                    client.log_artifact(run_id, str(path), "evaluation/drawn")
         (folder / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
         (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
         client.log_artifact(run_id, str(folder / "spec.json"))
@@ -157,6 +180,8 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
         client.log_artifact(run_id, sample_grid, "data")
     if summary.feedback:
         client.log_artifact(run_id, str(summary.feedback.sample_grid()), "data")
+    if summary.pen:
+        client.log_artifact(run_id, str(summary.pen.sample_grid()), "data")
     if summary.registered:
         mark_complete(client, summary.registered)
     client.set_terminated(run_id)

@@ -26,9 +26,10 @@ from mlpaint.training.matrices import (
     AugmentedMatrix,
     FeatureMatrix,
     FeedbackMatrix,
+    PenMatrix,
     with_augmented,
 )
-from mlpaint.training.spec import ExperimentSpec, plan_folds
+from mlpaint.training.spec import ExperimentSpec, fold_sides, plan_folds
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ class FitResult:
     threads: int = 0  # LightGBM threads it trained with (0: stored before this was recorded)
     # Peak resident memory of the process that trained it, a Dask worker's included.
     peak_rss_mb: float = 0.0
+    drawn_evaluation: Evaluation | None = None  # on the drawn test set (held-out writers)
+    drawn_writer_accuracy: dict[str, float] | None = None  # per held-out writer
+    pen_rows: int = 0  # of train_rows, how many were pen renderings (and their copies)
 
     def model_folder(self) -> Path:
         """This machine's verified copy of the model (downloaded once from a remote store)."""
@@ -65,7 +69,11 @@ class FitResult:
                 "train_rows": self.train_rows, "test_rows": self.test_rows,
                 "seconds": self.seconds, "worker": self.worker,
                 "feedback_rows": self.feedback_rows, "threads": self.threads,
-                "peak_rss_mb": self.peak_rss_mb}
+                "peak_rss_mb": self.peak_rss_mb,
+                "drawn_evaluation": asdict(self.drawn_evaluation)
+                if self.drawn_evaluation else None,
+                "drawn_writer_accuracy": self.drawn_writer_accuracy,
+                "pen_rows": self.pen_rows}
 
     @classmethod
     def from_json(cls, data: dict, location: str) -> FitResult:
@@ -80,25 +88,63 @@ class FitResult:
                    data["test_rows"], data["seconds"], data["worker"],
                    evaluation(data["wild_evaluation"]), data["feedback_rows"],
                    threads=data.get("threads", 0),
-                   peak_rss_mb=data.get("peak_rss_mb", 0.0))
+                   peak_rss_mb=data.get("peak_rss_mb", 0.0),
+                   drawn_evaluation=evaluation(data.get("drawn_evaluation")),
+                   drawn_writer_accuracy=data.get("drawn_writer_accuracy"),
+                   pen_rows=data.get("pen_rows", 0))
+
+
+def _pen_training_rows(pen: PenMatrix, folds, fold_index: int | None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The pen rows a fit trains on: for a fold, those of the writers its rule puts on the
+    training side (a writer's digits share its hash, so none is on both sides); for the
+    final model, all of them."""
+    features, labels, row_hash = pen.load_train()
+    if fold_index is None:
+        return features, labels
+    chosen = fold_sides(folds, row_hash)[fold_index].train_rows
+    return features[chosen], labels[chosen]
+
+
+def _with_extra_rows(train: tuple[np.ndarray, np.ndarray],
+                     extra: list[tuple[np.ndarray, np.ndarray, float]]
+                     ) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray | None]:
+    """`train` plus each extra part's rows, and the weights (None when all are 1)."""
+    parts = [(f, y, w) for f, y, w in extra if len(y)]
+    if not parts:
+        return train, None
+    weights = np.concatenate([np.ones(len(train[1]), np.float32),
+                              *(np.full(len(y), w, np.float32) for _, y, w in parts)])
+    return ((np.concatenate([train[0], *(f for f, _, _ in parts)]),
+             np.concatenate([train[1], *(y for _, y, _ in parts)])),
+            None if (weights == 1).all() else weights)
+
+
+def _per_writer_accuracy(labels: np.ndarray, predicted: np.ndarray, writers: np.ndarray
+                         ) -> dict[str, float]:
+    return {str(w): float((predicted[writers == w] == labels[writers == w]).mean())
+            for w in np.unique(writers).tolist()}
 
 
 def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
                      train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                      *, feature_stage: FeatureStage, seed: int, threads: int, eval_train: bool,
-                     model_dir: Path, feedback: FeedbackMatrix | None = None) -> FitResult:
-    """Train on `train` plus the feedback's training rows (weighted), score on `test` and on
-    the feedback's wild test set."""
-    weights, feedback_rows, wild_evaluation = None, 0, None
+                     model_dir: Path, feedback: FeedbackMatrix | None = None,
+                     pen: PenMatrix | None = None,
+                     pen_train: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+    """Train on `train` plus the feedback's training rows and `pen_train` (each weighted as
+    its source says), score on `test`, on the feedback's wild test set and on the pen's drawn
+    test set."""
+    extra = []
     if feedback is not None and feedback.train_rows:
-        extra_features, extra_labels = feedback.load_train()
-        feedback_rows = len(extra_labels)
-        weights = np.concatenate([np.ones(len(train[1]), np.float32),
-                                  np.full(feedback_rows, feedback.weight, np.float32)])
-        train = (np.concatenate([train[0], extra_features]),
-                 np.concatenate([train[1], extra_labels]))
-    logger.info("%s: training %s on %d rows (%d from feedback) with %d thread(s)", name,
-                algorithm, len(train[1]), feedback_rows, threads)
+        extra.append((*feedback.load_train(), feedback.weight))
+    if pen is not None and pen_train is not None:
+        extra.append((*pen_train, pen.weight))
+    feedback_rows = len(extra[0][1]) if feedback is not None and feedback.train_rows else 0
+    pen_rows = len(pen_train[1]) if pen is not None and pen_train is not None else 0
+    train, weights = _with_extra_rows(train, extra)
+    logger.info("%s: training %s on %d rows (%d from feedback, %d pen renderings) with %d "
+                "thread(s)", name, algorithm, len(train[1]), feedback_rows, pen_rows, threads)
     start = time.perf_counter()
     model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
                         seed=seed, num_threads=threads, weights=weights)
@@ -110,22 +156,33 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     evaluation = evaluate(test[1], model.predict_proba(test[0], num_threads=threads))
     train_evaluation = (evaluate(train[1], model.predict_proba(train[0], num_threads=threads))
                         if eval_train else None)
+    wild_evaluation = drawn_evaluation = drawn_writers = None
     if feedback is not None and feedback.wild_rows:
         wild_features, wild_labels = feedback.load_wild()
         wild_evaluation = evaluate(wild_labels, model.predict_proba(wild_features,
                                                                     num_threads=threads))
+    if pen is not None and pen.drawn_rows:
+        drawn_features, drawn_labels, writers = pen.load_drawn()
+        probabilities = model.predict_proba(drawn_features, num_threads=threads)
+        drawn_evaluation = evaluate(drawn_labels, probabilities)
+        drawn_writers = _per_writer_accuracy(drawn_labels, probabilities.argmax(axis=1),
+                                             writers)
     model.save(model_dir)
-    logger.info("%s: accuracy %.4f on %d rows%s (fit %.1f s)", name, evaluation.accuracy,
+    logger.info("%s: accuracy %.4f on %d rows%s%s (fit %.1f s)", name, evaluation.accuracy,
                 evaluation.rows, f", {wild_evaluation.accuracy:.4f} on {wild_evaluation.rows} "
-                f"wild rows" if wild_evaluation else "", seconds)
+                f"wild rows" if wild_evaluation else "",
+                f", {drawn_evaluation.accuracy:.4f} on {drawn_evaluation.rows} drawn rows"
+                if drawn_evaluation else "", seconds)
     return FitResult(name, "", evaluation, train_evaluation, len(train[1]),
                      len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}",
                      wild_evaluation, feedback_rows, threads=threads,
-                     peak_rss_mb=round(peak_rss_megabytes(), 1))
+                     peak_rss_mb=round(peak_rss_megabytes(), 1),
+                     drawn_evaluation=drawn_evaluation, drawn_writer_accuracy=drawn_writers,
+                     pen_rows=pen_rows)
 
 
 #: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
-FIT_CODE_VERSION = "3"  # 3: a manifest of every file's hash; inputs keyed by URI name
+FIT_CODE_VERSION = "4"  # 4: pen renderings train, the drawn test set is scored
 MODEL, FIT_RECORD = "model", "fit.json"
 
 
@@ -140,7 +197,8 @@ def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostin
     material = json.dumps({
         "fit": name, "code": FIT_CODE_VERSION, "lightgbm": lightgbm.__version__,
         "spec": spec.model_dump(mode="json", exclude={
-            "experiment": True, "sources": True, "final_fit": True, "feedback": {"store"}}),
+            "experiment": True, "sources": True, "final_fit": True, "feedback": {"store"},
+            "pen": {"sources"}}),
         "config": config.model_dump(mode="json"),
         "inputs": [uri_name(uri) for uri in matrices]}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:32]
@@ -148,30 +206,32 @@ def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostin
 
 def fold_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
                  fold_index: int, matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
-                 feedback: FeedbackMatrix | None) -> str:
+                 feedback: FeedbackMatrix | None, pen: PenMatrix | None = None) -> str:
     """The key fold `fold_index`'s finished fit is stored under."""
-    inputs = [matrix.folder, *(m.folder for m in (augmented, feedback) if m is not None)]
+    inputs = [matrix.folder, *(m.folder for m in (augmented, feedback, pen) if m is not None)]
     return _fit_key(f"fold-{fold_index}", spec, config, inputs)
 
 
 def final_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
                   train_matrix: FeatureMatrix, test_matrix: FeatureMatrix,
-                  augmented: AugmentedMatrix | None, feedback: FeedbackMatrix | None) -> str:
+                  augmented: AugmentedMatrix | None, feedback: FeedbackMatrix | None,
+                  pen: PenMatrix | None = None) -> str:
     """The key the final model's finished fit is stored under."""
     inputs = [train_matrix.folder, test_matrix.folder,
-              *(m.folder for m in (augmented, feedback) if m is not None)]
+              *(m.folder for m in (augmented, feedback, pen) if m is not None)]
     return _fit_key("final", spec, config, inputs)
 
 
 def fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
                   n_folds: int, catalog: Catalog, train_matrix: FeatureMatrix,
                   test_matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
-                  feedback: FeedbackMatrix | None) -> int:
+                  feedback: FeedbackMatrix | None, pen: PenMatrix | None = None) -> int:
     """How many of this experiment's fits have no finished fit stored to reuse."""
-    keys = [fold_fit_key(spec, config, i, train_matrix, augmented, feedback)
+    keys = [fold_fit_key(spec, config, i, train_matrix, augmented, feedback, pen)
             for i in range(n_folds)]
     if spec.final_fit:
-        keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback))
+        keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback,
+                                  pen))
     return sum(not catalog.is_finished(catalog.location(FITS, key)) for key in keys)
 
 
@@ -203,10 +263,12 @@ def _reuse_or_fit(key: str, catalog: Catalog, fit) -> FitResult:
 def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
              config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
              catalog: Catalog, augmented: AugmentedMatrix | None = None,
-             feedback: FeedbackMatrix | None = None) -> FitResult:
-    """One model on one fold's training rows (plus the augmented copies of those rows, and
-    the feedback's training rows), evaluated on its testing rows and the wild set; reused
-    from the store when this very fit has finished before."""
+             feedback: FeedbackMatrix | None = None,
+             pen: PenMatrix | None = None) -> FitResult:
+    """One model on one fold's training rows (plus the augmented copies of those rows, the
+    feedback's training rows and the pen renderings of the fold's training writers),
+    evaluated on its testing rows, the wild set and the drawn test set; reused from the
+    store when this very fit has finished before."""
     name = f"fold-{fold_index}"
 
     def fit(staging: Path) -> FitResult:
@@ -218,19 +280,23 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
         return _fit_and_evaluate(name, spec.algorithm, config, train, test,
                                 feature_stage=spec.features, seed=spec.seed + fold_index,
                                 threads=threads, eval_train=spec.eval_train,
-                                model_dir=staging / MODEL, feedback=feedback)
+                                model_dir=staging / MODEL, feedback=feedback, pen=pen,
+                                pen_train=_pen_training_rows(pen, spec.folds, fold_index)
+                                if pen is not None else None)
 
-    return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback),
-                        catalog, fit)
+    return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback,
+                                      pen), catalog, fit)
 
 
 def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
               config: GbdtConfig | BaggedBoostingConfig, threads: int,
               catalog: Catalog, augmented: AugmentedMatrix | None = None,
-              feedback: FeedbackMatrix | None = None) -> FitResult:
-    """One model on every training row (and every augmented copy, and the feedback's
-    training rows), scored on the official test set and the wild set; reused from
-    the store when this very fit has finished before."""
+              feedback: FeedbackMatrix | None = None,
+              pen: PenMatrix | None = None) -> FitResult:
+    """One model on every training row (and every augmented copy, the feedback's training
+    rows and every training writer's pen renderings), scored on the official test set, the
+    wild set and the drawn test set; reused from the store when this very fit has finished
+    before."""
     def fit(staging: Path) -> FitResult:
         features, labels, _ = train_matrix.load()
         test_features, test_labels, _ = test_matrix.load()
@@ -239,10 +305,11 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
             with_augmented((np.asarray(features), labels), None, augmented),
             (np.asarray(test_features), test_labels), feature_stage=spec.features,
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
-            model_dir=staging / MODEL, feedback=feedback)
+            model_dir=staging / MODEL, feedback=feedback, pen=pen,
+            pen_train=_pen_training_rows(pen, spec.folds, None) if pen is not None else None)
 
     return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
-                                      feedback), catalog, fit)
+                                      feedback, pen), catalog, fit)
 
 
 @dataclass(frozen=True)
@@ -254,6 +321,7 @@ class ExperimentSummary:
     registered: RegisteredModel | None
     publication: dict | None = None  # the publish flow's report, when it ran
     feedback: FeedbackMatrix | None = None  # the feedback snapshot it trained with
+    pen: PenMatrix | None = None  # the pen drawings it trained and was scored on
 
     def to_json(self) -> dict:
         def fit_json(result: FitResult) -> dict:
@@ -266,6 +334,10 @@ class ExperimentSummary:
                     "statistics": result.evaluation.to_json(),
                     "wild_statistics": (result.wild_evaluation.to_json()
                                         if result.wild_evaluation else None),
+                    "pen_rows": result.pen_rows,
+                    "drawn_statistics": (result.drawn_evaluation.to_json()
+                                         if result.drawn_evaluation else None),
+                    "drawn_writer_accuracy": result.drawn_writer_accuracy,
                     "train_statistics": (result.train_evaluation.to_json()
                                          if result.train_evaluation else None)}
 
@@ -280,6 +352,10 @@ class ExperimentSummary:
                 self.final.wild_evaluation.to_json()
                 if self.final and self.final.wild_evaluation else None)}
                 if self.feedback else None),
+            "drawn": ({**self.pen.to_json(), "statistics": (
+                self.final.drawn_evaluation.to_json()
+                if self.final and self.final.drawn_evaluation else None)}
+                if self.pen else None),
         }
 
 

@@ -89,6 +89,53 @@ class FeedbackMatrix:
                 "wild_rows": self.wild_rows, "rejected": self.rejected, "weight": self.weight}
 
 
+PEN_SAMPLE_GRID = "sample-grid-pen.png"
+PEN_WRITERS = "writers.json"
+
+
+@dataclass(frozen=True)
+class PenMatrix:
+    """A reference to pen drawings through the feature stage: `train_features.npy`,
+    `train_labels.npy` and `train_row_hash.npy` (the training writers' renderings, then
+    their augmented copies; every row's hash is its writer's, so a fold rule keeps each
+    writer on one side) and `drawn_features.npy`, `drawn_labels.npy`, `drawn_writers.npy`
+    (the drawn test set: the held-out writers' digits, which nothing trains on), plus
+    `writers.json` naming the writers of each part."""
+
+    folder: str
+    sha256: str  # of the trajectories it was rendered from
+    origin: str
+    verified: bool
+    train_rows: int  # renderings plus their augmented copies
+    train_writers: int
+    drawn_rows: int
+    drawn_writers: int
+    weight: float
+
+    def load_train(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        folder = local_folder(self.folder)
+        return (np.load(folder / "train_features.npy"), np.load(folder / "train_labels.npy"),
+                np.load(folder / "train_row_hash.npy"))
+
+    def load_drawn(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        folder = local_folder(self.folder)
+        return (np.load(folder / "drawn_features.npy"), np.load(folder / "drawn_labels.npy"),
+                np.load(folder / "drawn_writers.npy"))
+
+    def sample_grid(self) -> Path:
+        return local_folder(self.folder) / PEN_SAMPLE_GRID
+
+    def writers(self) -> dict[str, list[int]]:
+        """The writers of each part, `train` and `drawn`."""
+        return json.loads((local_folder(self.folder) / PEN_WRITERS).read_text())
+
+    def to_json(self) -> dict:
+        return {"sha256": self.sha256, "origin": self.origin, "verified": self.verified,
+                "train_rows": self.train_rows, "train_writers": self.train_writers,
+                "drawn_rows": self.drawn_rows, "drawn_writers": self.drawn_writers,
+                "weight": self.weight}
+
+
 def with_augmented(train: tuple[np.ndarray, np.ndarray], train_rows: np.ndarray | None,
                    augmented: AugmentedMatrix | None) -> tuple[np.ndarray, np.ndarray]:
     """The training rows plus the augmented copies made from them (all copies when

@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mlpaint.augment import AugmentSpec
+from mlpaint.drawing import PenStyle
 from mlpaint.features import FeatureStage
 
 _RULE = re.compile(r"^\s*rowHash\(\)\s*%\s*(\d+)\s*(==|=|!=|<>|<=|>=|<|>)\s*(\d+)\s*$",
@@ -111,6 +112,37 @@ class FeedbackSpec(BaseModel):
                               "row hash, kept out of training as the wild test set")
 
 
+class PenSpec(BaseModel):
+    """Digits people drew with a stylus (UCI's pen-based digits: mlpaint.data.pendigits),
+    drawn as the page draws them (mlpaint.drawing) and added to training. The writers of
+    `test_share` of them are the drawn test set: every model is scored on it, none trains
+    on it, in any fold or the final fit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sources: list[str] | None = Field(
+        None, description="UNIPEN files tried in order: s3://…, https://…, a path, or "
+                          "archive.zip#member (default: UCI's download, then the copy mlpaint "
+                          "ships)")
+    renderings: int = Field(2, ge=0, le=16, description="renderings of each training "
+                            "writer's digit, each with its own pen, size, place and tilt (0: "
+                            "none trains; the drawn test set is still scored)")
+    weight: float = Field(1.0, gt=0, le=100, description="how many MNIST rows one rendering "
+                                                         "counts as in training")
+    test_share: float = Field(0.2, gt=0, lt=1, description="the share of writers, chosen by "
+                              "a hash of the writer, kept out of training as the drawn test "
+                              "set")
+    style: PenStyle = Field(default_factory=PenStyle)
+
+    @field_validator("sources")
+    @classmethod
+    def _sources_have_transports(cls, sources: list[str] | None) -> list[str] | None:
+        from mlpaint.data.transports import transport_for
+
+        for uri in sources or []:
+            transport_for(uri.partition("#")[0])  # raises ValueError naming the scheme
+        return sources
+
+
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -127,6 +159,7 @@ class ExperimentSpec(BaseModel):
     # a test holds them equal): a run form fills every field it has no value for from them.
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
+    pen: PenSpec = Field(default_factory=PenSpec)
 
     def flat_params(self) -> dict[str, str]:
         """The whole spec as flat `a.b` keys, for MLflow params."""
@@ -236,18 +269,21 @@ class FoldPlan:
     test_rows: np.ndarray
 
 
-def plan_folds(folds: MldbFolds | KFolds, row_hash: np.ndarray) -> list[FoldPlan]:
-    """Row positions per fold; a side left empty by the data is an error naming the fold."""
-    plans = []
+def fold_sides(folds: MldbFolds | KFolds, row_hash: np.ndarray) -> list[FoldPlan]:
+    """Row positions per fold by the fold rule alone; a side may be empty (as the pen rows
+    of a few writers may leave one)."""
     if isinstance(folds, MldbFolds):
         train_rule, test_rule = folds.rules()
-        plans.append(FoldPlan(0, np.flatnonzero(train_rule.mask(row_hash)),
-                              np.flatnonzero(test_rule.mask(row_hash))))
-    else:
-        residue = row_hash % np.uint64(folds.k)
-        for i in range(folds.k):
-            test = residue == np.uint64(i)
-            plans.append(FoldPlan(i, np.flatnonzero(~test), np.flatnonzero(test)))
+        return [FoldPlan(0, np.flatnonzero(train_rule.mask(row_hash)),
+                         np.flatnonzero(test_rule.mask(row_hash)))]
+    residue = row_hash % np.uint64(folds.k)
+    return [FoldPlan(i, np.flatnonzero(residue != np.uint64(i)),
+                     np.flatnonzero(residue == np.uint64(i))) for i in range(folds.k)]
+
+
+def plan_folds(folds: MldbFolds | KFolds, row_hash: np.ndarray) -> list[FoldPlan]:
+    """Row positions per fold; a side left empty by the data is an error naming the fold."""
+    plans = fold_sides(folds, row_hash)
     for plan in plans:
         for side, rows in (("training", plan.train_rows), ("testing", plan.test_rows)):
             if rows.size == 0:

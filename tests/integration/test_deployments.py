@@ -444,7 +444,9 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
     assert metrics["wild_rows"] + metrics["feedback_train_rows"] / 2 == 100  # 1 copy each
     assert 0.5 < metrics["wild_accuracy"] <= 1.0
     inputs = {d["dataset"]["name"] for d in parent["inputs"]["dataset_inputs"]}
-    assert inputs == {"mnist-train", "mnist-test", "feedback", "feedback-wild"}
+    assert inputs == {"mnist-train", "mnist-test", "feedback", "feedback-wild", "pen-drawings",
+                      "pen-drawn-test"}
+    assert metrics["drawn_rows"] > 0 and 0.3 < metrics["drawn_accuracy"] <= 1.0
 
 
 CRASH_ALGORITHMS = """

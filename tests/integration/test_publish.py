@@ -97,8 +97,16 @@ def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path
     assert (paired.right_only_second - paired.right_only_first) / paired.rows == pytest.approx(
         worse.decision.candidate_accuracy - worse.decision.champion_accuracy, abs=1e-12)
 
+    # ...and on the same pen drawings: these runs drew none, so every writer is unseen.
+    drawn = worse.decision.drawn
+    assert (drawn.rows, drawn.writers) == (7494, 30)
+    assert drawn.champion_accuracy > drawn.candidate_accuracy
+    assert "on 7494 pen drawings of 30 writers neither trained on: worse" in \
+        worse.decision.reason
+
     equal = _publish(registry, monkeypatch, model_version="3", to=dest)
     assert equal.decision.alias == "champion"
+    assert equal.decision.drawn.candidate_accuracy == equal.decision.drawn.champion_accuracy
     assert equal.decision.candidate_accuracy == pytest.approx(equal.decision.champion_accuracy)
     assert (equal.decision.paired.right_only_first, equal.decision.paired.right_only_second,
             equal.decision.paired.p_value) == (0, 0, 1.0)  # the same booster

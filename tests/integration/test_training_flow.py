@@ -80,6 +80,41 @@ def _artifact_paths(client, run_id, path=None):
     return found
 
 
+def _assert_pen_drawings_train_by_writer_and_score_every_model(summary, client, parent,
+                                                               k: int) -> None:
+    """The pen drawings (the first `limit` digits of the packaged trajectories): each fold
+    trains on the renderings of its training-side writers only, the final model on every
+    training writer's; no held-out writer trains anything; every model is scored on the
+    drawn test set, and MLflow shows it beside the official test set."""
+    pen = summary.pen
+    writers = pen.writers()
+    assert writers["train"] and writers["drawn"]
+    assert not set(writers["train"]) & set(writers["drawn"])
+    assert pen.drawn_writers == len(writers["drawn"]) and pen.drawn_rows > 50
+    _, _, row_hash = pen.load_train()
+    assert len(row_hash) == pen.train_rows == summary.final.pen_rows
+    for fold in summary.folds:
+        index = int(fold.name.removeprefix("fold-"))
+        # A writer's rows share its hash: the fold's rule keeps each writer on one side.
+        assert fold.pen_rows == int((row_hash % k != index).sum()) > 0
+        assert fold.drawn_evaluation.rows == pen.drawn_rows
+    assert len({int(h) for h in row_hash}) == len(writers["train"])
+    drawn = summary.final.drawn_evaluation
+    assert drawn.rows == pen.drawn_rows and 0.5 < drawn.accuracy <= 1.0
+    metrics = parent.data.metrics
+    assert metrics["drawn_accuracy"] == pytest.approx(drawn.accuracy)
+    assert metrics["drawn_rows"] == pen.drawn_rows
+    assert metrics["drawn_worst_writer_accuracy"] == pytest.approx(
+        min(summary.final.drawn_writer_accuracy.values()))
+    assert metrics["drawn_worst_writer_accuracy"] <= metrics["drawn_accuracy"]
+    assert {f"drawn_digit_{d}_accuracy" for d in range(10)} <= set(metrics)
+    assert "test_accuracy" in metrics
+    inputs = {d.dataset.name: d for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
+    assert {"pen-drawings", "pen-drawn-test"} <= set(inputs)
+    paths = set(_artifact_paths(client, parent.info.run_id))
+    assert {"data/sample-grid-pen.png", "evaluation/drawn/confusion_matrix.json"} <= paths
+
+
 def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_inputs,
                                                              tracking):
     summary = train_mnist(ExperimentSpec(folds=KFolds(k=3), limit=1500,
@@ -123,11 +158,12 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
                 "model/booster-0.txt"} <= set(paths)
     assert sum(f.test_rows for f in summary.folds) == 1500
     # The default spec's one augmented copy per row: each fold trains on its own rows and
-    # their copies only, the final model on every row and every copy.
+    # their copies only, the final model on every row and every copy (and pen renderings).
     assert parent.data.params["augment.copies"] == "1"
     for fold in summary.folds:
-        assert fold.train_rows == 2 * (1500 - fold.test_rows)
-    assert summary.final.train_rows == 3000
+        assert fold.train_rows == 2 * (1500 - fold.test_rows) + fold.pen_rows
+    assert summary.final.train_rows == 3000 + summary.final.pen_rows
+    _assert_pen_drawings_train_by_writer_and_score_every_model(summary, client, parent, 3)
 
     parent_paths = set(_artifact_paths(client, parent.info.run_id))
     assert {"evaluation/test/confusion_matrix.json", "evaluation/test/confusion_matrix.png",
@@ -158,7 +194,8 @@ def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
                           algorithms_path=training_inputs["algorithms"],
                           cache_dir=training_inputs["cache"])
     assert len(summary.folds) == 1  # MLDB's rowHash() % 5 split
-    assert summary.folds[0].train_rows + summary.folds[0].test_rows == 1000  # no copies
+    fold = summary.folds[0]
+    assert fold.train_rows - fold.pen_rows + fold.test_rows == 1000  # no copies
     import mlflow
 
     model = mlflow.pyfunc.load_model(summary.registered.model_uri)
@@ -242,9 +279,9 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
     # Every fit trains on its MNIST rows and copies plus the feedback's (with one copy each).
     assert feedback.train_rows == 2 * feedback.train_records
     (fold,) = summary.folds
-    assert fold.train_rows == 2 * (1500 - fold.test_rows) + feedback.train_rows
+    assert fold.train_rows == 2 * (1500 - fold.test_rows) + feedback.train_rows + fold.pen_rows
     assert fold.feedback_rows == feedback.train_rows
-    assert summary.final.train_rows == 3000 + feedback.train_rows
+    assert summary.final.train_rows == 3000 + feedback.train_rows + summary.final.pen_rows
     assert summary.final.wild_evaluation.rows == feedback.wild_rows
     assert 0.5 < summary.final.wild_evaluation.accuracy <= 1.0
 
@@ -428,6 +465,28 @@ def test_two_cli_runs_at_once_on_embedded_defaults(training_inputs, cli_env, tmp
     assert served.info.model_version == str(champion.version)
     # Nothing went to MLflow's process-wide default store (./mlflow.db or ./mlruns).
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_pen_drawings_come_from_the_source_the_cli_names(training_inputs, cli_env, s3_env,
+                                                          shared_pendigits, tmp_path):
+    """`--pen-source` on S3 (the moto server): the trajectories are fetched from there,
+    verified against UCI's pinned hash, drawn, trained on and scored; the run says where
+    they came from."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="pen-bucket")
+    s3.upload_file(str(shared_pendigits), "pen-bucket", "uci/pendigits-orig.tra")
+    source = "s3://pen-bucket/uci/pendigits-orig.tra"
+    env = {**cli_env, **s3_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    result = run_cli(["train", "--source", training_inputs["source"], "--limit", "600",
+                      "--algorithms", training_inputs["algorithms"], "--augment-copies", "0",
+                      "--pen-source", source, "--json"], env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    drawn = json.loads(result.stdout)["drawn"]
+    assert drawn["origin"] == source and drawn["verified"] is True
+    assert drawn["drawn_writers"] >= 1 and drawn["statistics"]["rows"] == drawn["drawn_rows"]
+    assert "% of 3.6 MB" in result.stderr  # fetched from S3, not from the packaged copy
 
 
 @pytest.mark.slow

@@ -14,8 +14,16 @@ from mlpaint.bundle import (
     verify_folder,
     write_manifest,
 )
+from mlpaint.data.pendigits import drawn_test_writers
 from mlpaint.explain import AdditivityError, check_additivity, contributions, gallery_rows
-from mlpaint.publish import WildScores, build_bundle_folder, decide, explain_test_set
+from mlpaint.publish import (
+    DrawnScores,
+    WildScores,
+    build_bundle_folder,
+    decide,
+    explain_test_set,
+    held_out_writers,
+)
 from mlpaint.storage import LocalStore
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
 
@@ -108,6 +116,30 @@ def test_the_gate_needs_both_the_test_set_and_the_wild_set(test_acc, wild_acc, a
     assert decision.alias == alias
     assert f"{wild_acc:.4f}" in decision.reason and f"{test_acc:.4f}" in decision.reason
     assert "200 feedback drawings" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("test_acc", "drawn_acc", "alias"),
+    [(0.95, 0.90, "champion"), (0.95, 0.8999, "challenger"), (0.93, 0.99, "challenger")])
+def test_the_gate_refuses_a_candidate_that_reads_pen_drawings_worse(test_acc, drawn_acc,
+                                                                   alias):
+    drawn = DrawnScores(rows=1500, writers=6, candidate_accuracy=drawn_acc,
+                        champion_accuracy=0.90)
+    decision = decide(test_acc, 0.94, "3", margin=0.0, force=False, drawn=drawn)
+    assert decision.alias == alias and decision.drawn == drawn
+    assert (f"drawn accuracy {drawn_acc:.4f} against 0.9000 on 1500 pen drawings of 6 "
+            f"writers neither trained on: {'not worse' if drawn_acc >= 0.9 else 'worse'}"
+            ) in decision.reason
+
+
+def test_the_drawn_writers_of_a_run_come_from_its_recorded_spec():
+    writers = list(range(1, 31))
+    trained = held_out_writers({"pen.renderings": "2", "pen.test_share": "0.2"}, writers)
+    assert trained == drawn_test_writers(writers, 0.2) and len(trained) == 6
+    # A run that drew no pen digits (older, or renderings 0) trained on no writer at all.
+    assert held_out_writers({}, writers) == frozenset(writers)
+    assert held_out_writers({"pen.renderings": "0", "pen.test_share": "0.2"},
+                            writers) == frozenset(writers)
 
 
 def test_the_reason_says_whether_the_digits_the_models_split_are_more_than_chance():
