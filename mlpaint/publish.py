@@ -3,6 +3,7 @@ the gate, and build the bundle folder. Orchestration lives in tasks/publish.py."
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from mlpaint.bundle import (
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.pendigits import drawn_test_writers
 from mlpaint.explain import (
+    AdditivityError,
     ClassExplainer,
     DigitMaps,
     check_additivity,
@@ -31,6 +33,8 @@ from mlpaint.explain import (
 from mlpaint.tracking.publication import CHALLENGER, CHAMPION
 from mlpaint.training.algorithms import DigitModel
 from mlpaint.training.evaluation import PairedComparison, evaluate, predicted_labels
+
+logger = logging.getLogger(__name__)
 
 
 class PublishSpec(BaseModel):
@@ -187,8 +191,9 @@ def explain_test_set(model: DigitModel, features: np.ndarray, pixels: np.ndarray
                      per_digit: int) -> Explanations:
     """Exact contributions over the whole test set: per-digit mean maps (each row explained
     for its own label only, a tenth of the work of all ten classes), and a gallery of
-    `per_digit` examples per digit with scores and all ten classes' contributions (float32),
-    each checked for additivity against the model's raw score."""
+    `per_digit` examples per digit with scores and all ten classes' contributions (float32
+    where it holds them exactly enough), each checked for additivity against the model's raw
+    score."""
     raw = model.raw_scores(features)
     own = ClassExplainer(model).explain_own_class(features, labels)
     check_additivity(own[:, None, :], raw[np.arange(len(labels)), labels][:, None])
@@ -197,9 +202,7 @@ def explain_test_set(model: DigitModel, features: np.ndarray, pixels: np.ndarray
     order = np.concatenate([chosen[d] for d in range(N_CLASSES)])
     exact = ClassExplainer(model).explain(features[order], list(range(N_CLASSES)))
     check_against_reference(model, features[order], exact)
-    stored = exact.astype(np.float32)
-    # The check that matters: what serving will read back, after the float32 cast.
-    error = check_additivity(stored, raw[order])
+    stored = _stored_contributions(exact, raw[order])
     gallery = {
         "digit": labels[order].astype(np.uint8),
         "row_key": np.asarray([row_keys[i] for i in order]),
@@ -210,7 +213,25 @@ def explain_test_set(model: DigitModel, features: np.ndarray, pixels: np.ndarray
         "contributions": stored,
         "offsets": np.cumsum([0] + [len(chosen[d]) for d in range(N_CLASSES)]),
     }
+    # The check that matters: what serving will read back.
+    error = check_additivity(stored, raw[order])
     return Explanations(maps, gallery, error, evaluate(labels, model.probabilities(raw)).accuracy)
+
+
+def _stored_contributions(exact: np.ndarray, raw: np.ndarray) -> np.ndarray:
+    """The gallery's contributions as serving will read them back: float32 (half the
+    bytes), unless float32 cannot hold them to the additivity tolerance. A model whose raw
+    scores run into the thousands (boosting without regularisation on near-duplicate rows)
+    has contributions whose float32 rounding alone exceeds it; those are kept as float64."""
+    as_float32 = exact.astype(np.float32)
+    try:
+        check_additivity(as_float32, raw)
+    except AdditivityError:
+        logger.warning("explanations: float32 cannot hold this model's contributions to the "
+                       "additivity tolerance (raw scores up to %.3g); the gallery keeps "
+                       "them as float64", float(np.abs(raw).max()))
+        return exact
+    return as_float32
 
 
 def build_bundle_folder(staging: Path, model: DigitModel, explanations: Explanations, *,

@@ -245,3 +245,22 @@ def test_class_explainer_equals_the_full_computation(models, digits, kind):
     labels = digits[1][:30]
     own = explainer.explain_own_class(features, labels)
     assert np.allclose(own, full[np.arange(30), labels], atol=1e-12)
+
+
+def test_contributions_too_large_for_float32_are_stored_as_float64():
+    """A model whose raw scores run into the thousands (unregularised boosting on
+    near-duplicate rows) has contributions float32 cannot hold to 1e-4 in sum; the gallery
+    keeps those as float64, and ordinary ones as float32."""
+    from mlpaint.publish import _stored_contributions
+
+    rng = np.random.default_rng(0)
+    ordinary = rng.normal(0, 0.05, (4, 10, 785))
+    huge = ordinary * 2e5
+    for exact, dtype in ((ordinary, np.float32), (huge, np.float64)):
+        raw = exact.sum(axis=2)
+        stored = _stored_contributions(exact, raw)
+        assert stored.dtype == dtype
+        assert check_additivity(stored, raw) <= 1e-4
+    assert check_additivity(huge, huge.sum(axis=2)) <= 1e-4
+    with pytest.raises(AdditivityError):
+        check_additivity(huge.astype(np.float32), huge.sum(axis=2))
