@@ -294,7 +294,10 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
     assert child.data.metrics["wild_accuracy"] == pytest.approx(fold.wild_evaluation.accuracy)
     inputs = {(d.dataset.name, d.tags[0].value): d for d in parent.inputs.dataset_inputs}
     assert set(inputs) == {("mnist-train", "training"), ("mnist-test", "testing"),
-                           ("feedback", "training"), ("feedback-wild", "wild test")}
+                           ("feedback", "training"), ("feedback-wild", "wild test"),
+                           ("pen-drawings", "training"), ("pen-drawn-test", "drawn test")}
+    assert json.loads(inputs[("pen-drawn-test", "drawn test")].dataset.profile)[
+        "num_rows"] == summary.pen.drawn_rows
     assert json.loads(inputs[("feedback-wild", "wild test")].dataset.profile)["num_rows"] == (
         feedback.wild_rows)
     assert json.loads(inputs[("mnist-train", "training")].dataset.profile)["num_rows"] == 1500
