@@ -32,7 +32,6 @@ from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import render_label_grid
 from mlpaint.data.pendigits import load_pen_table
-from mlpaint.drawing import DRAWING_CODE_VERSION, drawn_test_rows, drawn_test_set, render_rows
 from mlpaint.features import FEATURE_CODE_VERSION, FeatureStage, apply_feature_stage
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.tracking import (
@@ -61,6 +60,7 @@ from mlpaint.training.matrices import (
     FeedbackMatrix,
     PenMatrix,
 )
+from mlpaint.training.pen import draw_pen_digits, pen_matrix_key, pen_rows_expected
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, PenSpec
 from tasks.artifacts import create_png_artifact
 from tasks.retries import SERVICE_CALL_RETRIES
@@ -189,67 +189,44 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
     return reference
 
 
-def _pen_key(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: int | None,
-             augment_spec: AugmentSpec, seed: int) -> str:
-    material = json.dumps({"table": _table_key(pen_table, "/"), "stage": stage.value,
-                           "limit": limit, "seed": seed,
-                           "augment": augment_spec.model_dump(mode="json"),
-                           "pen": pen_spec.model_dump(mode="json",
-                                                      exclude={"sources", "weight"}),
-                           "code": AUGMENT_CODE_VERSION, "drawing_code": DRAWING_CODE_VERSION,
-                           "feature_code": FEATURE_CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
-
-
 @task(name="prepare-pen-drawings")
 def prepare_pen(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: int | None,
                 augment_spec: AugmentSpec, seed: int, catalog: Catalog) -> PenMatrix:
-    """The pen trajectories (the table at URI `pen_table`, its first `limit` digits) drawn as
-    the page draws them: the training writers' digits `pen_spec.renderings` times each, then
-    augmented as MNIST's rows are, and the held-out writers' digits once each as the drawn
-    test set; all through the feature stage, stored by everything that shapes the result."""
+    """The pen trajectories (the table at URI `pen_table`, its first `limit` digits) drawn
+    as the page draws them (`draw_pen_digits`) and through the feature stage, stored by
+    everything that shapes the result (`pen_matrix_key`)."""
     logger = get_run_logger()
     table = load_pen_table(local_folder(pen_table))
     if limit is not None and limit < len(table):
         table = table.head(limit)
-    location = catalog.location(PEN_MATRICES, _pen_key(pen_table, pen_spec, stage, limit,
-                                                       augment_spec, seed))
-    drawn_rows = drawn_test_rows(table, pen_spec.test_share)
-    train_rows = np.setdiff1d(np.arange(len(table)), drawn_rows)
-    copies = augment_spec.copies if pen_spec.renderings else 0
-    train_writers = np.unique(table.writers[train_rows]).tolist()
-    drawn_writers = np.unique(table.writers[drawn_rows]).tolist()
-    reference = PenMatrix(location, table.meta.sha256, table.meta.origin, table.meta.verified,
-                          len(train_rows) * pen_spec.renderings * (1 + copies),
-                          len(train_writers), len(drawn_rows), len(drawn_writers),
-                          pen_spec.weight)
+    location = catalog.location(PEN_MATRICES, pen_matrix_key(
+        _table_key(pen_table, "/"), pen_spec, stage, limit, augment_spec, seed))
     if not catalog.is_finished(location):
         start = time.perf_counter()
-        pixels, source = render_rows(table, train_rows, renderings=pen_spec.renderings,
-                                     style=pen_spec.style, seed=seed)
-        if copies:
-            extra, copied_from = augment(pixels, augment_spec, seed)
-            pixels, source = np.concatenate([pixels, extra]), np.concatenate(
-                [source, source[copied_from]])
-        drawn = drawn_test_set(table, pen_spec.test_share)
+        drawings = draw_pen_digits(table, pen_spec, augment_spec, seed)
         with catalog.staging(location) as staging:
-            np.save(staging / "train_features.npy", apply_feature_stage(stage, pixels))
-            np.save(staging / "train_labels.npy", table.labels[source])
-            np.save(staging / "train_row_hash.npy", table.row_hash[source])
-            np.save(staging / "drawn_features.npy", apply_feature_stage(stage, drawn.pixels))
-            np.save(staging / "drawn_labels.npy", drawn.labels)
-            np.save(staging / "drawn_writers.npy", drawn.writers)
-            render_label_grid(drawn.pixels.reshape(-1, 28, 28), drawn.labels,
+            PenMatrix.write(
+                staging, train_features=apply_feature_stage(stage, drawings.train_pixels),
+                train_labels=table.labels[drawings.train_source],
+                train_row_hash=table.row_hash[drawings.train_source],
+                drawn_features=apply_feature_stage(stage, drawings.drawn.pixels),
+                drawn_labels=drawings.drawn.labels, drawn_writers=drawings.drawn.writers,
+                writers={"train": drawings.train_writers, "drawn": drawings.drawn_writers})
+            render_label_grid(drawings.drawn.pixels.reshape(-1, 28, 28), drawings.drawn.labels,
                               staging / PEN_SAMPLE_GRID, title="pen drawings")
-            (staging / PEN_WRITERS).write_text(json.dumps({"train": train_writers,
-                                                           "drawn": drawn_writers}))
             catalog.finish(staging, location)
-        logger.info("pen drawings rendered in %.1f s", time.perf_counter() - start)
+        logger.info("pen drawings drawn in %.1f s", time.perf_counter() - start)
+    writers = json.loads((local_folder(location) / PEN_WRITERS).read_text())
+    reference = PenMatrix(location, table.meta.sha256, table.meta.origin, table.meta.verified,
+                          pen_rows_expected(table, pen_spec, augment_spec),
+                          len(writers["train"]), int(np.isin(table.writers,
+                                                             writers["drawn"]).sum()),
+                          len(writers["drawn"]), pen_spec.weight)
     logger.info("pen drawings from %s: %d training rows from %d writers (%d renderings of "
                 "each digit, %d augmented copies of each), %d digits of %d other writers in "
                 "the drawn test set", table.meta.origin, reference.train_rows,
-                reference.train_writers, pen_spec.renderings, copies, reference.drawn_rows,
-                reference.drawn_writers)
+                reference.train_writers, pen_spec.renderings, augment_spec.copies,
+                reference.drawn_rows, reference.drawn_writers)
     create_png_artifact(reference.sample_grid(), "mnist-pen-sample-grid",
                         "The drawn test set's digits (held-out writers' pen trajectories) as "
                         "the models see them")

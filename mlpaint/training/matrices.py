@@ -129,6 +129,20 @@ class PenMatrix:
         """The writers of each part, `train` and `drawn`."""
         return json.loads((local_folder(self.folder) / PEN_WRITERS).read_text())
 
+    @staticmethod
+    def write(folder: Path, *, train_features: np.ndarray, train_labels: np.ndarray,
+              train_row_hash: np.ndarray, drawn_features: np.ndarray,
+              drawn_labels: np.ndarray, drawn_writers: np.ndarray,
+              writers: dict[str, list[int]]) -> None:
+        """Write the files `load_train`, `load_drawn` and `writers` read (the sample grid
+        is drawn into `folder` by the caller, at `PEN_SAMPLE_GRID`)."""
+        for name, array in (("train_features", train_features), ("train_labels", train_labels),
+                            ("train_row_hash", train_row_hash),
+                            ("drawn_features", drawn_features), ("drawn_labels", drawn_labels),
+                            ("drawn_writers", drawn_writers)):
+            np.save(folder / f"{name}.npy", array)
+        (folder / PEN_WRITERS).write_text(json.dumps(writers))
+
     def to_json(self) -> dict:
         return {"sha256": self.sha256, "origin": self.origin, "verified": self.verified,
                 "train_rows": self.train_rows, "train_writers": self.train_writers,
