@@ -34,7 +34,12 @@ A second table scores real handwriting that is not MNIST's: the 1,797 digits of 
 bitmaps, stored as 8x8 counts of ink), each enlarged to a 280x280 canvas dark on white two
 ways: as blocks (nearest) and smoothed (bilinear). They go through the same image path.
 
-With two or more bundles, a third table compares each later bundle with the first digit by
+A third table scores the drawn test set: the digits of the pen writers that no model trains
+on (`mlpaint.drawing.drawn_test_set`'s writers, seed and style), each drawn on the page's
+canvas by `mlpaint.drawing.draw_on_canvas` (the function training draws with), saved as PNG
+and sent through the same image path: overall, per digit, per writer and the worst writer.
+
+With two or more bundles, a further table compares each later bundle with the first digit by
 digit, on three sets: MNIST's whole official test set (through the bundle's feature stage, as
 the publishing gate scores it), the redrawn canvases and UCI's digits. Two models'
 accuracies can differ by a few digits in 10,000 and mean nothing; this says whether they do.
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import io
 import json
 import logging
@@ -193,6 +199,35 @@ def real_handwriting() -> tuple[dict[str, list[bytes]], np.ndarray]:
     return canvases, digits.target
 
 
+def drawn_test_canvases(pen: Path, test_share: float = 0.2
+                        ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """PNG canvases of the drawn test set (see the module's docstring), their labels and
+    writers, from the pen trajectories at `pen` (UNIPEN text, or the copy mlpaint ships)."""
+    from mlpaint.data.pendigits import PenTable, packaged_pen_copy, parse_unipen
+    from mlpaint.drawing import (
+        DRAWN_TEST_SEED,
+        DRAWN_TEST_STYLE,
+        draw_on_canvas,
+        drawn_test_rows,
+        rendering_rng,
+    )
+
+    text = (pen.read_text() if pen.is_file()
+            else gzip.decompress(packaged_pen_copy().read_bytes()).decode("ascii"))
+    table = PenTable.from_digits(parse_unipen(text.splitlines(), str(pen)), origin=str(pen),
+                                 sha256="", verified=False)
+    rows = drawn_test_rows(table, test_share)
+    keys = table.row_keys
+    pngs = []
+    for row in rows.tolist():
+        canvas = draw_on_canvas(table.strokes(row), DRAWN_TEST_STYLE,
+                                rendering_rng(DRAWN_TEST_SEED, 0, keys[row]))
+        buffer = io.BytesIO()
+        canvas.save(buffer, format="PNG")
+        pngs.append(buffer.getvalue())
+    return pngs, table.labels[rows], table.writers[rows]
+
+
 def decode_canvases(pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     """(N, 784) uint8 digits and whether each held a drawing, through the function the
     server decodes an uploaded image with."""
@@ -286,6 +321,10 @@ def main() -> None:
                         help="a published bundle (folder, s3://, models:/) to score; "
                              "repeatable; the first also gives the bare row")
     parser.add_argument("--mnist", type=Path, default=REPO.parent / "shared/data/mnist")
+    parser.add_argument("--pen", type=Path,
+                        default=REPO.parent / "shared/data/pendigits/pendigits-orig.tra",
+                        help="pen trajectories of the drawn test set (default: ../shared's; "
+                             "where that is missing, the copy mlpaint ships)")
     parser.add_argument("--digits", type=int, default=2000,
                         help="official test digits drawn in every variation")
     parser.add_argument("--seed", type=int, default=2026)
@@ -338,13 +377,37 @@ def main() -> None:
         for name, r in report.items() if not name.startswith("bare")}
     print("\nmean accuracy of answers marked confident, per model:",
           {k: round(v, 4) for k, v in confident.items()})
+    pen_pngs, pen_labels, pen_writers = drawn_test_canvases(args.pen)
+    drawn_report = {name: score_bundle(served, {"drawn": pen_pngs}, pen_labels,
+                                       right=right[name])
+                    for name, served in models.items()}
+    print(f"\nThe drawn test set ({len(pen_labels)} pen drawings of "
+          f"{len(set(pen_writers.tolist()))} held-out writers):\n")
+    print(_drawn_markdown(drawn_report, right, pen_labels, pen_writers))
     comparisons = _compare_with_first(right, [v.name for v in VARIATIONS], list(REAL_SETS))
     if comparisons:
         print(f"\nDigit by digit, against {first_name}:\n")
         print(_paired_markdown(first_name, comparisons))
     if args.json:
         args.json.write_text(json.dumps({"redrawn": report, "real": real_report,
-                                         "paired": comparisons}, indent=1))
+                                         "drawn": drawn_report, "paired": comparisons},
+                                        indent=1))
+
+
+def _drawn_markdown(report: dict[str, dict], right: dict[str, dict[str, np.ndarray]],
+                    labels: np.ndarray, writers: np.ndarray) -> str:
+    """Per model: overall, each digit, the worst writer (and who) on the drawn test set."""
+    lines = ["| model | overall | " + " | ".join(str(d) for d in range(10)) +
+             " | worst writer |", "|---|---|" + "---|" * 11]
+    for model, results in report.items():
+        drawn = results["drawn"]
+        per_writer = {int(w): float(right[model]["drawn"][writers == w].mean())
+                      for w in np.unique(writers)}
+        worst = min(per_writer, key=per_writer.get)
+        lines.append(f"| {model} | **{100 * drawn['accuracy']:.2f}%** | " + " | ".join(
+            f"{100 * drawn['per_digit'][d]:.1f}%" for d in range(10)) +
+            f" | {100 * per_writer[worst]:.1f}% (writer {worst}) |")
+    return "\n".join(lines)
 
 
 def _compare_with_first(right: dict[str, dict[str, np.ndarray]], redrawn_sets: list[str],
@@ -363,7 +426,8 @@ def _compare_with_first(right: dict[str, dict[str, np.ndarray]], redrawn_sets: l
     first, *others = right
     return {other: {"official test": compare(first, other, ["official test"]),
                     "redrawn": compare(first, other, redrawn_sets),
-                    "UCI": compare(first, other, real_sets)}
+                    "UCI": compare(first, other, real_sets),
+                    "drawn": compare(first, other, ["drawn"])}
             for other in others}
 
 

@@ -108,17 +108,27 @@ def place_on_canvas(strokes: Sequence[np.ndarray], *, height_px: float, tilt_deg
     return [p + offset for p in placed]
 
 
-def drawn_digit(strokes: Sequence[np.ndarray], style: PenStyle,
-                rng: np.random.Generator) -> np.ndarray:
-    """One rendering of a tablet trajectory as a person might have drawn it on the page —
-    a pen width, a size, a place and a tilt drawn from `style` — brought to a 28x28 uint8
-    digit by the server's own preprocessing."""
+def draw_on_canvas(strokes: Sequence[np.ndarray], style: PenStyle,
+                   rng: np.random.Generator):
+    """A tablet trajectory as a person might have drawn it on the page — a pen width, a
+    size, a place and a tilt drawn from `style` — as the page's canvas (a PIL image)."""
     pen = rng.uniform(style.min_pen_px, style.max_pen_px)
     height = rng.uniform(style.min_height, style.max_height) * CANVAS_SIDE
     tilt = rng.uniform(-style.max_tilt_deg, style.max_tilt_deg)
-    canvas = render_strokes(place_on_canvas(strokes, height_px=height, tilt_deg=tilt,
-                                            pen_px=pen, rng=rng), pen)
-    return image_to_mnist(canvas)
+    return render_strokes(place_on_canvas(strokes, height_px=height, tilt_deg=tilt,
+                                          pen_px=pen, rng=rng), pen)
+
+
+def drawn_digit(strokes: Sequence[np.ndarray], style: PenStyle,
+                rng: np.random.Generator) -> np.ndarray:
+    """`draw_on_canvas`, brought to a 28x28 uint8 digit by the server's own preprocessing."""
+    return image_to_mnist(draw_on_canvas(strokes, style, rng))
+
+
+def rendering_rng(seed: int, copy: int, row_key: str) -> np.random.Generator:
+    """The generator of one rendering of one digit: its seed, its number and the digit's
+    row key, nothing else."""
+    return np.random.default_rng([seed, copy, key_hash(row_key)])
 
 
 def render_rows(table: PenTable, rows: np.ndarray, *, renderings: int, style: PenStyle,
@@ -128,12 +138,12 @@ def render_rows(table: PenTable, rows: np.ndarray, *, renderings: int, style: Pe
     row each was made from. A rendering depends only on the seed, its number and its digit's
     row key, not on which other rows are rendered beside it."""
     rows = np.asarray(rows, dtype=np.int64)
-    keys = [key_hash(key) for key in table.row_keys]
+    keys = table.row_keys
     jobs = [(int(row), copy) for copy in range(renderings) for row in rows.tolist()]
 
     def one(job: tuple[int, int]) -> np.ndarray:
         row, copy = job
-        rng = np.random.default_rng([seed, copy, keys[row]])
+        rng = rendering_rng(seed, copy, keys[row])
         return drawn_digit(table.strokes(row), style, rng).reshape(N_FEATURES)
 
     if not jobs:
