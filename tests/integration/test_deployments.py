@@ -197,7 +197,7 @@ def test_a_run_from_the_ui_form_is_completed_by_the_worker(stack, shared_mnist, 
         # The run form renders the spec as one typed object: ExperimentSpec's fields.
         form = deployment.parameter_openapi_schema
         spec_schema = form["definitions"]["ExperimentSpec"]["properties"]
-        assert {"algorithm", "features", "folds", "augment", "feedback"} <= set(spec_schema)
+        assert {"algorithm", "features", "folds", "augment", "feedback", "pen"} <= set(spec_schema)
         assert "spec" in form["properties"] and "limit" not in form["properties"]
         assert ExperimentSpec.model_validate(deployment.parameters["spec"]) == \
             load_spec("default")
