@@ -37,7 +37,7 @@ from pathlib import Path
 import psutil
 from filelock import FileLock, Timeout
 
-from mlpaint.processes import free_port
+from mlpaint.processes import free_port, sqlite_files_state
 
 logger = logging.getLogger("mlpaint")
 
@@ -169,9 +169,7 @@ class _Progress:
 
     def __init__(self, pid: int, database: Path | None) -> None:
         self._process = psutil.Process(pid)
-        self._files = ([] if database is None else
-                       [database, *(database.with_name(database.name + suffix)
-                                    for suffix in ("-journal", "-wal"))])
+        self._database = database
         self._last: tuple | None = None
         self._since = time.monotonic()
 
@@ -181,12 +179,7 @@ class _Progress:
             cpu = times.user + times.system
         except psutil.Error:  # it exited: the caller's poll says so
             cpu = None
-        files = []
-        for path in self._files:
-            with contextlib.suppress(OSError):
-                stat = path.stat()
-                files.append((stat.st_size, stat.st_mtime_ns))
-        return cpu, tuple(files)
+        return cpu, sqlite_files_state(self._database) if self._database else ()
 
     def idle_for(self) -> float:
         """Seconds since the server last used CPU time or wrote its database."""

@@ -21,7 +21,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mlpaint.data.catalog import N_FEATURES
-from mlpaint.data.pendigits import PenTable, drawn_test_writers, key_hash
+from mlpaint.data.dataset import row_hashes
+from mlpaint.data.pendigits import PenTable, drawn_test_writers
 from mlpaint.preprocess import image_to_mnist
 
 #: Bumped whenever rendering changes what it draws, so stored renderings are made again.
@@ -128,7 +129,7 @@ def drawn_digit(strokes: Sequence[np.ndarray], style: PenStyle,
 def rendering_rng(seed: int, copy: int, row_key: str) -> np.random.Generator:
     """The generator of one rendering of one digit: its seed, its number and the digit's
     row key, nothing else."""
-    return np.random.default_rng([seed, copy, key_hash(row_key)])
+    return np.random.default_rng([seed, copy, int(row_hashes([row_key])[0])])
 
 
 def render_rows(table: PenTable, rows: np.ndarray, *, renderings: int, style: PenStyle,
@@ -173,16 +174,14 @@ class DrawnTestSet:
 
 def drawn_test_rows(table: PenTable, test_share: float) -> np.ndarray:
     """The table rows of the writers kept out of training (`drawn_test_writers`)."""
-    held_out = drawn_test_writers(table.writers.tolist(), test_share)
-    return np.flatnonzero(np.isin(table.writers, sorted(held_out)))
+    return table.rows_of(drawn_test_writers(table.writers.tolist(), test_share))
 
 
 def drawn_set_of_writers(table: PenTable, writers: Iterable[int]) -> DrawnTestSet:
     """The given writers' digits drawn as the drawn test set draws them: the same drawing
     of a digit whichever writers are chosen beside it."""
-    rows = np.flatnonzero(np.isin(table.writers, sorted(set(writers))))
-    pixels, source = render_rows(table, rows, renderings=1, style=DRAWN_TEST_STYLE,
-                                 seed=DRAWN_TEST_SEED)
+    pixels, source = render_rows(table, table.rows_of(writers), renderings=1,
+                                 style=DRAWN_TEST_STYLE, seed=DRAWN_TEST_SEED)
     return DrawnTestSet(pixels, table.labels[source], table.writers[source])
 
 

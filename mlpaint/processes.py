@@ -24,6 +24,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def sqlite_files_state(database: Path) -> tuple:
+    """The size and modification time of a SQLite database and of its journal or write-ahead
+    log, whichever exist: what changes while a process writes it (a server migrating it)."""
+    state = []
+    for path in (database, database.with_name(database.name + "-journal"),
+                 database.with_name(database.name + "-wal")):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        state.append((path.name, stat.st_size, stat.st_mtime_ns))
+    return tuple(state)
+
+
 def start_service(command: list[str], health_url: str, *, env: dict[str, str] | None = None,
                   log: Path | None = None, timeout_s: float = 120, cwd: Path | None = None
                   ) -> subprocess.Popen:

@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
@@ -31,10 +31,16 @@ from pathlib import Path
 import numpy as np
 
 from mlpaint.data.catalog import N_CLASSES, PEN_TRAJECTORIES_NAME
-from mlpaint.data.fetch import FetchContext, FetchedObject, fetch_object
+from mlpaint.data.dataset import row_hashes
+from mlpaint.data.fetch import (
+    FetchContext,
+    FetchedObject,
+    SourcesExhaustedError,
+    fetch_object,
+)
 from mlpaint.data.formats import DataFormatError
 from mlpaint.data.integrity import IntegrityError, atomic_folder
-from mlpaint.data.transports import FetchError
+from mlpaint.data.transports import FetchError, TransientFetchError
 
 logger = logging.getLogger(__name__)
 
@@ -175,16 +181,13 @@ def row_key(writer: int, sample: int) -> str:
     return f"pen-w{writer:03d}-s{sample:04d}"
 
 
-def key_hash(key: str) -> int:
-    """A key's stable 64-bit hash (BLAKE2b), the same on every machine."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
-
-
 def drawn_test_writers(writers: Iterable[int], share: float) -> frozenset[int]:
     """The writers kept out of training for the drawn test set: the `share` of them (at
     least one) whose writer key hashes lowest, so the same writers are chosen on every
     machine and the choice does not depend on the order digits come in."""
-    unique = sorted(set(writers), key=lambda w: key_hash(writer_key(w)))
+    unique = sorted(set(writers))
+    hashes = row_hashes([writer_key(w) for w in unique]).tolist()
+    unique = [w for _, w in sorted(zip(hashes, unique, strict=True))]
     if not unique or share <= 0:
         return frozenset()
     return frozenset(unique[:max(1, round(share * len(unique)))])
@@ -242,8 +245,11 @@ class PenTable:
 
     @property
     def row_hash(self) -> np.ndarray:
-        by_writer = {w: key_hash(writer_key(w)) for w in np.unique(self.writers).tolist()}
-        return np.array([by_writer[w] for w in self.writers.tolist()], dtype=np.uint64)
+        return row_hashes([writer_key(w) for w in self.writers.tolist()])
+
+    def rows_of(self, writers: Iterable[int]) -> np.ndarray:
+        """The positions of the given writers' digits, in table order."""
+        return np.flatnonzero(np.isin(self.writers, sorted(set(writers))))
 
     def strokes(self, row: int) -> list[np.ndarray]:
         """Digit `row`'s strokes, each an (n, 2) array of tablet (x, y), y up."""
@@ -255,10 +261,6 @@ class PenTable:
             out.append(self.points[start:end])
             start = end
         return out
-
-    def digits(self) -> Iterator[tuple[int, list[np.ndarray]]]:
-        for row in range(len(self)):
-            yield int(self.labels[row]), self.strokes(row)
 
     def label_counts(self) -> list[int]:
         return np.bincount(self.labels, minlength=N_CLASSES).tolist()
@@ -336,21 +338,25 @@ def read_pen_file(path: Path, *, origin: str, sha256: str, verified: bool) -> Pe
     return PenTable.from_digits(digits, origin=origin, sha256=sha256, verified=verified)
 
 
-class PenSourcesExhaustedError(FetchError):
+class PenSourcesExhaustedError(SourcesExhaustedError):
     """No source in the chain yielded the pen trajectories."""
 
 
 def fetch_pen_trajectories(sources: Sequence[str] | None, context: FetchContext
                            ) -> tuple[FetchedObject, str]:
     """The first source of the chain (`default_pen_sources()` when none are given) that
-    yields the trajectories intact, and its URI. Each is verified against the pinned hash
-    of UCI's training portion (`--sha256` pins another file by its name)."""
+    yields the trajectories intact, and its URI. A file named as UCI's training portion is
+    verified against its pinned hash; any other is read with an UNVERIFIED DATA warning.
+    The error after a chain of failures says whether any was passing (`transient`), as the
+    MNIST chain's does, so the task retries only then."""
     failures = []
+    any_transient = False
     for uri in sources or default_pen_sources():
         try:
             return fetch_object(uri, context), uri
         except (FetchError, IntegrityError, DataFormatError) as exc:
             failures.append(f"{uri}: {exc}")
+            any_transient |= isinstance(exc, TransientFetchError)
             logger.warning("pen source %s failed (%s); trying the next one", uri, exc)
     raise PenSourcesExhaustedError("no source yielded the pen trajectories: "
-                                   + " | ".join(failures))
+                                   + " | ".join(failures), transient=any_transient)

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mlpaint.catalog import LOCAL_STORE_DIR
+from mlpaint.processes import sqlite_files_state
 
 logger = logging.getLogger(__name__)
 
@@ -169,13 +170,7 @@ def _schema_state(database: Path) -> tuple:
         revision = rows[0][0] if rows else None
     except sqlite3.OperationalError as exc:  # no table yet, or a write holds the file
         revision = None if "no such table" in str(exc) else f"busy: {exc}"
-    files = []
-    for path in (database, database.with_name(database.name + "-journal"),
-                 database.with_name(database.name + "-wal")):
-        with contextlib.suppress(OSError):
-            stat = path.stat()
-            files.append((path.name, stat.st_size, stat.st_mtime_ns))
-    return revision, tuple(files)
+    return revision, sqlite_files_state(database)
 
 
 def prepare_store_meanwhile(tracking_uri: str) -> Callable[[], None]:

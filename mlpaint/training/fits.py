@@ -135,13 +135,14 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     """Train on `train` plus the feedback's training rows and `pen_train` (each weighted as
     its source says), score on `test`, on the feedback's wild test set and on the pen's drawn
     test set."""
-    extra = []
+    extra, feedback_rows, pen_rows = [], 0, 0
     if feedback is not None and feedback.train_rows:
-        extra.append((*feedback.load_train(), feedback.weight))
+        features, labels = feedback.load_train()
+        extra.append((features, labels, feedback.weight))
+        feedback_rows = len(labels)
     if pen is not None and pen_train is not None:
         extra.append((*pen_train, pen.weight))
-    feedback_rows = len(extra[0][1]) if feedback is not None and feedback.train_rows else 0
-    pen_rows = len(pen_train[1]) if pen is not None and pen_train is not None else 0
+        pen_rows = len(pen_train[1])
     train, weights = _with_extra_rows(train, extra)
     logger.info("%s: training %s on %d rows (%d from feedback, %d pen renderings) with %d "
                 "thread(s)", name, algorithm, len(train[1]), feedback_rows, pen_rows, threads)
