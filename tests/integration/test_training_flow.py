@@ -569,8 +569,8 @@ def remote_dask_cluster(tmp_path, s3_env, prefect_api, mlflow_server):
 
 
 # The one worker does every step on its 2 threads (features, augmentation, pen drawings, both
-# fits), each hand-off through the S3 store: about two minutes alone, several times that on a
-# machine busy with the rest of the suite. This bounds a hang, not a speed.
+# fits), each hand-off through the S3 store; on a machine busy with the rest of the suite that
+# takes several times as long as alone. This bounds a hang, not a speed.
 @pytest.mark.timeout(1500)
 @pytest.mark.slow
 def test_cli_train_on_a_remote_dask_worker_through_an_s3_store(
