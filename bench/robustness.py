@@ -37,7 +37,8 @@ ways: as blocks (nearest) and smoothed (bilinear). They go through the same imag
 A third table scores the drawn test set: the digits of the pen writers that no model trains
 on (`mlpaint.drawing.drawn_test_set`'s writers, seed and style), each drawn on the page's
 canvas by `mlpaint.drawing.draw_on_canvas` (the function training draws with), saved as PNG
-and sent through the same image path: overall, per digit, per writer and the worst writer.
+and sent through the same image path: overall, per digit, per writer and the worst writer,
+and how the model's own "not sure" threshold (its card's `low_confidence_below`) splits it.
 
 With two or more bundles, a further table compares each later bundle with the first digit by
 digit, on three sets: MNIST's whole official test set (through the bundle's feature stage, as
@@ -64,6 +65,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW
 
 REPO = Path(__file__).resolve().parents[1]
 CANVAS = 280
@@ -251,7 +254,8 @@ def score_bundle(served, canvases: dict[str, list[bytes]], labels: np.ndarray,
         else:
             pixels, drawn = decode_canvases(pngs)
         _, probabilities = served.score(served.features(pixels))
-        results[name] = summarise(probabilities, labels, drawn, len(pngs))
+        results[name] = summarise(probabilities, labels, drawn, len(pngs),
+                                  served.model.low_confidence_below)
         if right is not None:
             right[name] = (probabilities.argmax(axis=1) == labels) & drawn
     rows = sum(r["rows"] for r in results.values())
@@ -285,16 +289,15 @@ def _paired_markdown(first: str, comparisons: dict[str, dict[str, dict]]) -> str
 
 
 def summarise(probabilities: np.ndarray, labels: np.ndarray, drawn: np.ndarray,
-              rows: int) -> dict:
+              rows: int, low_confidence_below: float = DEFAULT_LOW_CONFIDENCE_BELOW) -> dict:
     """Accuracy (a "nothing drawn" answer counts as wrong), and how often answers below and
-    above the page's low-confidence line are right."""
-    from mlpaint.serving.schemas import LOW_CONFIDENCE
-
+    above the model's low-confidence line are right."""
     predicted = probabilities.argmax(axis=1)
     right = (predicted == labels) & drawn
-    confident = probabilities.max(axis=1) >= LOW_CONFIDENCE
+    confident = probabilities.max(axis=1) >= low_confidence_below
     return {
         "accuracy": float(right.mean()), "rows": rows, "nothing_drawn": int((~drawn).sum()),
+        "low_confidence_below": low_confidence_below,
         "low_confidence_share": float((~confident & drawn).mean()),
         "accuracy_when_confident": float(right[confident].mean()) if confident.any() else None,
         "accuracy_when_low_confidence": float(right[~confident].mean())
@@ -396,9 +399,12 @@ def main() -> None:
 
 def _drawn_markdown(report: dict[str, dict], right: dict[str, dict[str, np.ndarray]],
                     labels: np.ndarray, writers: np.ndarray) -> str:
-    """Per model: overall, each digit, the worst writer (and who) on the drawn test set."""
+    """Per model: overall, each digit, the worst writer (and who) on the drawn test set,
+    and its "not sure" line: the threshold, the share of answers it marks, how often the
+    plain ones are right."""
     lines = ["| model | overall | " + " | ".join(str(d) for d in range(10)) +
-             " | worst writer |", "|---|---|" + "---|" * 11]
+             " | worst writer | not sure below | marked | plain right |",
+             "|---|---|" + "---|" * 14]
     for model, results in report.items():
         drawn = results["drawn"]
         per_writer = {int(w): float(right[model]["drawn"][writers == w].mean())
@@ -406,7 +412,9 @@ def _drawn_markdown(report: dict[str, dict], right: dict[str, dict[str, np.ndarr
         worst = min(per_writer, key=per_writer.get)
         lines.append(f"| {model} | **{100 * drawn['accuracy']:.2f}%** | " + " | ".join(
             f"{100 * drawn['per_digit'][d]:.1f}%" for d in range(10)) +
-            f" | {100 * per_writer[worst]:.1f}% (writer {worst}) |")
+            f" | {100 * per_writer[worst]:.1f}% (writer {worst}) | "
+            f"{drawn['low_confidence_below']:.2f} | {100 * drawn['low_confidence_share']:.1f}% "
+            f"| {100 * (drawn['accuracy_when_confident'] or 0):.2f}% |")
     return "\n".join(lines)
 
 

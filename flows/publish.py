@@ -59,7 +59,7 @@ def publish_model(spec: PublishSpec | None = None, cache_dir: str | None = None
         with store_for(destination).lock(PUBLISH_LOCK):
             decision = gate(candidate, built, dataset.tables["test"], spec.margin, spec.force,
                             tracking_uri, destination, str(cache), spec.feedback_store,
-                            spec.wild_share, str(pen_table))
+                            str(pen_table))
             result = upload_bundle(built, destination, decision.promote, spec.retention)
             record_publication(candidate, built, decision, destination, tracking_uri)
     create_markdown_artifact(

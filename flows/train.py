@@ -33,11 +33,17 @@ from mlpaint.tracking import (
 )
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, load_algorithms
 from mlpaint.training.evaluation import aggregate
-from mlpaint.training.fits import ExperimentSummary, fit_threads, fits_to_train
+from mlpaint.training.fits import (
+    ExperimentSummary,
+    drawn_low_confidence,
+    fit_threads,
+    fits_to_train,
+)
 from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix, PenMatrix
 from mlpaint.training.spec import ExperimentSpec, SpecError, check_spec, plan_folds
 from tasks.data import fetch_pen_table
 from tasks.training import (
+    choose_low_confidence_threshold,
     log_data_inputs,
     log_experiment_summary,
     log_final_model,
@@ -147,8 +153,7 @@ def train_mnist(
 
         report = publish_model(PublishSpec(
             model_version=summary.registered.version, to=publish_to, sources=spec.sources,
-            feedback_store=spec.feedback.store, wild_share=spec.feedback.wild_share,
-            pen_sources=spec.pen.sources),
+            feedback_store=spec.feedback.store, pen_sources=spec.pen.sources),
             cache_dir=str(cache))
         summary = dataclasses.replace(summary, publication=report.to_json())
     return summary
@@ -180,29 +185,31 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     progress_id = create_progress_artifact(0.0, key="mnist-training-progress",
                                            description=f"fits done of {n_fits}")
 
-    # The final fit is submitted first: it is the longest, and logging its model (seconds of
-    # MLflow work) then overlaps the folds' fits instead of following the last of them.
+    # The final fit is submitted first: it is the longest.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
                                        catalog, augmented, feedback, pen)
                     if spec.final_fit else None)
     fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, catalog,
                                       augmented, feedback, pen)
                     for i in range(n_folds)]
-    registered = None
     for done, future in enumerate(as_completed([*fold_futures, *filter(None, [final_future])]),
                                   start=1):
-        if future is final_future:
-            registered = log_final_model(future.result(), dataset.tables["test"],
-                                         parent_run_id, tracking_uri)
-        else:
+        if future is not final_future:
             log_fold_run(future.result(), parent_run_id, tracking_uri)
         update_progress_artifact(progress_id, 100.0 * done / n_fits)
     fold_results = [future.result() for future in fold_futures]  # in fold order
     final = final_future.result() if final_future else None
+    # Chosen on the folds' held-out writers, so the final model is registered only once
+    # every fold has scored its own.
+    low_confidence = choose_low_confidence_threshold(fold_results)
+    registered = (log_final_model(final, low_confidence, dataset.tables["test"],
+                                  parent_run_id, tracking_uri) if final else None)
 
-    summary = ExperimentSummary(parent_run_id, fold_results,
-                                aggregate([r.evaluation for r in fold_results]), final,
-                                registered, feedback=feedback, pen=pen)
+    summary = ExperimentSummary(
+        parent_run_id, fold_results, aggregate([r.evaluation for r in fold_results]), final,
+        registered, feedback=feedback, pen=pen, low_confidence=low_confidence,
+        drawn_low_confidence=drawn_low_confidence(final, low_confidence.threshold)
+        if final and low_confidence else None)
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
     return summary

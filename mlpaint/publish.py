@@ -61,8 +61,6 @@ class PublishSpec(BaseModel):
                                                         "set (default: the mirror chain)")
     feedback_store: str | None = Field(None, description="a feedback store whose wild test "
                                        "set the candidate must also not lose on")
-    wild_share: float = Field(0.2, gt=0, lt=1, description="the share of feedback records in "
-                                                           "the wild test set, as in training")
     pen_sources: list[str] | None = Field(None, description="pen trajectories of the drawn "
                                           "test set (default: UCI's download, then the copy "
                                           "mlpaint ships)")
@@ -93,6 +91,29 @@ class WildScores:
     rows: int
     candidate_accuracy: float
     champion_accuracy: float | None
+    share: float | None = None  # of the store's records by row hash (`gate_wild_share`)
+
+
+def held_out_wild_share(run_params: dict[str, str]) -> float:
+    """The share of feedback records, by row hash (`mlpaint.feedback.wild_rows`), that a
+    training run never trained on, from its recorded spec: its wild test set's
+    (`feedback.wild_share`), or all of them for a run that trained on no feedback."""
+    if run_params.get("feedback.store", "null") == "null":
+        return 1.0
+    return float(run_params["feedback.wild_share"])
+
+
+def gate_wild_share(candidate_params: dict[str, str],
+                    champion_params: dict[str, str] | None) -> float:
+    """The wild rows the gate scores: those neither run trained on. The wild buckets of a
+    smaller share lie within a larger one's, and a run trains only on records outside its
+    own, so the smaller share's records are held out by both, whether they were in the
+    store when either trained or came later. A champion whose run is not in this registry
+    (a served bundle from another) is taken to hold out what the candidate does."""
+    share = held_out_wild_share(candidate_params)
+    if champion_params is not None:
+        share = min(share, held_out_wild_share(champion_params))
+    return share
 
 
 @dataclass(frozen=True)
@@ -160,8 +181,8 @@ def decide(candidate_accuracy: float, champion_accuracy: float | None,
         if wild is not None and wild.rows and wild.champion_accuracy is not None:
             wild_ok = wild.candidate_accuracy >= wild.champion_accuracy
             reason += (f"; wild accuracy {wild.candidate_accuracy:.4f} against "
-                       f"{wild.champion_accuracy:.4f} on {wild.rows} feedback drawings: "
-                       + ("not worse" if wild_ok else "worse"))
+                       f"{wild.champion_accuracy:.4f} on {wild.rows} feedback drawings "
+                       "neither trained on: " + ("not worse" if wild_ok else "worse"))
         drawn_ok = True
         if drawn is not None and drawn.rows:
             drawn_ok = drawn.candidate_accuracy >= drawn.champion_accuracy

@@ -38,6 +38,7 @@ from mlpaint.publish import (
     build_bundle_folder,
     decide,
     explain_test_set,
+    gate_wild_share,
     held_out_writers,
     right_answers,
 )
@@ -129,11 +130,11 @@ def _read_built(folder: Path) -> BuiltBundle:
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)
 def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
          margin: float, force: bool, tracking_uri: str, destination: str, cache_dir: str,
-         feedback_store: str | None = None, wild_share: float = 0.2,
-         pen_table: str | None = None) -> GateDecision:
+         feedback_store: str | None = None, pen_table: str | None = None) -> GateDecision:
     """Score the current champion on the same official test set (and, given a feedback
-    store, candidate and champion on its wild test set; given pen trajectories, both on the
-    drawings of the writers neither trained on) and decide. The champion is the
+    store, candidate and champion on its records neither trained on; given pen
+    trajectories, both on the drawings of the writers neither trained on, each as the
+    runs' recorded specs say) and decide. The champion is the
     registry's `champion` version; where the registry names none, the model of the bundle
     `destination`'s LATEST names, which people are being served (a remote one copied into
     `cache_dir`). The candidate's test accuracy and model come from its built bundle, not
@@ -169,17 +170,17 @@ def gate(candidate: CandidateRef, built: BuiltBundle, test_table_dir: str,
         champion_accuracy = float(champion_right.mean())
         paired = compare_paired(champion_right,
                                 right_answers(candidate_model, table.pixels, table.labels))
+        client = tracking_client(tracking_uri)
+        candidate_params = client.get_run(candidate.run_id).data.params
+        champion_params = (client.get_run(client.get_model_version(
+            REGISTERED_MODEL_NAME, champion_version).run_id).data.params
+            if champion is not None else None)
         if feedback_store:
-            wild = _wild_scores(candidate_model, model, feedback_store, wild_share)
+            wild = _wild_scores(candidate_model, model, feedback_store,
+                                gate_wild_share(candidate_params, champion_params))
         if pen_table:
-            client = tracking_client(tracking_uri)
-            champion_run = (client.get_model_version(REGISTERED_MODEL_NAME,
-                                                     champion_version).run_id
-                            if champion is not None else None)
-            drawn = _drawn_scores(candidate_model, model, Path(pen_table),
-                                  client.get_run(candidate.run_id).data.params,
-                                  client.get_run(champion_run).data.params
-                                  if champion_run else None, Path(cache_dir))
+            drawn = _drawn_scores(candidate_model, model, Path(pen_table), candidate_params,
+                                  champion_params, Path(cache_dir))
     return _decided(decide(candidate_accuracy, champion_accuracy, champion_version,
                            margin=margin, force=force, wild=wild, champion_name=champion_name,
                            paired=paired, drawn=drawn))
@@ -212,15 +213,16 @@ def _decided(decision: GateDecision) -> GateDecision:
 
 
 def _wild_scores(candidate_model: DigitModel, champion_model: DigitModel,
-                 feedback_store: str, wild_share: float) -> WildScores:
-    """Both models on the feedback store's wild test set, as it is now."""
+                 feedback_store: str, share: float) -> WildScores:
+    """Both models on the feedback store's records, as it is now, in the wild buckets of
+    `share` (`gate_wild_share`: those neither model trained on)."""
     snapshot = FeedbackSnapshot.of(FeedbackStore.at(feedback_store))
-    wild = wild_rows(snapshot.row_hash, wild_share)
+    wild = wild_rows(snapshot.row_hash, share)
     if not wild.any():
-        return WildScores(0, 0.0, None)
+        return WildScores(0, 0.0, None, share)
     pixels, labels = snapshot.pixels[wild], snapshot.labels[wild]
     return WildScores(int(wild.sum()), accuracy(candidate_model, pixels, labels),
-                      accuracy(champion_model, pixels, labels))
+                      accuracy(champion_model, pixels, labels), share)
 
 
 def _drawn_set(table: PenTable, writers: frozenset[int], cache_dir: Path) -> DrawnTestSet:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,8 +50,16 @@ from mlpaint.tracking.experiment import (
     run_page_url,
     start_parent_run,
 )
-from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig
-from mlpaint.training.fits import ExperimentSummary, FitResult, fit_final, fit_fold
+from mlpaint.training.algorithms import BaggedBoostingConfig, DigitModel, GbdtConfig
+from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW, ConfidenceChoice
+from mlpaint.training.fits import (
+    MODEL,
+    ExperimentSummary,
+    FitResult,
+    choose_low_confidence,
+    fit_final,
+    fit_fold,
+)
 from mlpaint.training.matrices import (
     PEN_SAMPLE_GRID,
     PEN_WRITERS,
@@ -217,8 +227,9 @@ def prepare_pen(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: i
             catalog.finish(staging, location)
         logger.info("pen drawings drawn in %.1f s", time.perf_counter() - start)
     writers = json.loads((local_folder(location) / PEN_WRITERS).read_text())
+    train_rows, rendered_rows = pen_rows_expected(table, pen_spec, augment_spec)
     reference = PenMatrix(location, table.meta.sha256, table.meta.origin, table.meta.verified,
-                          pen_rows_expected(table, pen_spec, augment_spec),
+                          train_rows, rendered_rows,
                           len(writers["train"]), int(np.isin(table.writers,
                                                              writers["drawn"]).sum()),
                           len(writers["drawn"]), pen_spec.weight)
@@ -253,6 +264,23 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
     """The final model (`fit_final`), or its finished fit stored by an earlier run."""
     return fit_final(train_matrix, test_matrix, spec, config, threads, catalog, augmented,
                      feedback, pen)
+
+
+@task(name="choose-low-confidence")
+def choose_low_confidence_threshold(folds: list[FitResult]) -> ConfidenceChoice | None:
+    """The final model's "not sure" threshold, chosen on the folds' held-out writers
+    (`choose_low_confidence`)."""
+    logger = get_run_logger()
+    choice = choose_low_confidence(folds)
+    if choice is None:
+        logger.info("low confidence: no fold scored held-out writers' pen drawings to choose "
+                    "a threshold on; the model marks answers below the default %.2f",
+                    DEFAULT_LOW_CONFIDENCE_BELOW)
+    elif choice.target_met:
+        logger.info("low confidence: %s", choice.describe())
+    else:
+        logger.warning("low confidence: %s", choice.describe())
+    return choice
 
 
 # --- MLflow ----------------------------------------------------------------------------------
@@ -325,14 +353,20 @@ def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> st
 
 
 @task(name="log-final-model", **SERVICE_CALL_RETRIES)
-def log_final_model(final: FitResult, test_table: str, parent_run_id: str,
-                    tracking_uri: str) -> RegisteredModel:
+def log_final_model(final: FitResult, low_confidence: ConfidenceChoice | None,
+                    test_table: str, parent_run_id: str, tracking_uri: str) -> RegisteredModel:
     """The final model in the parent run as a pixel-in pyfunc (its feature stage inside),
-    with two official test digits as its input example, registered as `mnist-digits`."""
+    its card carrying the "not sure" threshold chosen for it, with two official test digits
+    as its input example, registered as `mnist-digits`."""
     example = load_table(local_folder(test_table)).pixels[:2]
-    # Registered while folds may still train; marked complete only when they all have.
-    return log_digit_model(tracking_client(tracking_uri), parent_run_id, final.model_folder(),
-                           example, complete=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        # A copy: the fit store's folder is verified by its manifest and shared by reruns.
+        model_dir = Path(shutil.copytree(final.model_folder(), Path(scratch) / MODEL))
+        if low_confidence is not None:
+            DigitModel.record_low_confidence_below(model_dir, low_confidence.threshold)
+        # Marked complete only when the summary is logged.
+        return log_digit_model(tracking_client(tracking_uri), parent_run_id, model_dir,
+                               example, complete=False)
 
 
 @task(name="log-experiment-summary", **SERVICE_CALL_RETRIES)

@@ -44,7 +44,6 @@ from mlpaint.serving.model import (
     top_labels,
 )
 from mlpaint.serving.schemas import (
-    LOW_CONFIDENCE,
     MAX_BODY_BYTES,
     ExampleResponse,
     ExplainRequest,
@@ -67,9 +66,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_FEEDBACK_RATE = "30/minute"
 
 
-def _confidence(probabilities: np.ndarray) -> Status:
-    """The status of an answer to a drawing that holds something."""
-    return "low_confidence" if probabilities.max() < LOW_CONFIDENCE else "ok"
+def _confidence(probabilities: np.ndarray, model: ServedModel) -> Status:
+    """The status of `model`'s answer to a drawing that holds something."""
+    return ("low_confidence" if probabilities.max() < model.model.low_confidence_below
+            else "ok")
 
 
 def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
@@ -138,7 +138,8 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             else None, algorithm=info.algorithm,
             feature_stage=current.model.feature_stage.value,
             metrics=info.metrics, data_fingerprint=info.data_fingerprint,
-            trained_at=info.created_at, gallery_per_digit=int(info.gallery.get("per_digit", 0)))
+            trained_at=info.created_at, gallery_per_digit=int(info.gallery.get("per_digit", 0)),
+            low_confidence_below=current.model.low_confidence_below)
 
     # Scoring and explaining one digit take a millisecond or two of CPU. They run on the event
     # loop (`async def`), one request after another in each worker process: handing each to a
@@ -157,7 +158,8 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         for r, p, was_drawn in zip(raw, probabilities, drawn, strict=True):
             if was_drawn:
                 predictions.append(Prediction(
-                    status=_confidence(p), digit=int(p.argmax()), candidates=top_labels(p, 2),
+                    status=_confidence(p, current), digit=int(p.argmax()),
+                    candidates=top_labels(p, 2),
                     probabilities=p.tolist(), raw_scores=r.tolist(),
                     model_version=info.model_version, bundle_version=info.version))
             else:
@@ -190,7 +192,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
             labels = list(dict.fromkeys(request.labels))
         contrib = current.explain(features, labels)
         return ExplainResponse(
-            status=_confidence(probabilities), digit=int(probabilities.argmax()),
+            status=_confidence(probabilities, current), digit=int(probabilities.argmax()),
             candidates=top_labels(probabilities, 2), probabilities=probabilities.tolist(),
             image=pixels.tolist(), features=features.tolist(),
             explanations=[LabelExplanation(label=label, probability=float(probabilities[label]),

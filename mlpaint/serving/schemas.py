@@ -15,16 +15,12 @@ from mlpaint.data.catalog import N_CLASSES, N_FEATURES
 
 MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 256
-# Below this probability for the winning digit an answer is marked `low_confidence` and the
-# page names the two candidates: the model is then torn, most often between two digits that
-# share strokes (4/9, 3/5, 1/7), and saying so beats a confident-looking wrong answer.
-# bench/robustness.py reports how often answers below and above it are right.
-LOW_CONFIDENCE = 0.6
 
 Status = Literal["ok", "low_confidence", "nothing_drawn"]
-STATUS_DESCRIPTION = ("'ok'; 'low_confidence' when the top probability is below "
-                      f"{LOW_CONFIDENCE} (see `candidates`); 'nothing_drawn' for a blank drawing, "
-                      "a dot or a faint smudge, with no digit, probabilities or explanations")
+STATUS_DESCRIPTION = ("'ok'; 'low_confidence' when the top probability is below the served "
+                      "model's threshold (`low_confidence_below` on /v1/model; see "
+                      "`candidates`); 'nothing_drawn' for a blank drawing, a dot or a faint "
+                      "smudge, with no digit, probabilities or explanations")
 
 
 def _json_integer(value: object) -> object:
@@ -203,3 +199,6 @@ class ModelResponse(BaseModel):
     data_fingerprint: dict[str, str]
     trained_at: str
     gallery_per_digit: int
+    low_confidence_below: float = Field(description=(
+        "answers whose top probability is below this are 'low_confidence': the model's own "
+        "threshold, chosen when it was trained on drawings by writers it did not train on"))

@@ -71,6 +71,24 @@ def _drawn_metrics(prefix: str, result: FitResult) -> dict[str, float]:
     if result.drawn_writer_accuracy:
         metrics[f"{prefix}drawn_worst_writer_accuracy"] = min(
             result.drawn_writer_accuracy.values())
+    if held_out := result.heldout_drawn_evaluation:
+        metrics.update({f"{prefix}heldout_drawn_accuracy": held_out.accuracy,
+                        f"{prefix}heldout_drawn_rows": float(held_out.rows)})
+    return metrics
+
+
+def _low_confidence_metrics(summary: ExperimentSummary) -> dict[str, float]:
+    """The final model's "not sure" threshold (`low_confidence_below`), how it split the
+    folds' held-out writers' drawings it was chosen on (`heldout_drawn_marked_share` …) and
+    how it splits the drawn test set (`drawn_marked_share`, `drawn_plain_accuracy` …)."""
+    if summary.low_confidence is None:
+        return {}
+    chosen = summary.low_confidence.figures
+    metrics = {"low_confidence_below": chosen.threshold,
+               "low_confidence_target_met": float(summary.low_confidence.target_met),
+               **chosen.metrics("heldout_drawn")}
+    if summary.drawn_low_confidence is not None:
+        metrics.update(summary.drawn_low_confidence.metrics("drawn"))
     return metrics
 
 
@@ -159,6 +177,7 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
         metrics.update(_metrics("test_", summary.final.evaluation))
         metrics.update(_wild_metrics("", summary.final))
         metrics.update(_drawn_metrics("", summary.final))
+    metrics.update(_low_confidence_metrics(summary))
     # The flow's own process is measured by recording_resources; fits may run elsewhere.
     metrics["resources/fit_peak_rss_mb"] = max(
         fit.peak_rss_mb for fit in [*summary.folds, *filter(None, [summary.final])])
@@ -172,6 +191,13 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
                 for path in write_evaluation_artifacts(summary.final.drawn_evaluation,
                                                        folder / "drawn", "drawn test"):
                     client.log_artifact(run_id, str(path), "evaluation/drawn")
+        if summary.feedback:
+            # Which records it trained on and which it kept out, so what any later
+            # comparison may score it on can be checked against what it saw.
+            (folder / "feedback-records.json").write_text(json.dumps({
+                **summary.feedback.to_json(), "wild_share": spec.feedback.wild_share,
+                **summary.feedback.record_ids()}))
+            client.log_artifact(run_id, str(folder / "feedback-records.json"), "data")
         (folder / "spec.json").write_text(json.dumps(spec.model_dump(mode="json"), indent=2))
         (folder / "summary.json").write_text(json.dumps(summary.to_json(), indent=1))
         client.log_artifact(run_id, str(folder / "spec.json"))

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.features import FeatureStage, apply_feature_stage, as_images
+from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW
 
 # 2: model.json also says what the model reads (its feature stage, its input) and what it
 # answers (its labels), so a model folder is the one document of its meaning.
@@ -130,11 +131,14 @@ class ModelFormatError(ValueError):
 
 class DigitModel:
     """One or more LightGBM boosters whose raw scores are averaged, and the feature stage
-    that turns pixels into what they read: the model is not complete without it."""
+    that turns pixels into what they read: the model is not complete without it. Its
+    answers whose top probability is below `low_confidence_below` are marked "not sure"
+    (mlpaint.training.confidence)."""
 
     def __init__(self, boosters: list, *, algorithm: str, rounds: list[int],
                  feature_stage: FeatureStage | str,
-                 link: ScoreLink | str = ScoreLink.SOFTMAX) -> None:
+                 link: ScoreLink | str = ScoreLink.SOFTMAX,
+                 low_confidence_below: float = DEFAULT_LOW_CONFIDENCE_BELOW) -> None:
         if not boosters:
             raise ValueError("a model needs at least one booster")
         self.boosters = boosters
@@ -142,6 +146,7 @@ class DigitModel:
         self.rounds = rounds
         self.feature_stage = FeatureStage(feature_stage)
         self.link = ScoreLink(link)
+        self.low_confidence_below = float(low_confidence_below)
 
     def raw_scores(self, features: np.ndarray, *, num_threads: int = 0) -> np.ndarray:
         """Mean raw score of the boosters. `num_threads=0` lets LightGBM use every core; a
@@ -178,7 +183,7 @@ class DigitModel:
         return {"format_version": MODEL_FORMAT_VERSION, "algorithm": self.algorithm,
                 "feature_stage": self.feature_stage.value, "input": PIXEL_INPUT,
                 "labels": LABELS, "combine": COMBINE, "link": self.link.value,
-                "rounds": self.rounds}
+                "rounds": self.rounds, "low_confidence_below": self.low_confidence_below}
 
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
@@ -190,6 +195,14 @@ class DigitModel:
         (folder / MODEL_CARD).write_text(json.dumps({**self.card(), "boosters": names},
                                                     indent=2))
         return folder
+
+    @staticmethod
+    def record_low_confidence_below(folder: Path, threshold: float) -> None:
+        """Set the threshold on the card of the model saved in `folder`, its boosters left
+        as they are."""
+        card = json.loads((folder / MODEL_CARD).read_text())
+        (folder / MODEL_CARD).write_text(json.dumps(
+            {**card, "low_confidence_below": float(threshold)}, indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> DigitModel:
@@ -205,10 +218,13 @@ class DigitModel:
             raise ModelFormatError(f"{folder / MODEL_CARD}: labels {card['labels']} combined "
                                    f"by {card['combine']!r} are not what mlpaint serves")
         boosters = [lgb.Booster(model_file=str(folder / name)) for name in card["boosters"]]
-        # Cards written before `link` was recorded are all `multiclass` models.
+        # Cards written before `link` was recorded are all `multiclass` models; those
+        # written before a threshold was chosen per model used the default.
         return cls(boosters, algorithm=card["algorithm"], rounds=card["rounds"],
                    feature_stage=card["feature_stage"],
-                   link=card.get("link", ScoreLink.SOFTMAX))
+                   link=card.get("link", ScoreLink.SOFTMAX),
+                   low_confidence_below=card.get("low_confidence_below",
+                                                 DEFAULT_LOW_CONFIDENCE_BELOW))
 
 
 def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: np.ndarray,

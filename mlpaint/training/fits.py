@@ -21,6 +21,13 @@ from mlpaint.data.integrity import IntegrityError
 from mlpaint.features import FeatureStage
 from mlpaint.tracking import RegisteredModel, peak_rss_megabytes
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
+from mlpaint.training.confidence import (
+    ConfidenceChoice,
+    ConfidenceFigures,
+    choose_threshold,
+    figures_at,
+    top_and_right,
+)
 from mlpaint.training.evaluation import Aggregate, Evaluation, LabelStatistics, evaluate
 from mlpaint.training.matrices import (
     AugmentedMatrix,
@@ -53,6 +60,8 @@ class FitResult:
     drawn_evaluation: Evaluation | None = None  # on the drawn test set (held-out writers)
     drawn_writer_accuracy: dict[str, float] | None = None  # per held-out writer
     pen_rows: int = 0  # of train_rows, how many were pen renderings (and their copies)
+    # A fold's, on its held-out writers' pen renderings (those on its testing side).
+    heldout_drawn_evaluation: Evaluation | None = None
 
     def model_folder(self) -> Path:
         """This machine's verified copy of the model (downloaded once from a remote store)."""
@@ -73,7 +82,9 @@ class FitResult:
                 "drawn_evaluation": asdict(self.drawn_evaluation)
                 if self.drawn_evaluation else None,
                 "drawn_writer_accuracy": self.drawn_writer_accuracy,
-                "pen_rows": self.pen_rows}
+                "pen_rows": self.pen_rows,
+                "heldout_drawn_evaluation": asdict(self.heldout_drawn_evaluation)
+                if self.heldout_drawn_evaluation else None}
 
     @classmethod
     def from_json(cls, data: dict, location: str) -> FitResult:
@@ -91,7 +102,18 @@ class FitResult:
                    peak_rss_mb=data.get("peak_rss_mb", 0.0),
                    drawn_evaluation=evaluation(data.get("drawn_evaluation")),
                    drawn_writer_accuracy=data.get("drawn_writer_accuracy"),
-                   pen_rows=data.get("pen_rows", 0))
+                   pen_rows=data.get("pen_rows", 0),
+                   heldout_drawn_evaluation=evaluation(data.get("heldout_drawn_evaluation")))
+
+    def confidence_rows(self, part: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per drawing of `part`, `heldout` (a fold's held-out writers) or `drawn` (the
+        drawn test set): the top probability and whether the top digit was right; empty
+        when the fit scored none."""
+        path = local_folder(self.location) / CONFIDENCE_ROWS
+        if not path.is_file():
+            return np.zeros(0, np.float64), np.zeros(0, bool)
+        with np.load(path) as rows:
+            return rows[f"{part}_top"], rows[f"{part}_right"]
 
 
 def _pen_training_rows(pen: PenMatrix, folds, fold_index: int | None
@@ -104,6 +126,24 @@ def _pen_training_rows(pen: PenMatrix, folds, fold_index: int | None
         return features, labels
     chosen = fold_sides(folds, row_hash)[fold_index].train_rows
     return features[chosen], labels[chosen]
+
+
+@dataclass(frozen=True)
+class HeldOutDrawings:
+    """A fold's held-out writers' pen rows: drawings by people its model never saw, as the
+    drawn test set is for the final model. `rendered` marks the renderings; the rest are
+    their augmented copies."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    rendered: np.ndarray
+
+
+def _pen_heldout_rows(pen: PenMatrix, folds, fold_index: int) -> HeldOutDrawings:
+    """The pen rows of the writers fold `fold_index` holds out (its testing side)."""
+    features, labels, row_hash = pen.load_train()
+    chosen = fold_sides(folds, row_hash)[fold_index].test_rows
+    return HeldOutDrawings(features[chosen], labels[chosen], chosen < pen.rendered_rows)
 
 
 def _with_extra_rows(train: tuple[np.ndarray, np.ndarray],
@@ -129,12 +169,16 @@ def _per_writer_accuracy(labels: np.ndarray, predicted: np.ndarray, writers: np.
 def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoostingConfig,
                      train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
                      *, feature_stage: FeatureStage, seed: int, threads: int, eval_train: bool,
-                     model_dir: Path, feedback: FeedbackMatrix | None = None,
+                     fit_dir: Path, feedback: FeedbackMatrix | None = None,
                      pen: PenMatrix | None = None,
-                     pen_train: tuple[np.ndarray, np.ndarray] | None = None) -> FitResult:
+                     pen_train: tuple[np.ndarray, np.ndarray] | None = None,
+                     pen_heldout: HeldOutDrawings | None = None) -> FitResult:
     """Train on `train` plus the feedback's training rows and `pen_train` (each weighted as
-    its source says), score on `test`, on the feedback's wild test set and on the pen's drawn
-    test set."""
+    its source says), score on `test`, on the feedback's wild test set, on the pen's drawn
+    test set and on `pen_heldout`'s renderings (a fold's held-out writers). The model goes
+    to `fit_dir/model`; the top probability and rightness of each drawing of the drawn test
+    set (to measure the "not sure" threshold on) and of each `pen_heldout` row (to choose
+    it on) to `fit_dir/CONFIDENCE_ROWS`."""
     extra, feedback_rows, pen_rows = [], 0, 0
     if feedback is not None and feedback.train_rows:
         features, labels = feedback.load_train()
@@ -157,7 +201,8 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     evaluation = evaluate(test[1], model.predict_proba(test[0], num_threads=threads))
     train_evaluation = (evaluate(train[1], model.predict_proba(train[0], num_threads=threads))
                         if eval_train else None)
-    wild_evaluation = drawn_evaluation = drawn_writers = None
+    wild_evaluation = drawn_evaluation = drawn_writers = heldout_evaluation = None
+    confidence_rows = {}
     if feedback is not None and feedback.wild_rows:
         wild_features, wild_labels = feedback.load_wild()
         wild_evaluation = evaluate(wild_labels, model.predict_proba(wild_features,
@@ -168,23 +213,38 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
         drawn_evaluation = evaluate(drawn_labels, probabilities)
         drawn_writers = _per_writer_accuracy(drawn_labels, probabilities.argmax(axis=1),
                                              writers)
-    model.save(model_dir)
-    logger.info("%s: accuracy %.4f on %d rows%s%s (fit %.1f s)", name, evaluation.accuracy,
+        confidence_rows["drawn"] = top_and_right(drawn_labels, probabilities)
+    if pen_heldout is not None and pen_heldout.rendered.any():
+        probabilities = model.predict_proba(pen_heldout.features, num_threads=threads)
+        heldout_evaluation = evaluate(pen_heldout.labels[pen_heldout.rendered],
+                                      probabilities[pen_heldout.rendered])
+        # Chosen on the copies too: a fold holds out a few writers, whose styles may be
+        # easier than those of the people who will draw; the copies, moved and distorted,
+        # stand in for the styles they do not show.
+        confidence_rows["heldout"] = top_and_right(pen_heldout.labels, probabilities)
+    model.save(fit_dir / MODEL)
+    if confidence_rows:
+        np.savez(fit_dir / CONFIDENCE_ROWS, **{
+            f"{part}_{name}": array for part, (top, right) in confidence_rows.items()
+            for name, array in (("top", top), ("right", right))})
+    logger.info("%s: accuracy %.4f on %d rows%s%s%s (fit %.1f s)", name, evaluation.accuracy,
                 evaluation.rows, f", {wild_evaluation.accuracy:.4f} on {wild_evaluation.rows} "
                 f"wild rows" if wild_evaluation else "",
                 f", {drawn_evaluation.accuracy:.4f} on {drawn_evaluation.rows} drawn rows"
-                if drawn_evaluation else "", seconds)
+                if drawn_evaluation else "",
+                f", {heldout_evaluation.accuracy:.4f} on {heldout_evaluation.rows} drawings "
+                f"of its held-out writers" if heldout_evaluation else "", seconds)
     return FitResult(name, "", evaluation, train_evaluation, len(train[1]),
                      len(test[1]), seconds, f"{socket.gethostname()}:{os.getpid()}",
                      wild_evaluation, feedback_rows, threads=threads,
                      peak_rss_mb=round(peak_rss_megabytes(), 1),
                      drawn_evaluation=drawn_evaluation, drawn_writer_accuracy=drawn_writers,
-                     pen_rows=pen_rows)
+                     pen_rows=pen_rows, heldout_drawn_evaluation=heldout_evaluation)
 
 
 #: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
-FIT_CODE_VERSION = "4"  # 4: pen renderings train, the drawn test set is scored
-MODEL, FIT_RECORD = "model", "fit.json"
+FIT_CODE_VERSION = "5"  # 5: folds score their held-out writers' drawings, rows kept
+MODEL, FIT_RECORD, CONFIDENCE_ROWS = "model", "fit.json", "confidence_rows.npz"
 
 
 def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
@@ -281,8 +341,10 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
         return _fit_and_evaluate(name, spec.algorithm, config, train, test,
                                 feature_stage=spec.features, seed=spec.seed + fold_index,
                                 threads=threads, eval_train=spec.eval_train,
-                                model_dir=staging / MODEL, feedback=feedback, pen=pen,
+                                fit_dir=staging, feedback=feedback, pen=pen,
                                 pen_train=_pen_training_rows(pen, spec.folds, fold_index)
+                                if pen is not None else None,
+                                pen_heldout=_pen_heldout_rows(pen, spec.folds, fold_index)
                                 if pen is not None else None)
 
     return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback,
@@ -306,11 +368,27 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
             with_augmented((np.asarray(features), labels), None, augmented),
             (np.asarray(test_features), test_labels), feature_stage=spec.features,
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
-            model_dir=staging / MODEL, feedback=feedback, pen=pen,
+            fit_dir=staging, feedback=feedback, pen=pen,
             pen_train=_pen_training_rows(pen, spec.folds, None) if pen is not None else None)
 
     return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
                                       feedback, pen), catalog, fit)
+
+
+def choose_low_confidence(folds: list[FitResult]) -> ConfidenceChoice | None:
+    """The "not sure" threshold (mlpaint.training.confidence), chosen on every fold's
+    held-out writers' drawings and their copies together; None when no fold scored any."""
+    parts = [fold.confidence_rows("heldout") for fold in folds]
+    top = np.concatenate([top for top, _ in parts])
+    right = np.concatenate([right for _, right in parts])
+    return choose_threshold(top, right) if top.size else None
+
+
+def drawn_low_confidence(final: FitResult, threshold: float) -> ConfidenceFigures | None:
+    """How `threshold` splits the final model's answers on the drawn test set: the measure
+    of a threshold chosen without it."""
+    top, right = final.confidence_rows("drawn")
+    return figures_at(top, right, threshold) if top.size else None
 
 
 @dataclass(frozen=True)
@@ -323,6 +401,11 @@ class ExperimentSummary:
     publication: dict | None = None  # the publish flow's report, when it ran
     feedback: FeedbackMatrix | None = None  # the feedback snapshot it trained with
     pen: PenMatrix | None = None  # the pen drawings it trained and was scored on
+    # The final model's "not sure" threshold as chosen on the folds' held-out writers
+    # (None: no pen drawings to choose on, so the default), and its figures on the drawn
+    # test set.
+    low_confidence: ConfidenceChoice | None = None
+    drawn_low_confidence: ConfidenceFigures | None = None
 
     def to_json(self) -> dict:
         def fit_json(result: FitResult) -> dict:
@@ -339,6 +422,9 @@ class ExperimentSummary:
                     "drawn_statistics": (result.drawn_evaluation.to_json()
                                          if result.drawn_evaluation else None),
                     "drawn_writer_accuracy": result.drawn_writer_accuracy,
+                    "heldout_drawn_statistics": (result.heldout_drawn_evaluation.to_json()
+                                                 if result.heldout_drawn_evaluation
+                                                 else None),
                     "train_statistics": (result.train_evaluation.to_json()
                                          if result.train_evaluation else None)}
 
@@ -357,6 +443,11 @@ class ExperimentSummary:
                 self.final.drawn_evaluation.to_json()
                 if self.final and self.final.drawn_evaluation else None)}
                 if self.pen else None),
+            "low_confidence": ({"chosen": asdict(self.low_confidence.figures),
+                                "target_met": self.low_confidence.target_met,
+                                "drawn": asdict(self.drawn_low_confidence)
+                                if self.drawn_low_confidence else None}
+                               if self.low_confidence else None),
         }
 
 

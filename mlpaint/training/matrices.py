@@ -107,6 +107,7 @@ class PenMatrix:
     origin: str
     verified: bool
     train_rows: int  # renderings plus their augmented copies
+    rendered_rows: int  # the first of the train rows: renderings, not augmented copies
     train_writers: int
     drawn_rows: int
     drawn_writers: int
@@ -145,7 +146,8 @@ class PenMatrix:
 
     def to_json(self) -> dict:
         return {"sha256": self.sha256, "origin": self.origin, "verified": self.verified,
-                "train_rows": self.train_rows, "train_writers": self.train_writers,
+                "train_rows": self.train_rows, "rendered_rows": self.rendered_rows,
+                "train_writers": self.train_writers,
                 "drawn_rows": self.drawn_rows, "drawn_writers": self.drawn_writers,
                 "weight": self.weight}
 

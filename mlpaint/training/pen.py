@@ -52,10 +52,12 @@ def draw_pen_digits(table: PenTable, pen: PenSpec, augment_spec: AugmentSpec,
                        np.unique(table.writers[drawn_rows]).tolist())
 
 
-def pen_rows_expected(table: PenTable, pen: PenSpec, augment_spec: AugmentSpec) -> int:
-    """How many training rows `draw_pen_digits` makes of the table."""
-    train = len(table) - len(drawn_test_rows(table, pen.test_share))
-    return train * pen.renderings * (1 + (augment_spec.copies if pen.renderings else 0))
+def pen_rows_expected(table: PenTable, pen: PenSpec, augment_spec: AugmentSpec
+                      ) -> tuple[int, int]:
+    """How many training rows `draw_pen_digits` makes of the table, and how many of them,
+    at the start, are renderings rather than augmented copies."""
+    rendered = (len(table) - len(drawn_test_rows(table, pen.test_share))) * pen.renderings
+    return rendered * (1 + (augment_spec.copies if pen.renderings else 0)), rendered
 
 
 def pen_matrix_key(table_key: str, pen: PenSpec, stage: FeatureStage, limit: int | None,

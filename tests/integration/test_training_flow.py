@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -98,6 +99,13 @@ def _assert_pen_drawings_train_by_writer_and_score_every_model(summary, client, 
         # A writer's rows share its hash: the fold's rule keeps each writer on one side.
         assert fold.pen_rows == int((row_hash % k != index).sum()) > 0
         assert fold.drawn_evaluation.rows == pen.drawn_rows
+        # Scored on its held-out writers' renderings (not their augmented copies) too; the
+        # "not sure" threshold is chosen on those and their copies.
+        rendered_hash = row_hash[:pen.rendered_rows]
+        assert fold.heldout_drawn_evaluation.rows == int((rendered_hash % k == index).sum())
+        top, right = fold.confidence_rows("heldout")
+        assert top.size == right.size == int((row_hash % k == index).sum())
+    assert 0 < pen.rendered_rows < pen.train_rows  # the rest: their augmented copies
     assert len({int(h) for h in row_hash}) == len(writers["train"])
     drawn = summary.final.drawn_evaluation
     assert drawn.rows == pen.drawn_rows and 0.5 < drawn.accuracy <= 1.0
@@ -109,6 +117,15 @@ def _assert_pen_drawings_train_by_writer_and_score_every_model(summary, client, 
     assert metrics["drawn_worst_writer_accuracy"] <= metrics["drawn_accuracy"]
     assert {f"drawn_digit_{d}_accuracy" for d in range(10)} <= set(metrics)
     assert "test_accuracy" in metrics
+    # "Not sure" is chosen on the folds' held-out writers, measured on the drawn test set.
+    chosen = summary.low_confidence
+    assert chosen.figures.rows == sum(f.confidence_rows("heldout")[0].size
+                                      for f in summary.folds)
+    assert metrics["low_confidence_below"] == chosen.threshold
+    assert metrics["heldout_drawn_marked_share"] == pytest.approx(chosen.figures.marked_share)
+    assert summary.drawn_low_confidence.rows == pen.drawn_rows
+    assert metrics["drawn_marked_share"] == pytest.approx(
+        summary.drawn_low_confidence.marked_share)
     inputs = {d.dataset.name: d for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
     assert {"pen-drawings", "pen-drawn-test"} <= set(inputs)
     paths = set(_artifact_paths(client, parent.info.run_id))
@@ -152,6 +169,8 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
         child = by_name[fold.name]
         assert child.data.metrics["accuracy"] == pytest.approx(fold.evaluation.accuracy)
         assert "train_accuracy" in child.data.metrics  # eval_train
+        assert child.data.metrics["heldout_drawn_accuracy"] == pytest.approx(
+            fold.heldout_drawn_evaluation.accuracy)
         paths = _artifact_paths(client, child.info.run_id)
         assert {"evaluation/confusion_matrix.json", "evaluation/confusion_matrix.png",
                 "evaluation/label_statistics.csv", "model/model.json",
@@ -180,6 +199,7 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     model = mlflow.pyfunc.load_model(summary.registered.model_uri)
     card = model.metadata.metadata
     assert card["feature_stage"] == "moments" and card["labels"] == list(range(10))
+    assert card["low_confidence_below"] == summary.low_confidence.threshold
     assert model.metadata.get_input_schema().input_names() == ["pixels"]
     pixels, labels = _official_test_digits(training_inputs["source"], 300)
     accuracy = (np.asarray(model.predict(pixels.astype(np.float32))).argmax(axis=1)
@@ -301,8 +321,12 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
     assert json.loads(inputs[("feedback-wild", "wild test")].dataset.profile)["num_rows"] == (
         feedback.wild_rows)
     assert json.loads(inputs[("mnist-train", "training")].dataset.profile)["num_rows"] == 1500
-    assert "data/sample-grid-feedback.png" in _artifact_paths(tracking, parent.info.run_id,
-                                                              "data")
+    data_artifacts = _artifact_paths(tracking, parent.info.run_id, "data")
+    assert "data/sample-grid-feedback.png" in data_artifacts
+    recorded = json.loads(Path(tracking.download_artifacts(
+        parent.info.run_id, "data/feedback-records.json")).read_text())
+    assert (recorded["wild_share"], recorded["digest"]) == (0.2, feedback.digest)
+    assert (recorded["train"], recorded["wild"]) == (ids["train"], ids["wild"])
     # The same grid on the Prefect run's Artifacts tab, as an image the UI shows in an <img>.
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -320,21 +344,25 @@ def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, train
 
 
 def test_the_gate_weighs_the_wild_set_too(harness, training_inputs, tracking, tmp_path):
+    """The gate scores the feedback neither run trained on, as each run's recorded spec
+    says: a candidate that kept a smaller wild share (0.1) than the champion (0.2) trained
+    on some of the champion's wild records, so only its own wild records are scored."""
     store, _ = _feedback_store(tmp_path / "feedback", training_inputs["source"])
     bundles = str(tmp_path / "bundles")
     runs = [train_mnist(ExperimentSpec(limit=1500, seed=seed, sources=[training_inputs["source"]],
                               experiment="tiny-gate", augment=AugmentSpec(copies=0),
-                              feedback=FeedbackSpec(store=store.describe())),
+                              feedback=FeedbackSpec(store=store.describe(), wild_share=share)),
                         algorithms_path=training_inputs["algorithms"],
                         cache_dir=training_inputs["cache"], publish_to=bundles)
-            for seed in (0, 1)]
+            for seed, share in ((0, 0.2), (1, 0.1))]
     assert runs[0].publication["gate"]["reason"] == "no champion yet"
+    assert 0 < runs[1].feedback.wild_rows < runs[0].feedback.wild_rows
     second = runs[1].publication["gate"]
-    assert second["wild"]["rows"] == runs[1].feedback.wild_rows > 0
+    assert second["wild"]["share"] == 0.1
+    assert second["wild"]["rows"] == runs[1].feedback.wild_rows
     assert second["wild"]["candidate_accuracy"] == pytest.approx(
         runs[1].final.wild_evaluation.accuracy)
-    assert second["wild"]["champion_accuracy"] == pytest.approx(
-        runs[0].final.wild_evaluation.accuracy)
+    assert second["wild"]["champion_accuracy"] is not None
     assert "wild accuracy" in second["reason"] and "official test accuracy" in second["reason"]
     wild_ok = second["wild"]["candidate_accuracy"] >= second["wild"]["champion_accuracy"]
     test_ok = second["candidate_accuracy"] >= second["champion_accuracy"]

@@ -46,6 +46,7 @@ def test_health_ready_and_model(client):
     model = client.get("/v1/model").json()
     assert model["model_version"] == "1" and model["feature_stage"] == "moments"
     assert 0.9 < model["metrics"]["test_accuracy"] <= 1 and model["gallery_per_digit"] == 8
+    assert model["low_confidence_below"] == 0.6  # a model trained without pen drawings
 
 
 def test_predict_pixels_and_batch(client, mnist_tables):
@@ -152,6 +153,30 @@ def test_low_confidence_is_marked_with_two_candidates(client, mnist_tables):
         order = np.argsort(prediction["probabilities"])[::-1][:2].tolist()
         assert prediction["candidates"] == order
     assert "low_confidence" in statuses
+
+
+def test_the_served_models_own_threshold_marks_low_confidence(small_model, mnist_tables,
+                                                              tmp_path):
+    """A model whose card says 0.97 (as training chooses one per model) is "not sure" below
+    0.97, in /v1/predict and /v1/explain alike, and says so on /v1/model."""
+    from mlpaint.training.algorithms import DigitModel
+
+    strict = DigitModel(small_model.boosters, algorithm=small_model.algorithm,
+                        rounds=small_model.rounds, feature_stage=small_model.feature_stage,
+                        low_confidence_below=0.97)
+    build_and_publish(strict, mnist_tables, tmp_path, "1", rows=200)
+    pixels, _ = _digits(mnist_tables, 200)
+    with TestClient(create_app(str(tmp_path / "bundles"), watch_interval_s=0)) as client:
+        assert client.get("/v1/model").json()["low_confidence_below"] == 0.97
+        predictions = client.post("/v1/predict", json={"batch": [
+            {"pixels": p.tolist()} for p in pixels]}).json()["predictions"]
+        tops = [max(p["probabilities"]) for p in predictions]
+        assert [p["status"] for p in predictions] == [
+            "low_confidence" if top < 0.97 else "ok" for top in tops]
+        assert any(0.6 <= top < 0.97 for top in tops)  # marked here, not by the default
+        unsure = next(i for i, top in enumerate(tops) if 0.6 <= top < 0.97)
+        explained = client.post("/v1/explain", json={"pixels": pixels[unsure].tolist()})
+        assert explained.json()["status"] == "low_confidence"
 
 
 def test_examples(client):

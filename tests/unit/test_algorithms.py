@@ -84,6 +84,29 @@ def test_a_card_without_a_link_is_a_softmax_model(separable, tmp_path):
     assert np.allclose(loaded.predict_proba(features), model.boosters[0].predict(features))
 
 
+def test_the_card_carries_the_low_confidence_threshold(separable, tmp_path):
+    """Set on the saved card, the boosters untouched; a card from before thresholds were
+    chosen per model reads as the default."""
+    import json
+
+    from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW
+
+    features, labels = separable
+    model = train_model("lgbm", GbdtConfig(rounds=3, params={"num_leaves": 4}), features,
+                        labels, feature_stage="raw", seed=0, num_threads=1)
+    folder = model.save(tmp_path / "m")
+    assert DigitModel.load(folder).low_confidence_below == DEFAULT_LOW_CONFIDENCE_BELOW
+    booster_text = (folder / "booster-0.txt").read_bytes()
+    DigitModel.record_low_confidence_below(folder, 0.83)
+    loaded = DigitModel.load(folder)
+    assert loaded.low_confidence_below == 0.83 and loaded.card()["low_confidence_below"] == 0.83
+    assert (folder / "booster-0.txt").read_bytes() == booster_text
+    card = json.loads((folder / "model.json").read_text())
+    del card["low_confidence_below"]
+    (folder / "model.json").write_text(json.dumps(card))
+    assert DigitModel.load(folder).low_confidence_below == DEFAULT_LOW_CONFIDENCE_BELOW
+
+
 def test_an_objective_mlpaint_cannot_read_is_refused_with_the_config():
     with pytest.raises(ValueError, match="objective 'regression'"):
         GbdtConfig(rounds=3, params={"objective": "regression"})

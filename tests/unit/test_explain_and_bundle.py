@@ -22,6 +22,7 @@ from mlpaint.publish import (
     build_bundle_folder,
     decide,
     explain_test_set,
+    gate_wild_share,
     held_out_writers,
 )
 from mlpaint.storage import LocalStore
@@ -116,6 +117,22 @@ def test_the_gate_needs_both_the_test_set_and_the_wild_set(test_acc, wild_acc, a
     assert decision.alias == alias
     assert f"{wild_acc:.4f}" in decision.reason and f"{test_acc:.4f}" in decision.reason
     assert "200 feedback drawings" in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("candidate", "champion", "share"),
+    [({"feedback.store": "/fb", "feedback.wild_share": "0.1"},
+      {"feedback.store": "/fb", "feedback.wild_share": "0.2"}, 0.1),  # the candidate's
+     ({"feedback.store": "/fb", "feedback.wild_share": "0.3"},
+      {"feedback.store": "/fb", "feedback.wild_share": "0.2"}, 0.2),  # the champion's
+     ({"feedback.store": "null", "feedback.wild_share": "0.1"},
+      {"feedback.store": "/fb", "feedback.wild_share": "0.25"}, 0.25),  # it trained on none
+     ({"feedback.store": "null"}, {"feedback.store": "null"}, 1.0),  # neither did: all
+     ({"feedback.store": "/fb", "feedback.wild_share": "0.15"}, None, 0.15)])  # unknown run
+def test_the_gate_scores_the_feedback_neither_run_trained_on(candidate, champion, share):
+    """A run trains only on records outside its wild buckets, so the smaller share's are
+    held out by both; a run that trained on no feedback held out every record."""
+    assert gate_wild_share(candidate, champion) == share
 
 
 @pytest.mark.parametrize(
