@@ -261,9 +261,9 @@ CHAMPION_CANDIDATES = {  # name: (augment spec fields, LightGBM params, max roun
     "c2-wide-pen": ({"copies": 2, "as_drawn": {"probability": 0.5, "min_stroke": 0.03,
                                                "max_stroke": 0.30}},
                     _SHIPPED_SHAPE, 400),
-    # Session 19: copies moved as MNIST's own writers vary (milder moves, always an elastic
-    # field, no re-drawn pen), and how many of them are re-drawn. `mild4-drawn15` is what
-    # champion.yaml ships since (so `--candidate shipped --features moments` trains it too).
+    # Copies moved as MNIST's own writers vary (milder moves, always an elastic field, no
+    # re-drawn pen), and how many of them are re-drawn. `mild4-drawn15` is what
+    # champion.yaml ships (so `--candidate shipped --features moments` trains it too).
     "mild4": ({**_MILD, "copies": 4}, _SHIPPED_SHAPE, 800),
     "mild4-drawn15": ({**_MILD, "copies": 4, "as_drawn": {"probability": 0.15}},
                       _SHIPPED_SHAPE, 800),
