@@ -19,11 +19,15 @@
 # every 30 s; a run silent for MLPAINT_ZOMBIE_SECONDS (90) is marked Crashed and scheduled
 # again for any live worker (infra/automations.py).
 #
+# Training runs wait their turn: every training deployment uses the pool's `training` work
+# queue, whose concurrency limit (MLPAINT_TRAINING_SLOTS, default 1) is how many train at
+# once; the rest stay queued until a slot is free.
+#
 # Settings (environment): MLPAINT_STACK_DIR (state, logs, databases; default .mlpaint/stack),
 # PREFECT_PORT (4200), MLFLOW_PORT (5000), PG_PORT (5439), PG_BIN (PostgreSQL's programs,
 # default the newest /usr/lib/postgresql/*/bin), MLPAINT_BIN (the virtualenv's bin, default
 # .venv/bin), PREFECT_WORKER_QUERY_SECONDS (5: how often the worker polls for runs),
-# MLPAINT_ZOMBIE_SECONDS (90).
+# MLPAINT_ZOMBIE_SECONDS (90), MLPAINT_TRAINING_SLOTS (1).
 #
 # PostgreSQL refuses to run as root: as root, the script runs its server as the `postgres`
 # user (who must be able to reach the stack folder). It listens on 127.0.0.1 only, with
@@ -40,6 +44,8 @@ PG_BIN="${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail
 PG_DATA="$STATE/postgres"
 PG_USER="mlpaint"
 POOL="mlpaint-process"
+TRAINING_QUEUE="training"
+TRAINING_SLOTS="${MLPAINT_TRAINING_SLOTS:-1}"
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export PREFECT_HOME="$STATE/prefect"
@@ -160,6 +166,17 @@ mlflow_server_up() {
   wait_for mlflow-server "$MLFLOW_TRACKING_URI/health" 120
 }
 
+training_queue_up() {  # the training deployments' queue, holding TRAINING_SLOTS at once
+  if "$BIN/prefect" work-queue inspect "$TRAINING_QUEUE" --pool "$POOL" >/dev/null 2>&1; then
+    "$BIN/prefect" work-queue set-concurrency-limit "$TRAINING_QUEUE" "$TRAINING_SLOTS" \
+      --pool "$POOL" >/dev/null
+  else
+    "$BIN/prefect" work-queue create "$TRAINING_QUEUE" --pool "$POOL" \
+      --limit "$TRAINING_SLOTS" >/dev/null
+  fi
+  log "work queue $TRAINING_QUEUE: $TRAINING_SLOTS training run(s) at a time"
+}
+
 prefect_worker_up() {  # prefect_worker_up [NAME]: a process worker of the pool
   start "${1:-prefect-worker}" "$BIN/prefect" worker start --pool "$POOL" --type process
 }
@@ -171,6 +188,7 @@ up() {
   "$BIN/prefect" work-pool inspect "$POOL" >/dev/null 2>&1 \
     || "$BIN/prefect" work-pool create "$POOL" --type process >/dev/null
   log "work pool $POOL ready"
+  training_queue_up
   mlflow_server_up
   prefect_worker_up
   deploy

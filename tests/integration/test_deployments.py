@@ -555,15 +555,17 @@ lgbm:
 """
 
 
-def test_two_runs_at_once_survive_an_mlflow_outage_and_a_database_restart(
+def test_two_runs_at_once_take_turns_and_survive_an_mlflow_outage_and_a_database_restart(
         stack, shared_mnist, tmp_path):
-    """Faults (b), (c) and (d) of issue 12 on the PostgreSQL stack: two training runs at once
-    (as a scheduled run and a UI run would be), both publishing to one folder; while they
-    train, PostgreSQL, under both servers, is restarted, then the MLflow server is down for
-    30 s. Both runs complete with one MLflow run per fit (no duplicates, none left
-    RUNNING), and the registry's champion and LATEST name the same version. (Their models,
-    60 rounds of 31 leaves on 4,000 rows, beat every model the tests before published, at
-    most 40 rounds of 15 leaves on 3,000, so one of them becomes the champion.)"""
+    """Faults (b), (c) and (d) of issue 12 on the PostgreSQL stack, and one training run at a
+    time: two training runs asked for at once (as a scheduled run and a UI run would be),
+    both publishing to one folder, train one after the other from the `training` queue, the
+    second waiting (never refused, never beside the first). While they are not done,
+    PostgreSQL, under both servers, is restarted, then the MLflow server is down for 30 s.
+    Both runs complete with one MLflow run per fit (no duplicates, none left RUNNING), and
+    the registry's champion and LATEST name the same version. (Their models, 60 rounds of
+    31 leaves on 4,000 rows, beat every model the tests before published, at most 40 rounds
+    of 15 leaves on 3,000, so one of them becomes the champion.)"""
     from prefect.client.schemas.filters import (
         FlowRunFilter,
         FlowRunFilterState,
@@ -577,6 +579,7 @@ def test_two_runs_at_once_survive_an_mlflow_outage_and_a_database_restart(
     script = str(REPO / "infra" / "stack.sh")
     with _prefect_client(stack["prefect"]) as client:
         deployment = client.read_deployment_by_name("train-mnist/train")
+        assert deployment.work_queue_name == "training"
         flow_runs = [client.create_flow_run_from_deployment(deployment.id, parameters={
             "algorithms_path": str(algorithms), "publish_to": str(bundles), "spec": {
                 "sources": [str(shared_mnist)], "limit": 4000,
@@ -585,16 +588,30 @@ def test_two_runs_at_once_survive_an_mlflow_outage_and_a_database_restart(
         wait_for(lambda: any(_tags(r).get("mlflow.parentRunId")
                              for r in _mlflow_runs(stack, "e2e-twice")),
                  "a fold to finish", timeout_s=420, interval_s=0.5)
-        for args in (["postgres"], ["mlflow-server", "30"]):  # each while both still run
-            assert all(client.read_flow_run(r.id).state.is_running() for r in flow_runs)
+        # One trains; the other waits its turn in the queue.
+        states = [client.read_flow_run(r.id).state for r in flow_runs]
+        assert sorted(s.type.value for s in states) == ["RUNNING", "SCHEDULED"], states
+        for args in (["postgres"], ["mlflow-server", "30"]):  # each while a run is not done
+            assert not all(client.read_flow_run(r.id).state.is_final() for r in flow_runs)
             restarted = subprocess.run([script, "restart", *args], env=stack["env"],
                                        capture_output=True, text=True, timeout=300)
             assert restarted.returncode == 0, restarted.stderr[-3000:]
-        states = [_wait_until_final(client, r.id, timeout_s=600) for r in flow_runs]
+        states = [_wait_until_final(client, r.id, timeout_s=900) for r in flow_runs]
         assert all(s.is_completed() for s in states), [(s.type, s.message) for s in states]
         left_running = client.read_flow_runs(flow_run_filter=FlowRunFilter(
             state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))))
         assert not left_running
+        # The later run was taken from the queue only while the first held no slot: after
+        # it ended, or while it waited to retry a failure (its deployment retries once, in
+        # its own process, and a run waiting to retry frees its slot).
+        histories = [sorted(client.read_flow_run_states(r.id), key=lambda s: s.timestamp)
+                     for r in flow_runs]
+        first, later = sorted(histories, key=lambda h: next(
+            s.timestamp for s in h if s.type == StateType.PENDING))
+        taken = next(s.timestamp for s in later if s.type == StateType.PENDING)
+        first_then = [s for s in first if s.timestamp <= taken][-1]
+        assert first_then.type not in (StateType.PENDING, StateType.RUNNING), [
+            [(s.name, s.timestamp.isoformat(), s.message) for s in h] for h in histories]
         attempts = {str(r.id): client.read_flow_run(r.id).run_count for r in flow_runs}
 
     runs = _mlflow_runs(stack, "e2e-twice")
