@@ -87,8 +87,8 @@ class ConfidenceChoice:
             f" the target (plain answers at least {PLAIN_ACCURACY_TARGET:.0%} right, at most "
             f"{MAX_MARKED_SHARE:.0%} marked)")
         return (f"below {f.threshold:.2f}: on {f.rows} drawings of the folds' held-out "
-                f"writers and their copies, {f.marked_share:.1%} marked, plain answers {f.plain_accuracy:.2%} "
-                f"right; {verdict}")
+                f"writers and their copies, {f.marked_share:.1%} marked, plain answers "
+                f"{f.plain_accuracy:.2%} right; {verdict}")
 
 
 def choose_threshold(top: np.ndarray, right: np.ndarray, *,
