@@ -73,6 +73,7 @@ from mlpaint.training.matrices import (
 from mlpaint.training.pen import draw_pen_digits, pen_matrix_key, pen_rows_expected
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, PenSpec
 from tasks.artifacts import create_png_artifact
+from tasks.progress import fit_watchers
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
@@ -250,9 +251,10 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                catalog: Catalog, augmented: AugmentedMatrix | None = None,
                feedback: FeedbackMatrix | None = None,
                pen: PenMatrix | None = None) -> FitResult:
-    """Fold `fold_index`'s model (`fit_fold`), or its finished fit stored by an earlier run."""
+    """Fold `fold_index`'s model (`fit_fold`), or its finished fit stored by an earlier run;
+    its progress in the log, on the run's Artifacts tab and on a terminal."""
     return fit_fold(matrix, spec, config, fold_index, threads, catalog, augmented, feedback,
-                    pen)
+                    pen, watchers=fit_watchers())
 
 
 @task(name="train-final-model")
@@ -261,9 +263,10 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
                 catalog: Catalog, augmented: AugmentedMatrix | None = None,
                 feedback: FeedbackMatrix | None = None,
                 pen: PenMatrix | None = None) -> FitResult:
-    """The final model (`fit_final`), or its finished fit stored by an earlier run."""
+    """The final model (`fit_final`), or its finished fit stored by an earlier run; its
+    progress shown as a fold's is."""
     return fit_final(train_matrix, test_matrix, spec, config, threads, catalog, augmented,
-                     feedback, pen)
+                     feedback, pen, watchers=fit_watchers())
 
 
 @task(name="choose-low-confidence")

@@ -40,6 +40,25 @@ def _log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
         client.log_batch(run_id, metrics=batch[start:start + 500])
 
 
+# The metrics a fit's learning curve is logged as, stepped by boosting round, so a run's
+# chart shows how its watched rows' score grew (mlpaint.training.progress).
+CURVE_METRICS = {"accuracy": "learning_curve/accuracy", "log_loss": "learning_curve/log_loss"}
+
+
+def _log_curve(client, run_id: str, result: FitResult) -> None:
+    """`result`'s learning curve, each point at its round, timed by when it was reached."""
+    from mlflow.entities import Metric
+
+    if not result.curve:
+        return
+    start = int(time.time() * 1000) - round(1000 * result.curve[-1].seconds)
+    batch = [Metric(key, float(getattr(point, field)), start + round(1000 * point.seconds),
+                    point.round)
+             for point in result.curve for field, key in CURVE_METRICS.items()]
+    for first in range(0, len(batch), 500):
+        client.log_batch(run_id, metrics=batch[first:first + 500])
+
+
 def _log_params(client, run_id: str, params: dict[str, str]) -> None:
     from mlflow.entities import Param
 
@@ -158,6 +177,7 @@ def log_fold(client, parent_run_id: str, result: FitResult) -> str:
     metrics["fit_threads"] = result.threads
     metrics["fit_peak_rss_mb"] = result.peak_rss_mb
     _log_metrics(client, run_id, metrics)
+    _log_curve(client, run_id, result)
     with tempfile.TemporaryDirectory() as scratch:
         for path in _write_fit_artifacts(result, Path(scratch), result.name):
             client.log_artifact(run_id, str(path), "evaluation")
@@ -182,6 +202,8 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
     metrics["resources/fit_peak_rss_mb"] = max(
         fit.peak_rss_mb for fit in [*summary.folds, *filter(None, [summary.final])])
     _log_metrics(client, run_id, metrics)
+    if summary.final:
+        _log_curve(client, run_id, summary.final)
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         if summary.final:

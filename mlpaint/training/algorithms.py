@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 from mlpaint.data.catalog import N_CLASSES
 from mlpaint.features import FeatureStage, apply_feature_stage, as_images
 from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW
+from mlpaint.training.progress import WATCHED_METRICS, FitMonitor
 
 # 2: model.json also says what the model reads (its feature stage, its input) and what it
 # answers (its labels), so a model folder is the one document of its meaning.
@@ -89,6 +90,10 @@ class GbdtConfig(_ParamsChecked):
     rounds: int = Field(gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
 
+    @property
+    def total_rounds(self) -> int:
+        return self.rounds
+
 
 class BaggedBoostingConfig(_ParamsChecked):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -99,6 +104,11 @@ class BaggedBoostingConfig(_ParamsChecked):
     min_rounds: int = Field(ge=1)
     max_rounds: int = Field(ge=1)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def total_rounds(self) -> int:
+        """Every bag's rounds: each trains `max_rounds`, then keeps its best."""
+        return self.bags * self.max_rounds
 
 
 AlgorithmConfig = Annotated[GbdtConfig | BaggedBoostingConfig, Field(discriminator="kind")]
@@ -229,16 +239,27 @@ class DigitModel:
 
 def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: np.ndarray,
                 labels: np.ndarray, *, feature_stage: FeatureStage | str, seed: int,
-                num_threads: int, weights: np.ndarray | None = None) -> DigitModel:
+                num_threads: int, weights: np.ndarray | None = None,
+                monitor: FitMonitor | None = None,
+                watched_rows: tuple[np.ndarray, np.ndarray] | None = None) -> DigitModel:
     """Train on `features` (pixels already through `feature_stage`, which the model keeps),
-    each row counting `weights[i]` times (None: once)."""
+    each row counting `weights[i]` times (None: once). `monitor` is told of each round; a
+    gbdt fit scores `watched_rows` (features, labels) as it trains, for the monitor, and a
+    bagged one each bag's own held-out rows."""
     import lightgbm as lgb
 
     params = lightgbm_params(config.params, seed=seed, num_threads=num_threads)
     link = link_for_params(params)
+    callbacks = [monitor] if monitor is not None else []
     if isinstance(config, GbdtConfig):
-        booster = lgb.train(params, lgb.Dataset(features, labels, weight=weights, params=params),
-                            num_boost_round=config.rounds)
+        train_set = lgb.Dataset(features, labels, weight=weights, params=params)
+        valid_sets = []
+        if monitor is not None and watched_rows is not None:
+            params = {**params, "metric": WATCHED_METRICS}
+            valid_sets = [lgb.Dataset(*watched_rows, reference=train_set)]
+        booster = lgb.train(params, train_set, num_boost_round=config.rounds,
+                            valid_sets=valid_sets, valid_names=["watched"][:len(valid_sets)],
+                            callbacks=callbacks)
         return DigitModel([booster], algorithm=name, rounds=[config.rounds],
                           feature_stage=feature_stage, link=link)
 
@@ -248,15 +269,17 @@ def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: 
         order = rng.permutation(len(labels))
         cut = round(config.bag_train_fraction * len(labels))
         train_rows, held_out = np.sort(order[:cut]), np.sort(order[cut:])
-        bag_params = {**params, "seed": seed + bag}
+        bag_params = {**params, "seed": seed + bag, "metric": WATCHED_METRICS}
         train_set = lgb.Dataset(features[train_rows], labels[train_rows], params=bag_params,
                                 weight=None if weights is None else weights[train_rows])
         valid_set = lgb.Dataset(features[held_out], labels[held_out], reference=train_set,
                                 weight=None if weights is None else weights[held_out])
         history: dict = {}
+        if monitor is not None:
+            monitor.start_stage(bag * config.max_rounds)
         booster = lgb.train(bag_params, train_set, num_boost_round=config.max_rounds,
                             valid_sets=[valid_set], valid_names=["held_out"],
-                            callbacks=[lgb.record_evaluation(history)])
+                            callbacks=[lgb.record_evaluation(history), *callbacks])
         losses = np.asarray(history["held_out"]["multi_logloss"])
         # The best round on the held-out rows, but never fewer than min_rounds.
         best = config.min_rounds + int(np.argmin(losses[config.min_rounds - 1:]))

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from mlpaint.training.matrices import (
     PenMatrix,
     with_augmented,
 )
+from mlpaint.training.progress import CurvePoint, FitMonitor, ProgressWatcher
 from mlpaint.training.spec import ExperimentSpec, fold_sides, plan_folds
 
 logger = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ class FitResult:
     pen_rows: int = 0  # of train_rows, how many were pen renderings (and their copies)
     # A fold's, on its held-out writers' pen renderings (those on its testing side).
     heldout_drawn_evaluation: Evaluation | None = None
+    # The watched rows' score as it trained (mlpaint.training.progress): a fold's held-out
+    # rows, the final model's official test set, or each bag's own held-out rows.
+    curve: tuple[CurvePoint, ...] = ()
 
     def model_folder(self) -> Path:
         """This machine's verified copy of the model (downloaded once from a remote store)."""
@@ -84,7 +89,8 @@ class FitResult:
                 "drawn_writer_accuracy": self.drawn_writer_accuracy,
                 "pen_rows": self.pen_rows,
                 "heldout_drawn_evaluation": asdict(self.heldout_drawn_evaluation)
-                if self.heldout_drawn_evaluation else None}
+                if self.heldout_drawn_evaluation else None,
+                "curve": [point.to_json() for point in self.curve]}
 
     @classmethod
     def from_json(cls, data: dict, location: str) -> FitResult:
@@ -103,7 +109,8 @@ class FitResult:
                    drawn_evaluation=evaluation(data.get("drawn_evaluation")),
                    drawn_writer_accuracy=data.get("drawn_writer_accuracy"),
                    pen_rows=data.get("pen_rows", 0),
-                   heldout_drawn_evaluation=evaluation(data.get("heldout_drawn_evaluation")))
+                   heldout_drawn_evaluation=evaluation(data.get("heldout_drawn_evaluation")),
+                   curve=tuple(CurvePoint(**point) for point in data.get("curve", [])))
 
     def confidence_rows(self, part: str) -> tuple[np.ndarray, np.ndarray]:
         """Per drawing of `part`, `heldout` (a fold's held-out writers) or `drawn` (the
@@ -172,13 +179,16 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
                      fit_dir: Path, feedback: FeedbackMatrix | None = None,
                      pen: PenMatrix | None = None,
                      pen_train: tuple[np.ndarray, np.ndarray] | None = None,
-                     pen_heldout: HeldOutDrawings | None = None) -> FitResult:
+                     pen_heldout: HeldOutDrawings | None = None,
+                     test_name: str = "held-out rows",
+                     watchers: Sequence[ProgressWatcher] = ()) -> FitResult:
     """Train on `train` plus the feedback's training rows and `pen_train` (each weighted as
     its source says), score on `test`, on the feedback's wild test set, on the pen's drawn
     test set and on `pen_heldout`'s renderings (a fold's held-out writers). The model goes
     to `fit_dir/model`; the top probability and rightness of each drawing of the drawn test
     set (to measure the "not sure" threshold on) and of each `pen_heldout` row (to choose
-    it on) to `fit_dir/CONFIDENCE_ROWS`."""
+    it on) to `fit_dir/CONFIDENCE_ROWS`. `watchers` hear of its progress every few rounds,
+    with the score on `test` (`test_name`, in words) as it trains."""
     extra, feedback_rows, pen_rows = [], 0, 0
     if feedback is not None and feedback.train_rows:
         features, labels = feedback.load_train()
@@ -190,9 +200,13 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     train, weights = _with_extra_rows(train, extra)
     logger.info("%s: training %s on %d rows (%d from feedback, %d pen renderings) with %d "
                 "thread(s)", name, algorithm, len(train[1]), feedback_rows, pen_rows, threads)
+    monitor = FitMonitor(name, config.total_rounds, watchers,
+                         watched=test_name if isinstance(config, GbdtConfig)
+                         else "each bag's held-out rows")
     start = time.perf_counter()
     model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
-                        seed=seed, num_threads=threads, weights=weights)
+                        seed=seed, num_threads=threads, weights=weights, monitor=monitor,
+                        watched_rows=test)
     seconds = time.perf_counter() - start
     # Scored with the fit's own thread count. LightGBM keeps its thread count in one
     # process-wide setting that every call with parameters overwrites: a prediction on
@@ -239,7 +253,8 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
                      wild_evaluation, feedback_rows, threads=threads,
                      peak_rss_mb=round(peak_rss_megabytes(), 1),
                      drawn_evaluation=drawn_evaluation, drawn_writer_accuracy=drawn_writers,
-                     pen_rows=pen_rows, heldout_drawn_evaluation=heldout_evaluation)
+                     pen_rows=pen_rows, heldout_drawn_evaluation=heldout_evaluation,
+                     curve=tuple(monitor.curve))
 
 
 #: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
@@ -325,11 +340,12 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
              config: GbdtConfig | BaggedBoostingConfig, fold_index: int, threads: int,
              catalog: Catalog, augmented: AugmentedMatrix | None = None,
              feedback: FeedbackMatrix | None = None,
-             pen: PenMatrix | None = None) -> FitResult:
+             pen: PenMatrix | None = None,
+             watchers: Sequence[ProgressWatcher] = ()) -> FitResult:
     """One model on one fold's training rows (plus the augmented copies of those rows, the
     feedback's training rows and the pen renderings of the fold's training writers),
     evaluated on its testing rows, the wild set and the drawn test set; reused from the
-    store when this very fit has finished before."""
+    store when this very fit has finished before. `watchers` hear of its progress."""
     name = f"fold-{fold_index}"
 
     def fit(staging: Path) -> FitResult:
@@ -345,7 +361,7 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                                 pen_train=_pen_training_rows(pen, spec.folds, fold_index)
                                 if pen is not None else None,
                                 pen_heldout=_pen_heldout_rows(pen, spec.folds, fold_index)
-                                if pen is not None else None)
+                                if pen is not None else None, watchers=watchers)
 
     return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback,
                                       pen), catalog, fit)
@@ -355,11 +371,13 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
               config: GbdtConfig | BaggedBoostingConfig, threads: int,
               catalog: Catalog, augmented: AugmentedMatrix | None = None,
               feedback: FeedbackMatrix | None = None,
-              pen: PenMatrix | None = None) -> FitResult:
+              pen: PenMatrix | None = None,
+              watchers: Sequence[ProgressWatcher] = ()) -> FitResult:
     """One model on every training row (and every augmented copy, the feedback's training
     rows and every training writer's pen renderings), scored on the official test set, the
     wild set and the drawn test set; reused from the store when this very fit has finished
-    before."""
+    before. `watchers` hear of its progress (its curve: the official test set's score, to
+    watch, never to choose a round on)."""
     def fit(staging: Path) -> FitResult:
         features, labels, _ = train_matrix.load()
         test_features, test_labels, _ = test_matrix.load()
@@ -369,7 +387,8 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
             (np.asarray(test_features), test_labels), feature_stage=spec.features,
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
             fit_dir=staging, feedback=feedback, pen=pen,
-            pen_train=_pen_training_rows(pen, spec.folds, None) if pen is not None else None)
+            pen_train=_pen_training_rows(pen, spec.folds, None) if pen is not None else None,
+            test_name="official test set", watchers=watchers)
 
     return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
                                       feedback, pen), catalog, fit)

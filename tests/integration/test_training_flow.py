@@ -171,6 +171,13 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
         assert "train_accuracy" in child.data.metrics  # eval_train
         assert child.data.metrics["heldout_drawn_accuracy"] == pytest.approx(
             fold.heldout_drawn_evaluation.accuracy)
+        # Its learning curve on its held-out rows, by round: the chart ends at the fold's
+        # own accuracy (the same rows, scored after the last round).
+        curve = client.get_metric_history(child.info.run_id, "learning_curve/accuracy")
+        assert [m.step for m in curve] == list(range(1, 13))  # the tiny lgbm's 12 rounds
+        assert curve[-1].value == pytest.approx(fold.evaluation.accuracy)
+        assert len(client.get_metric_history(child.info.run_id,
+                                             "learning_curve/log_loss")) == 12
         paths = _artifact_paths(client, child.info.run_id)
         assert {"evaluation/confusion_matrix.json", "evaluation/confusion_matrix.png",
                 "evaluation/label_statistics.csv", "model/model.json",
@@ -187,6 +194,11 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     parent_paths = set(_artifact_paths(client, parent.info.run_id))
     assert {"evaluation/test/confusion_matrix.json", "evaluation/test/confusion_matrix.png",
             "spec.json", "summary.json", "data/sample-grid-train.png"} <= parent_paths
+    # The final model's curve, on the official test set, on the parent run.
+    final_curve = client.get_metric_history(parent.info.run_id, "learning_curve/accuracy")
+    assert final_curve[-1].step == 12
+    assert final_curve[-1].value == pytest.approx(summary.final.evaluation.accuracy)
+    _assert_each_fit_showed_its_progress(parent.data.tags["prefect.flow_run_id"], 4)
     local = client.download_artifacts(parent.info.run_id, "evaluation/test/confusion_matrix.json")
     with open(local) as handle:
         assert json.load(handle)["matrix"] == summary.final.evaluation.confusion
@@ -205,6 +217,28 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     accuracy = (np.asarray(model.predict(pixels.astype(np.float32))).argmax(axis=1)
                 == labels).mean()
     assert accuracy > 0.7
+
+
+def _assert_each_fit_showed_its_progress(flow_run_id: str, fits: int) -> None:
+    """The flow run's progress artifacts: its own (fits done) and one per fit, each at 100%
+    and saying how its last round scored."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
+
+    with get_client(sync_client=True) as prefect:
+        progress = prefect.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+            type=ArtifactFilterType(any_=["progress"])))
+    assert len(progress) == fits + 1
+    assert all(float(artifact.data) == 100.0 for artifact in progress)
+    per_fit = sorted(a.description for a in progress if a.task_run_id is not None)
+    assert len(per_fit) == fits
+    assert per_fit[0].startswith("final: round 12 of 12 (100%), official test set: accuracy")
+    assert per_fit[1].startswith("fold-0: round 12 of 12 (100%), held-out rows: accuracy")
 
 
 def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
@@ -389,6 +423,7 @@ def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, trackin
     assert [f.reused for f in second.folds] == [True, True] and not second.final.reused
     for before, after in zip(first.folds, second.folds, strict=True):
         assert after.evaluation == before.evaluation and after.location == before.location
+        assert after.curve == before.curve and len(after.curve) == 12  # kept with the fit
     assert second.final.evaluation == first.final.evaluation  # retrained, same seed
     # The first run's three fits shared the cores; the one fit left to train takes them all.
     cores = os.cpu_count() or 1

@@ -1,0 +1,78 @@
+"""Where a fit's progress (mlpaint.training.progress) is shown while it trains: a log line at
+every tenth of its rounds, a progress artifact on its task run (the Prefect UI shows a bar on
+the flow run's Artifacts tab), and a terminal bar when stderr is one (the CLI)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging import get_run_logger
+
+from mlpaint.training.progress import AtMostEvery, EveryTenth, FitProgress, ProgressWatcher
+
+# Each update of a progress artifact is a request to the Prefect API.
+ARTIFACT_UPDATE_SECONDS = 2.0
+
+
+class _LogLine:
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        self.logger = logger
+
+    def __call__(self, progress: FitProgress) -> None:
+        self.logger.info("%s", progress.describe())
+
+
+class _ProgressArtifact:
+    """A progress artifact created at the fit's first report and updated after. A failed
+    request is logged once and the artifact left as it was: the fit is worth more than its
+    progress bar."""
+
+    def __init__(self, logger: logging.Logger | logging.LoggerAdapter) -> None:
+        self.logger = logger
+        self.artifact_id = None
+        self.failed = False
+
+    def __call__(self, progress: FitProgress) -> None:
+        if self.failed:
+            return
+        try:
+            if self.artifact_id is None:
+                self.artifact_id = create_progress_artifact(100 * progress.fraction,
+                                                            description=progress.describe())
+            else:
+                update_progress_artifact(self.artifact_id, 100 * progress.fraction,
+                                         description=progress.describe())
+        except Exception as exc:  # any failure of the API: see the class docstring
+            self.failed = True
+            self.logger.warning("%s: its progress artifact is no longer updated (%s: %s)",
+                                progress.fit, type(exc).__name__, exc)
+
+
+class _TerminalBar:
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, progress: FitProgress) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=progress.rounds_total, desc=progress.fit, unit="round",
+                            leave=False, file=sys.stderr)
+        self.bar.update(progress.rounds_done - self.bar.n)
+        if progress.latest is not None:
+            self.bar.set_postfix_str(f"accuracy {progress.latest.accuracy:.4f}", refresh=False)
+        if progress.rounds_done >= progress.rounds_total:
+            self.bar.close()
+
+
+def fit_watchers() -> list[ProgressWatcher]:
+    """The watchers of a fit trained in the current task run."""
+    logger = get_run_logger()
+    watchers: list[ProgressWatcher] = [
+        EveryTenth(_LogLine(logger)),
+        AtMostEvery(_ProgressArtifact(logger), ARTIFACT_UPDATE_SECONDS)]
+    if sys.stderr.isatty():
+        watchers.append(_TerminalBar())
+    return watchers
