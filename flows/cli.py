@@ -261,10 +261,10 @@ def _run_train(args: argparse.Namespace) -> int:
             flow = train_mnist.with_options(task_runner=runner)
         api_ready()
         tracking_store_ready()
-        # Every fit needs LightGBM, whose import (scikit-learn and SciPy with it) takes
-        # 0.7 s of the interpreter: done beside the data stages, whose reads, hashing and
-        # numpy work leave the interpreter free, rather than between the features and the
-        # first fit.
+        # Every fit needs LightGBM, whose import (scikit-learn and SciPy with it) holds the
+        # interpreter a while: done beside the data stages, whose reads, hashing and numpy
+        # work leave the interpreter free, rather than between the features and the first
+        # fit (bench/startup.py measures the CLI's start).
         threading.Thread(target=importlib.import_module, args=("lightgbm",),
                          name="import-lightgbm", daemon=True).start()
         with _library_prints_to_stderr():

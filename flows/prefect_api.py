@@ -116,7 +116,7 @@ def _launch(port: int) -> subprocess.Popen:
         raise RuntimeError("prefect is not installed")
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
            "PREFECT__SERVER_FINAL": "1",
-           # No block types registered on start (0.2 s of its start, even when memoized):
+           # No block types registered on start (a part of every start, even memoized):
            # nothing of mlpaint's uses blocks, and this server dies with the command.
            "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
            "PREFECT_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false"}

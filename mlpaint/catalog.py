@@ -254,7 +254,7 @@ class Catalog:
             store.put_bytes(MANIFEST, (staging / MANIFEST).read_bytes())
         if place_in_cache(staging, final, marker=MANIFEST):
             # Hashed just now, by this process: its first reader here need not hash it
-            # again (the train features' 188 MB took 0.24 s, on the way to the first fit).
+            # again (hashing the training features lies on the way to the first fit).
             _remember_verified(final, (final / MANIFEST).read_bytes())
         return final
 

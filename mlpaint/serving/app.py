@@ -145,7 +145,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
     # loop (`async def`), one request after another in each worker process: handing each to a
     # thread, as FastAPI does for plain `def`, made concurrent requests fight over the GIL,
     # which cost more than the work and stretched the tail latency (bench/serve.py). The
-    # largest unit of work, a batch of 256 digits, takes about 25 ms.
+    # largest unit of work is a batch of 256 digits, tens of milliseconds.
     @app.post("/v1/predict", response_model=PredictResponse,
               responses=error_responses(400, 413, 503))
     async def predict(request: PredictRequest) -> PredictResponse:

@@ -19,7 +19,7 @@ from mlpaint.preprocess import ink_from_image, something_drawn, to_mnist
 from mlpaint.serving.schemas import DigitInput
 
 MAX_IMAGE_SIDE = 4096
-# A drawing of up to this many pixels (the page's canvas: 280x280) decodes in about 2 ms. It
+# A drawing of up to this many pixels (the page's canvas: 280x280) decodes in milliseconds. It
 # is decoded on the event loop, as scoring is: under load, handing it to a thread cost more,
 # with a dozen threads queueing for the GIL after each step (bench/feedback.py). Larger
 # images, and batches, go to a worker thread.

@@ -40,8 +40,8 @@ class ServedModel:
              ) -> ServedModel:
         bundle = load_bundle(uri, version=version, cache_dir=cache_dir)  # verifies hashes
         model = bundle.model()
-        # Both compiled structures below are built from one dump of the trees (2 s for the
-        # champion's 4,000), made before the first request and dropped after.
+        # Both compiled structures below are built from one dump of the trees (seconds for
+        # a champion's thousands), made before the first request and dropped after.
         dumps = treepredict.dump_trees(model.boosters)
         # One thread per request: uvicorn runs requests concurrently, and spreading each
         # one-row call over every core would oversubscribe them.
