@@ -135,6 +135,12 @@ def _add_train_command(subcommands) -> None:
                        help="pen trajectories (UNIPEN text: a path, s3://, https://, or "
                             "archive.zip#member), repeatable (default: UCI's download, then "
                             "the copy mlpaint ships)")
+    train.add_argument("--warm-start", metavar="ALIAS",
+                       help="continue the boosting of the mnist-digits version holding this "
+                            "registry alias (for instance champion) instead of training from "
+                            "nothing; no folds then")
+    train.add_argument("--warm-start-rounds", type=int, metavar="N",
+                       help="boosting rounds a warm start adds (default: the spec's)")
     train.add_argument("--cache-dir", metavar="DIR",
                        help="this machine's cache (default $MLPAINT_CACHE_DIR or "
                             "~/.cache/mlpaint)")
@@ -236,7 +242,10 @@ def _run_train(args: argparse.Namespace) -> int:
                              if args.augment_copies is not None else None),
                  "feedback": ({"store": args.feedback_store}
                               if args.feedback_store is not None else None),
-                 "pen": ({"sources": args.pen_source} if args.pen_source else None)}
+                 "pen": ({"sources": args.pen_source} if args.pen_source else None),
+                 "warm_start": {key: value for key, value in (
+                     ("alias", args.warm_start), ("rounds", args.warm_start_rounds))
+                     if value is not None} or None}
     # Validated once, here, before Prefect or any data is touched; the flow trains this spec.
     spec = load_spec(args.spec, overrides, known_algorithms=frozenset(load_algorithms(
         Path(args.algorithms) if args.algorithms else None)))

@@ -41,6 +41,7 @@ from mlpaint.training.fits import (
 )
 from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMatrix, PenMatrix
 from mlpaint.training.spec import ExperimentSpec, SpecError, check_spec, plan_folds
+from mlpaint.training.warm_start import WarmStartBase
 from tasks.data import fetch_pen_table
 from tasks.training import (
     choose_low_confidence_threshold,
@@ -53,6 +54,7 @@ from tasks.training import (
     prepare_features,
     prepare_feedback,
     prepare_pen,
+    prepare_warm_start,
     share_table,
     start_experiment_run,
     train_final,
@@ -86,7 +88,9 @@ def train_mnist(
     algorithms_path: str | None = None,
 ) -> ExperimentSummary:
     """Cross-fold training: one LightGBM model per fold, aggregated statistics, a final model
-    on all training rows scored on the official test set, all of it in MLflow.
+    on all training rows scored on the official test set, all of it in MLflow. A warm start
+    (`spec.warm_start`) instead continues a registered model's boosting: the final model
+    alone.
 
     Args:
         spec: the experiment: algorithm, feature stage, folds, data, augmentation, feedback.
@@ -138,15 +142,21 @@ def train_mnist(
     # Fail on a fold with an empty side before anything trains.
     row_hash = load_table(Path(dataset.tables["train"])).row_hash[: spec.limit]
     n_folds = len(plan_folds(spec.folds, row_hash))
+    experiment = experiment_id.result()  # a new local store is whole from here on
+    base = (prepare_warm_start(spec, config, catalog, tracking_uri)
+            if spec.warm_start.alias else None)
+    if base is not None:
+        n_folds = 0  # the base model trained on every row a fold would hold out
 
-    parent_run_id = start_experiment_run(spec, experiment_id.result(),
-                                         {f"lightgbm.{k}": str(v) for k, v in
-                                          config.params.items()},
+    parent_run_id = start_experiment_run(spec, experiment,
+                                         {**{f"lightgbm.{k}": str(v) for k, v in
+                                             config.params.items()},
+                                          **(base.params() if base else {})},
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
     with recording_resources(tracking_uri, parent_run_id, cache):
         summary = _train_and_log(spec, config, dataset, catalog, tracking_uri, parent_run_id,
                                  n_folds, train_matrix, test_matrix, augmented,
-                                 feedback_future, pen_future)
+                                 feedback_future, pen_future, base)
     if publish_to and summary.registered:
         from flows.publish import publish_model
         from mlpaint.publish import PublishSpec
@@ -166,8 +176,11 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
                    test_matrix: PrefectFuture[FeatureMatrix],
                    augmented: PrefectFuture[AugmentedMatrix] | None,
                    feedback_future: PrefectFuture[FeedbackMatrix] | None,
-                   pen_future: PrefectFuture[PenMatrix]) -> ExperimentSummary:
-    """Every fit, each logged to MLflow as it finishes, then the experiment's summary."""
+                   pen_future: PrefectFuture[PenMatrix],
+                   base: WarmStartBase | None) -> ExperimentSummary:
+    """Every fit, each logged to MLflow as it finishes, then the experiment's summary. A warm
+    start (`base`) trains the final model alone, which keeps the base's "not sure"
+    threshold."""
     feedback = feedback_future.result() if feedback_future is not None else None
     pen = pen_future.result()
     log_data_inputs(parent_run_id, dataset.tables, spec.limit, feedback, pen, tracking_uri)
@@ -176,7 +189,7 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     # one fold a crash left unfinished gets every core.
     to_train = fits_to_train(spec, config, n_folds, catalog, train_matrix.result(),
                              test_matrix.result(), augmented.result() if augmented else None,
-                             feedback, pen)
+                             feedback, pen, base)
     threads = fit_threads(to_train)
     if to_train < n_fits:
         get_run_logger().info("%d of %d fits are stored from an earlier run and will be "
@@ -187,7 +200,7 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
 
     # The final fit is submitted first: it is the longest.
     final_future = (train_final.submit(train_matrix, test_matrix, spec, config, threads,
-                                       catalog, augmented, feedback, pen)
+                                       catalog, augmented, feedback, pen, base)
                     if spec.final_fit else None)
     fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, catalog,
                                       augmented, feedback, pen)
@@ -201,15 +214,18 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     final = final_future.result() if final_future else None
     # Chosen on the folds' held-out writers, so the final model is registered only once
     # every fold has scored its own.
-    low_confidence = choose_low_confidence_threshold(fold_results)
+    low_confidence = choose_low_confidence_threshold(fold_results) if fold_results else None
     registered = (log_final_model(final, low_confidence, dataset.tables["test"],
                                   parent_run_id, tracking_uri) if final else None)
+    threshold = (low_confidence.threshold if low_confidence
+                 else base.low_confidence_below if base else None)
 
     summary = ExperimentSummary(
-        parent_run_id, fold_results, aggregate([r.evaluation for r in fold_results]), final,
+        parent_run_id, fold_results,
+        aggregate([r.evaluation for r in fold_results]) if fold_results else {}, final,
         registered, feedback=feedback, pen=pen, low_confidence=low_confidence,
-        drawn_low_confidence=drawn_low_confidence(final, low_confidence.threshold)
-        if final and low_confidence else None)
+        drawn_low_confidence=drawn_low_confidence(final, threshold)
+        if final and threshold is not None else None, warm_start=base)
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)
     _publish_prefect_artifacts(summary)
     return summary
@@ -228,9 +244,12 @@ def _publish_prefect_artifacts(summary: ExperimentSummary) -> None:
         lines.append(f"| {fit.name} | {fit.train_rows:,} | {fit.test_rows:,} | "
                      f"{e.accuracy:.4f} | {e.weighted['accuracy']:.4f} | {e.log_loss:.4f} | "
                      f"{drawn} |")
-    accuracy = summary.aggregated["accuracy"]
-    lines += ["", f"Folds: accuracy mean {accuracy.mean:.4f}, std {accuracy.std:.4f}, "
-                  f"min {accuracy.min:.4f}, max {accuracy.max:.4f}."]
+    if accuracy := summary.aggregated.get("accuracy"):
+        lines += ["", f"Folds: accuracy mean {accuracy.mean:.4f}, std {accuracy.std:.4f}, "
+                      f"min {accuracy.min:.4f}, max {accuracy.max:.4f}."]
+    if summary.warm_start:
+        lines += ["", f"A warm start: {summary.warm_start.describe()} continued; no folds "
+                      "trained."]
     if summary.registered:
         lines.append(f"Registered `{summary.registered.model_uri}`.")
     create_markdown_artifact(key="mnist-training-summary", markdown="\n".join(lines),

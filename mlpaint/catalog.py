@@ -13,6 +13,7 @@ Two places hold things:
   | `augmented/`  | augmented copies of a split's rows                    | prepare-augmented   |
   | `feedback-matrices/` | a feedback snapshot: training part, wild set | prepare-feedback |
   | `fits/`       | one finished fit: model, scores (`fit.json`)          | train-fold / -final |
+  | `base-models/` | a registered model a warm start continues            | prepare-warm-start  |
 
   With `$MLPAINT_STORE` set, published bundles default to `<store>/bundles` and the feedback
   store to `<store>/feedback` (see `default_bundle_destination`, `default_feedback_store`).
@@ -91,7 +92,7 @@ def feedback_store_option(value: str | None, bundle_uri: str | None = None) -> s
 #: Cache folders whose entries are built in hidden staging folders (`.<key>.<random>`) and
 #: renamed into place when whole.
 STAGED_CACHE_FOLDERS = ("tables", "features", "augmented", "feedback-matrices",
-                        "pen-matrices", "fits", "mirror")
+                        "pen-matrices", "fits", "base-models", "mirror")
 #: Built bundles, kept for a retry or rerun of the same publication only.
 BUILT_BUNDLES = "built-bundles"
 #: Cache folders whose entries serve one run and its retries: per-run work areas (`publish`
@@ -156,8 +157,9 @@ def sweep_stale_work(cache_dir: Path, older_than_s: float = STALE_AFTER_SECONDS)
 
 MANIFEST = "manifest.json"
 #: The store's areas (see the table at the top).
-TABLES, FEATURES, AUGMENTED, FEEDBACK_MATRICES, PEN_MATRICES, FITS = (
-    "tables", "features", "augmented", "feedback-matrices", "pen-matrices", "fits")
+TABLES, FEATURES, AUGMENTED, FEEDBACK_MATRICES, PEN_MATRICES, FITS, BASE_MODELS = (
+    "tables", "features", "augmented", "feedback-matrices", "pen-matrices", "fits",
+    "base-models")
 
 
 def is_remote(uri: str) -> bool:

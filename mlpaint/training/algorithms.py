@@ -16,6 +16,7 @@ scores to probabilities (`ScoreLink`) differs, and the model card records it.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from enum import StrEnum
 from importlib import resources
 from pathlib import Path
@@ -237,31 +238,79 @@ class DigitModel:
                                                  DEFAULT_LOW_CONFIDENCE_BELOW))
 
 
+@dataclass(frozen=True)
+class Continuation:
+    """A model whose boosting a fit continues (ExperimentSpec.warm_start): its trees are
+    kept, and `rounds` more are fitted to the new rows' errors given its scores, at
+    `learning_rate` (None: the configuration's)."""
+
+    model: DigitModel
+    rounds: int
+    learning_rate: float | None = None
+
+
+def continuation_problem(model: DigitModel, config: GbdtConfig | BaggedBoostingConfig,
+                         feature_stage: FeatureStage | str) -> str | None:
+    """Why `config` on `feature_stage` cannot continue `model`'s boosting, or None when it
+    can: its trees must read the same features and answer through the same link, and one
+    booster can grow where the average of several bags cannot."""
+    if not isinstance(config, GbdtConfig):
+        return f"the configuration is {config.kind}; only a gbdt configuration continues a model"
+    if len(model.boosters) != 1:
+        return (f"it averages {len(model.boosters)} boosters (bagged boosting); only a single "
+                "booster can be continued")
+    if model.feature_stage != FeatureStage(feature_stage):
+        return (f"it reads the {model.feature_stage.value} feature stage, the spec "
+                f"{FeatureStage(feature_stage).value}")
+    if model.link != link_for_params(config.params):
+        return (f"its scores are {model.link.value}, the configuration's "
+                f"{link_for_params(config.params).value}")
+    return None
+
+
 def train_model(name: str, config: GbdtConfig | BaggedBoostingConfig, features: np.ndarray,
                 labels: np.ndarray, *, feature_stage: FeatureStage | str, seed: int,
                 num_threads: int, weights: np.ndarray | None = None,
                 monitor: FitMonitor | None = None,
-                watched_rows: tuple[np.ndarray, np.ndarray] | None = None) -> DigitModel:
+                watched_rows: tuple[np.ndarray, np.ndarray] | None = None,
+                continuation: Continuation | None = None) -> DigitModel:
     """Train on `features` (pixels already through `feature_stage`, which the model keeps),
     each row counting `weights[i]` times (None: once). `monitor` is told of each round; a
     gbdt fit scores `watched_rows` (features, labels) as it trains, for the monitor, and a
-    bagged one each bag's own held-out rows."""
+    bagged one each bag's own held-out rows. Given a `continuation`, a gbdt fit grows that
+    model (its trees, then `continuation.rounds` more) and keeps its "not sure" threshold."""
     import lightgbm as lgb
 
     params = lightgbm_params(config.params, seed=seed, num_threads=num_threads)
     link = link_for_params(params)
     callbacks = [monitor] if monitor is not None else []
+    if continuation is not None and (
+            problem := continuation_problem(continuation.model, config, feature_stage)):
+        raise ValueError(f"cannot continue the model: {problem}")
     if isinstance(config, GbdtConfig):
+        rounds, init_booster, rounds_before = config.rounds, None, 0
+        if continuation is not None:
+            init_booster = continuation.model.boosters[0]
+            rounds, rounds_before = continuation.rounds, init_booster.current_iteration()
+            if continuation.learning_rate is not None:
+                params = {**params, "learning_rate": continuation.learning_rate}
+            if monitor is not None:
+                # LightGBM numbers the new rounds after the base model's.
+                monitor.start_stage(-rounds_before)
         train_set = lgb.Dataset(features, labels, weight=weights, params=params)
         valid_sets = []
         if monitor is not None and watched_rows is not None:
             params = {**params, "metric": WATCHED_METRICS}
             valid_sets = [lgb.Dataset(*watched_rows, reference=train_set)]
-        booster = lgb.train(params, train_set, num_boost_round=config.rounds,
+        # With an init model, LightGBM starts every row (the watched ones too) from its
+        # scores and merges its trees into the booster it returns.
+        booster = lgb.train(params, train_set, num_boost_round=rounds,
                             valid_sets=valid_sets, valid_names=["watched"][:len(valid_sets)],
-                            callbacks=callbacks)
-        return DigitModel([booster], algorithm=name, rounds=[config.rounds],
-                          feature_stage=feature_stage, link=link)
+                            callbacks=callbacks, init_model=init_booster)
+        return DigitModel([booster], algorithm=name, rounds=[rounds_before + rounds],
+                          feature_stage=feature_stage, link=link,
+                          low_confidence_below=continuation.model.low_confidence_below
+                          if continuation else DEFAULT_LOW_CONFIDENCE_BELOW)
 
     rng = np.random.default_rng(seed)
     boosters, rounds = [], []

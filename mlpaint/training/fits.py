@@ -21,7 +21,12 @@ from mlpaint.catalog import FITS, Catalog, local_folder, uri_name
 from mlpaint.data.integrity import IntegrityError
 from mlpaint.features import FeatureStage
 from mlpaint.tracking import RegisteredModel, peak_rss_megabytes
-from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
+from mlpaint.training.algorithms import (
+    BaggedBoostingConfig,
+    Continuation,
+    GbdtConfig,
+    train_model,
+)
 from mlpaint.training.confidence import (
     ConfidenceChoice,
     ConfidenceFigures,
@@ -39,6 +44,7 @@ from mlpaint.training.matrices import (
 )
 from mlpaint.training.progress import CurvePoint, FitMonitor, ProgressWatcher
 from mlpaint.training.spec import ExperimentSpec, fold_sides, plan_folds
+from mlpaint.training.warm_start import WarmStartBase
 
 logger = logging.getLogger(__name__)
 
@@ -181,14 +187,16 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
                      pen_train: tuple[np.ndarray, np.ndarray] | None = None,
                      pen_heldout: HeldOutDrawings | None = None,
                      test_name: str = "held-out rows",
-                     watchers: Sequence[ProgressWatcher] = ()) -> FitResult:
+                     watchers: Sequence[ProgressWatcher] = (),
+                     continuation: Continuation | None = None) -> FitResult:
     """Train on `train` plus the feedback's training rows and `pen_train` (each weighted as
     its source says), score on `test`, on the feedback's wild test set, on the pen's drawn
     test set and on `pen_heldout`'s renderings (a fold's held-out writers). The model goes
     to `fit_dir/model`; the top probability and rightness of each drawing of the drawn test
     set (to measure the "not sure" threshold on) and of each `pen_heldout` row (to choose
     it on) to `fit_dir/CONFIDENCE_ROWS`. `watchers` hear of its progress every few rounds,
-    with the score on `test` (`test_name`, in words) as it trains."""
+    with the score on `test` (`test_name`, in words) as it trains. Given a `continuation`,
+    the fit grows that model instead of starting from nothing."""
     extra, feedback_rows, pen_rows = [], 0, 0
     if feedback is not None and feedback.train_rows:
         features, labels = feedback.load_train()
@@ -199,14 +207,17 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
         pen_rows = len(pen_train[1])
     train, weights = _with_extra_rows(train, extra)
     logger.info("%s: training %s on %d rows (%d from feedback, %d pen renderings) with %d "
-                "thread(s)", name, algorithm, len(train[1]), feedback_rows, pen_rows, threads)
-    monitor = FitMonitor(name, config.total_rounds, watchers,
+                "thread(s)%s", name, algorithm, len(train[1]), feedback_rows, pen_rows, threads,
+                f", {continuation.rounds} rounds on top of a model of "
+                f"{sum(continuation.model.rounds)}" if continuation else "")
+    monitor = FitMonitor(name, continuation.rounds if continuation else config.total_rounds,
+                         watchers,
                          watched=test_name if isinstance(config, GbdtConfig)
                          else "each bag's held-out rows")
     start = time.perf_counter()
     model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
                         seed=seed, num_threads=threads, weights=weights, monitor=monitor,
-                        watched_rows=test)
+                        watched_rows=test, continuation=continuation)
     seconds = time.perf_counter() - start
     # Scored with the fit's own thread count. LightGBM keeps its thread count in one
     # process-wide setting that every call with parameters overwrites: a prediction on
@@ -263,20 +274,24 @@ MODEL, FIT_RECORD, CONFIDENCE_ROWS = "model", "fit.json", "confidence_rows.npz"
 
 
 def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-             matrices: list[str]) -> str:
+             matrices: list[str], base: WarmStartBase | None = None) -> str:
     """What a fit's result depends on, hashed: its name, the spec (less the experiment's
     name, where the data and feedback came from, and whether a final fit follows, none of
     which changes this fit), the algorithm's configuration, the content-keyed folders of its
-    inputs, and the code and LightGBM versions."""
+    inputs, the model it continues and how (a warm start that found none to continue trains
+    what the spec without it would), and the code and LightGBM versions."""
     import lightgbm
 
     material = json.dumps({
         "fit": name, "code": FIT_CODE_VERSION, "lightgbm": lightgbm.__version__,
         "spec": spec.model_dump(mode="json", exclude={
             "experiment": True, "sources": True, "final_fit": True, "feedback": {"store"},
-            "pen": {"sources"}}),
+            "pen": {"sources"}, "warm_start": True}),
         "config": config.model_dump(mode="json"),
-        "inputs": [uri_name(uri) for uri in matrices]}, sort_keys=True)
+        "inputs": [uri_name(uri) for uri in matrices],
+        **({"warm_start": {"base": uri_name(base.location),
+                           **spec.warm_start.model_dump(mode="json", exclude={"alias"})}}
+           if base else {})}, sort_keys=True)
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
@@ -291,23 +306,24 @@ def fold_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig
 def final_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
                   train_matrix: FeatureMatrix, test_matrix: FeatureMatrix,
                   augmented: AugmentedMatrix | None, feedback: FeedbackMatrix | None,
-                  pen: PenMatrix | None = None) -> str:
+                  pen: PenMatrix | None = None, base: WarmStartBase | None = None) -> str:
     """The key the final model's finished fit is stored under."""
     inputs = [train_matrix.folder, test_matrix.folder,
               *(m.folder for m in (augmented, feedback, pen) if m is not None)]
-    return _fit_key("final", spec, config, inputs)
+    return _fit_key("final", spec, config, inputs, base)
 
 
 def fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
                   n_folds: int, catalog: Catalog, train_matrix: FeatureMatrix,
                   test_matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
-                  feedback: FeedbackMatrix | None, pen: PenMatrix | None = None) -> int:
+                  feedback: FeedbackMatrix | None, pen: PenMatrix | None = None,
+                  base: WarmStartBase | None = None) -> int:
     """How many of this experiment's fits have no finished fit stored to reuse."""
     keys = [fold_fit_key(spec, config, i, train_matrix, augmented, feedback, pen)
             for i in range(n_folds)]
     if spec.final_fit:
         keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback,
-                                  pen))
+                                  pen, base))
     return sum(not catalog.is_finished(catalog.location(FITS, key)) for key in keys)
 
 
@@ -372,12 +388,14 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
               catalog: Catalog, augmented: AugmentedMatrix | None = None,
               feedback: FeedbackMatrix | None = None,
               pen: PenMatrix | None = None,
-              watchers: Sequence[ProgressWatcher] = ()) -> FitResult:
+              watchers: Sequence[ProgressWatcher] = (),
+              base: WarmStartBase | None = None) -> FitResult:
     """One model on every training row (and every augmented copy, the feedback's training
     rows and every training writer's pen renderings), scored on the official test set, the
     wild set and the drawn test set; reused from the store when this very fit has finished
     before. `watchers` hear of its progress (its curve: the official test set's score, to
-    watch, never to choose a round on)."""
+    watch, never to choose a round on). Given a `base`, the fit continues that model's
+    boosting as `spec.warm_start` says."""
     def fit(staging: Path) -> FitResult:
         features, labels, _ = train_matrix.load()
         test_features, test_labels, _ = test_matrix.load()
@@ -388,10 +406,11 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
             fit_dir=staging, feedback=feedback, pen=pen,
             pen_train=_pen_training_rows(pen, spec.folds, None) if pen is not None else None,
-            test_name="official test set", watchers=watchers)
+            test_name="official test set", watchers=watchers,
+            continuation=base.continuation(spec.warm_start) if base else None)
 
     return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
-                                      feedback, pen), catalog, fit)
+                                      feedback, pen, base), catalog, fit)
 
 
 def choose_low_confidence(folds: list[FitResult]) -> ConfidenceChoice | None:
@@ -425,6 +444,7 @@ class ExperimentSummary:
     # test set.
     low_confidence: ConfidenceChoice | None = None
     drawn_low_confidence: ConfidenceFigures | None = None
+    warm_start: WarmStartBase | None = None  # the registered model the final one continued
 
     def to_json(self) -> dict:
         def fit_json(result: FitResult) -> dict:
@@ -467,6 +487,7 @@ class ExperimentSummary:
                                 "drawn": asdict(self.drawn_low_confidence)
                                 if self.drawn_low_confidence else None}
                                if self.low_confidence else None),
+            "warm_start": asdict(self.warm_start) if self.warm_start else None,
         }
 
 

@@ -143,6 +143,24 @@ class PenSpec(BaseModel):
         return sources
 
 
+class WarmStartSpec(BaseModel):
+    """Continue a registered model's boosting instead of starting from nothing: the version
+    of mnist-digits holding `alias` keeps every tree it has and gains `rounds` more, fitted
+    to this spec's rows (MNIST, its augmented copies, the pen drawings and the feedback). It
+    costs those rounds, not a whole fit, so corrections people make can reach the server the
+    same hour. No folds train: the base model has seen every held-out row they would score
+    on. Where no version holds the alias, or it cannot be continued (another feature stage,
+    bagged boosters), the spec trains from nothing and the run says why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    alias: str | None = Field(None, description="continue the mnist-digits version holding "
+                              "this registry alias (for instance champion); none: train from "
+                              "nothing")
+    rounds: int = Field(60, ge=1, le=5000, description="boosting rounds added to it")
+    learning_rate: float | None = Field(None, gt=0, le=1, description="their learning rate "
+                                        "(none: the algorithm's)")
+
+
 class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -160,6 +178,7 @@ class ExperimentSpec(BaseModel):
     augment: AugmentSpec = Field(default_factory=AugmentSpec)
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
     pen: PenSpec = Field(default_factory=PenSpec)
+    warm_start: WarmStartSpec = Field(default_factory=WarmStartSpec)
 
     def flat_params(self) -> dict[str, str]:
         """The whole spec as flat `a.b` keys, for MLflow params."""

@@ -317,7 +317,7 @@ def test_a_run_from_the_ui_form_is_completed_by_the_worker(stack, shared_mnist, 
 
 
 FEEDBACK_ALGORITHMS = """
-lgbm:
+champion:
   kind: gbdt
   rounds: 40
   params: {learning_rate: 0.3, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}
@@ -364,8 +364,9 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
         stack, shared_mnist, tmp_path):
     """The loop closed on real services: people label 100 drawings through a running
     `mlpaint serve`; each stored record is an event on the Prefect server; the
-    train-on-feedback deployment's trigger starts a run after 100 of them; the worker trains
-    on MNIST plus the feedback, the gate weighs the wild set, and the server swaps."""
+    train-on-feedback deployment's trigger starts a run after 100 of them; the worker
+    continues the serving champion's boosting on MNIST plus the feedback (a warm start: no
+    folds), the gate weighs the wild set, and the server swaps."""
 
     from prefect.client.schemas.actions import DeploymentUpdate
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
@@ -391,10 +392,15 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
         assert _wait_until_final(client, forced.id).is_completed()
         triggered = client.read_deployment_by_name("train-mnist/train-on-feedback")
         assert triggered.parameters["spec"]["feedback"]["store"] == ".mlpaint/feedback"
+        assert triggered.parameters["spec"]["algorithm"] == "champion"
+        assert triggered.parameters["spec"]["warm_start"]["alias"] == "champion"
+        # The champion spec on small data, on the stumps' raw pixels so it can continue them.
         client.update_deployment(triggered.id, DeploymentUpdate(parameters={
             **triggered.parameters, "algorithms_path": str(algorithms),
             "publish_to": str(bundles),
             "spec": {**triggered.parameters["spec"], "sources": sources, "limit": 3000,
+                     "features": "raw", "augment": {**triggered.parameters["spec"]["augment"],
+                                                    "copies": 1},
                      "experiment": "e2e-feedback", "feedback": {"store": str(feedback)}}}))
 
         port = free_port()
@@ -424,9 +430,9 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
             assert new_bundle != weak_bundle
             assert _wait_for_bundle(server, new_bundle)["bundle_version"] == new_bundle
             # The drawings people corrected are now read as their labels, most of them: 80 of
-            # the 100 trained the new model (the other ~20 are its wild test set), and a model
-            # of 40 rounds reads digits it trained on nearly always and unseen ones about 90%
-            # of the time; the stumps the server started with read about a third of them.
+            # the 100 trained the new model (the other ~20 are its wild test set), and the
+            # stumps grown by 60 rounds read digits they trained on nearly always and unseen
+            # ones about 90% of the time; the stumps alone read about a third of them.
             now_read = np.array(_read(server, drawings))
             assert (now_read == labels).mean() >= 0.85
             assert (now_read == labels).mean() > (np.array(weak_read) == labels).mean() + 0.2
@@ -441,6 +447,16 @@ def test_feedback_from_the_page_triggers_a_retraining_that_reaches_the_server(
     parent = next(r for r in runs if not any(t["key"] == "mlflow.parentRunId"
                                              for t in r["data"]["tags"]))
     metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    params = {p["key"]: p["value"] for p in parent["data"]["params"]}
+    weak_run = next(r["info"]["run_id"] for r in _mlflow_runs(stack, "e2e-weak")
+                    if "mlflow.parentRunId" not in _tags(r))
+    (weak_version,) = requests.get(
+        f"{mlflow}/api/2.0/mlflow/model-versions/search", timeout=10,
+        params={"filter": f"name='mnist-digits' and run_id='{weak_run}'"}).json()[
+        "model_versions"]
+    assert params["warm_start.base_version"] == weak_version["version"]
+    assert params["warm_start.base_rounds"] == "1"
+    assert not [r for r in runs if r is not parent]  # a warm start trains no folds
     assert metrics["wild_rows"] + metrics["feedback_train_rows"] / 2 == 100  # 1 copy each
     assert 0.5 < metrics["wild_accuracy"] <= 1.0
     inputs = {d["dataset"]["name"] for d in parent["inputs"]["dataset_inputs"]}

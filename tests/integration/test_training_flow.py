@@ -403,6 +403,69 @@ def test_the_gate_weighs_the_wild_set_too(harness, training_inputs, tracking, tm
     assert second["promote"] == (wild_ok and test_ok)
 
 
+def test_a_warm_start_continues_the_champion_and_the_gate_weighs_it(harness, training_inputs,
+                                                                   tracking, tmp_path):
+    """The feedback deployment's warm start: the champion keeps its trees and grows a few
+    rounds on MNIST plus the feedback; no fold trains (the champion saw every row a fold
+    would hold out); the registered model holds both and keeps the champion's "not sure"
+    threshold; the gate weighs it as any candidate. Where no version holds the alias, or
+    the spec cannot continue it, the spec trains from nothing, folds and all."""
+    from mlpaint.tracking.publication import load_registered_model
+    from mlpaint.training.spec import WarmStartSpec
+
+    store, _ = _feedback_store(tmp_path / "feedback", training_inputs["source"])
+    bundles = str(tmp_path / "bundles")
+    fields = {"limit": 1500, "sources": [training_inputs["source"]], "experiment": "tiny-warm",
+              "folds": KFolds(k=2), "augment": AugmentSpec(copies=0),
+              "warm_start": WarmStartSpec(alias="champion", rounds=6)}
+    args = {"algorithms_path": training_inputs["algorithms"],
+            "cache_dir": training_inputs["cache"], "publish_to": bundles}
+    cold = train_mnist(ExperimentSpec(**fields), **args)
+    assert cold.warm_start is None and len(cold.folds) == 2  # no champion yet
+    assert cold.publication["gate"]["reason"] == "no champion yet"
+
+    warm = train_mnist(ExperimentSpec(**fields, feedback=FeedbackSpec(store=store.describe())),
+                       **args)
+    base = warm.warm_start
+    assert warm.folds == [] and base.version == cold.registered.version
+    assert (base.alias, base.rounds, base.run_id) == ("champion", 12, cold.parent_run_id)
+    assert warm.final.feedback_rows == warm.feedback.train_rows > 0
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    champion = load_registered_model("mnist-digits", cold.registered.version, uri)
+    model = load_registered_model("mnist-digits", warm.registered.version, uri)
+    assert model.rounds == [18] and model.boosters[0].num_trees() == 18 * 10
+    pixels, _ = _official_test_digits(training_inputs["source"], 300)
+    features = model.features(pixels)
+    assert np.allclose(model.boosters[0].predict(features, raw_score=True, num_iteration=12),
+                       champion.raw_scores(features))
+    assert model.low_confidence_below == champion.low_confidence_below
+    # The new rounds, watched on the official test set, start from the champion's scores.
+    assert [point.round for point in warm.final.curve] == list(range(1, 7))
+    assert warm.final.curve[0].accuracy >= cold.final.evaluation.accuracy - 0.02
+
+    parent = tracking.get_run(warm.parent_run_id)
+    params = parent.data.params
+    assert (params["warm_start.alias"], params["warm_start.rounds"]) == ("champion", "6")
+    assert (params["warm_start.base_version"], params["warm_start.base_rounds"]) == (
+        cold.registered.version, "12")
+    assert parent.data.metrics["low_confidence_below"] == champion.low_confidence_below
+    assert "drawn_marked_share" in parent.data.metrics
+    assert not tracking.search_runs([parent.info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{warm.parent_run_id}'")
+    gate = warm.publication["gate"]
+    assert gate["champion_version"] == cold.registered.version
+    assert "official test accuracy" in gate["reason"] and "wild accuracy" in gate["reason"]
+    test_ok = gate["candidate_accuracy"] >= gate["champion_accuracy"]
+    wild_ok = gate["wild"]["candidate_accuracy"] >= gate["wild"]["champion_accuracy"]
+    drawn_ok = gate["drawn"]["candidate_accuracy"] >= gate["drawn"]["champion_accuracy"]
+    assert gate["promote"] == (test_ok and wild_ok and drawn_ok)
+
+    # A champion the spec cannot continue (another feature stage): trained from nothing.
+    raw = train_mnist(ExperimentSpec(**{**fields, "features": "raw"}), **args)
+    assert raw.warm_start is None and len(raw.folds) == 2
+    assert load_registered_model("mnist-digits", raw.registered.version, uri).rounds == [12]
+
+
 def test_a_rerun_reuses_the_fits_that_finished(harness, training_inputs, tracking, tmp_path):
     """A run killed after some fits finished, run again: only the missing fit trains (here
     the final model's, whose stored result is removed as if the kill came before it)."""

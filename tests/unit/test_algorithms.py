@@ -184,3 +184,63 @@ def test_row_weights_decide_between_conflicting_labels(separable, config):
         model = train_model("lgbm", config, rows, relabelled, feature_stage="raw", seed=0,
                             num_threads=1, weights=weights)
         assert (model.predict_proba(features[blob]).argmax(axis=1) == heavy).mean() > 0.9
+
+
+def test_a_continued_model_keeps_its_trees_and_learns_what_it_could_not_read(separable,
+                                                                               tmp_path):
+    """A warm start: the base model's trees stay as they were, `rounds` more are fitted to
+    the rows given its scores (rows of a style it never saw, labelled by people, among
+    them), and the watched rows start from its scores, not from nothing."""
+    from mlpaint.training.algorithms import Continuation
+    from mlpaint.training.progress import FitMonitor
+
+    features, labels = separable
+    config = GbdtConfig(rounds=15, params={"num_leaves": 7, "min_data_in_leaf": 5})
+    base = train_model("lgbm", config, features, labels, feature_stage="raw", seed=0,
+                       num_threads=1)
+    base.low_confidence_below = 0.77
+    base = DigitModel.load(base.save(tmp_path / "base"))
+    # A new way of writing a 3: far from every blob; the base model reads it as something else.
+    rng = np.random.default_rng(1)
+    new_style = (rng.normal(0, 5, size=20) + rng.normal(0, 0.5, size=(60, 20))).astype(
+        np.float32)
+    assert (base.predict_proba(new_style).argmax(axis=1) == 3).mean() < 0.5
+    rows = np.concatenate([features, new_style])
+    relabelled = np.concatenate([labels, np.full(60, 3)])
+    reports = []
+    monitor = FitMonitor("final", 10, [reports.append], report_every=1)
+    continued = train_model("lgbm", config, rows, relabelled, feature_stage="raw", seed=0,
+                            num_threads=1, monitor=monitor, watched_rows=(features, labels),
+                            continuation=Continuation(base, rounds=10, learning_rate=0.3))
+    booster = continued.boosters[0]
+    assert booster.num_trees() == base.boosters[0].num_trees() + 10 * 10
+    assert continued.rounds == [25]
+    assert np.allclose(booster.predict(features, raw_score=True, num_iteration=15),
+                       base.raw_scores(features))
+    assert (continued.predict_proba(new_style).argmax(axis=1) == 3).mean() > 0.9
+    assert (continued.predict_proba(features).argmax(axis=1) == labels).mean() > 0.95
+    assert continued.low_confidence_below == 0.77
+    # Rounds counted from the continuation's first; its first point already reads the
+    # watched rows as well as the base model (which reads them all).
+    assert [r.rounds_done for r in reports] == list(range(1, 11))
+    assert reports[0].latest.accuracy > 0.95
+
+
+@pytest.mark.parametrize(("config", "stage", "problem"), [
+    (BaggedBoostingConfig(bags=2, bag_train_fraction=0.7, min_rounds=3, max_rounds=5),
+     "raw", "only a gbdt configuration"),
+    (GbdtConfig(rounds=5), "moments", "reads the raw feature stage, the spec moments"),
+    (GbdtConfig(rounds=5, params={"objective": "multiclassova"}), "raw",
+     "scores are softmax"),
+])
+def test_a_model_that_cannot_be_continued_says_why(separable, config, stage, problem):
+    from mlpaint.training.algorithms import Continuation, continuation_problem
+
+    features, labels = separable
+    base = train_model("lgbm", GbdtConfig(rounds=3), features, labels, feature_stage="raw",
+                       seed=0, num_threads=1)
+    assert problem in continuation_problem(base, config, stage)
+    assert continuation_problem(base, GbdtConfig(rounds=5), "raw") is None
+    with pytest.raises(ValueError, match="cannot continue the model"):
+        train_model("lgbm", config, features, labels, feature_stage=stage, seed=0,
+                    num_threads=1, continuation=Continuation(base, rounds=2))
