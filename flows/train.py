@@ -17,10 +17,10 @@ from prefect.artifacts import (
 from prefect.futures import PrefectFuture, as_completed
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
+from flows.runners import ClusterOrThreadsTaskRunner
 from mlpaint.catalog import Catalog, sweep_stale_work
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import DatasetReport
@@ -76,7 +76,8 @@ def _end_open_mlflow_runs(status: str):
     return hook
 
 
-@flow(name="train-mnist", task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1),
+@flow(name="train-mnist",
+      task_runner=ClusterOrThreadsTaskRunner(max_workers=os.cpu_count() or 1),
       on_failure=[_end_open_mlflow_runs("FAILED")],
       on_crashed=[_end_open_mlflow_runs("KILLED")],
       on_cancellation=[_end_open_mlflow_runs("KILLED")])

@@ -275,6 +275,9 @@ def check_spec(spec: ExperimentSpec, known_algorithms: frozenset[str] | None = N
     field."""
     if isinstance(spec.folds, MldbFolds):
         spec.folds.rules()  # raises SpecError naming the rule's field
+    if spec.warm_start.alias and not spec.final_fit:
+        raise SpecError(f"warm_start.alias: {spec.warm_start.alias!r} asks to continue a "
+                        "model, which trains the final model alone, but final_fit is false")
     if known_algorithms is not None and spec.algorithm not in known_algorithms:
         raise SpecError(f"algorithm: unknown {spec.algorithm!r}; known: "
                         f"{', '.join(sorted(known_algorithms))}")

@@ -650,3 +650,50 @@ def test_two_runs_at_once_take_turns_and_survive_an_mlflow_outage_and_a_database
     latest = json.loads((bundles / "versions" / (bundles / "LATEST").read_text().strip()
                          / "bundle.json").read_text())
     assert latest["model_version"] == champion["version"]
+
+
+def test_a_deployment_run_trains_on_the_dask_cluster_its_job_variables_name(
+        stack, shared_mnist, s3_env, tmp_path):
+    """The training deployment, unchanged, sends its fits to a Dask cluster when a run's job
+    variables set MLPAINT_DASK_ADDRESS: every fit runs in the `dask worker` we started (a
+    home and cache of its own, the store a bucket on the moto S3 endpoint), and the MLflow
+    tree is whole."""
+    import boto3
+    from mlflow import MlflowClient
+
+    from flows.runners import DASK_ADDRESS_ENV
+    from tests.servers.dask_cluster import dask_cluster
+
+    algorithms = tmp_path / "algorithms.yaml"
+    algorithms.write_text(TINY_ALGORITHMS)
+    store = "s3://mlpaint-store/dask-deployment"
+    boto3.client("s3").create_bucket(Bucket="mlpaint-store")
+    with dask_cluster(tmp_path, {"MLPAINT_STORE": store, **s3_env,
+                                 "PREFECT_API_URL": stack["prefect"],
+                                 "MLFLOW_TRACKING_URI": stack["mlflow"]}) as cluster, \
+            _prefect_client(stack["prefect"]) as client:
+        address, worker_group, _ = cluster
+        deployment = client.read_deployment_by_name("train-mnist/train")
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={
+            "algorithms_path": str(algorithms), "spec": experiment_spec("default", {
+                "sources": [str(shared_mnist)], "limit": 1200, "experiment": "e2e-dask",
+                "folds": {"kind": "kfold", "k": 2}, "augment": {"copies": 1}})["spec"]},
+            job_variables={"env": {DASK_ADDRESS_ENV: address, "MLPAINT_STORE": store,
+                                   **s3_env}})
+        state = _wait_until_final(client, run.id)
+        assert state.is_completed(), f"{state.type}: {state.message}"
+
+        (parent,) = [r for r in _mlflow_runs(stack, "e2e-dask")
+                     if "mlflow.parentRunId" not in _tags(r)]
+        assert _tags(parent)["prefect.flow_run_id"] == str(run.id)
+        summary = json.loads(Path(MlflowClient(stack["mlflow"]).download_artifacts(
+            parent["info"]["run_id"], "summary.json", str(tmp_path))).read_text())
+        fits = [*summary["folds"], summary["test"]]
+        assert [f["name"] for f in fits] == ["fold-0", "fold-1", "final"]
+        for fit in fits:  # each ran in the worker we started, while it still runs
+            assert not fit["reused"]
+            pid = int(fit["worker"].rsplit(":", 1)[1])
+            assert os.getpgid(pid) == worker_group, fit["worker"]
+    keys = [item["Key"] for item in boto3.client("s3").list_objects_v2(
+        Bucket="mlpaint-store", Prefix="dask-deployment/fits/")["Contents"]]
+    assert len([key for key in keys if key.endswith("/manifest.json")]) == 3

@@ -23,6 +23,7 @@ from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.fits import fit_threads
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, KFolds, MldbFolds
 from tests.conftest import run_cli
+from tests.servers.dask_cluster import dask_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -664,34 +665,10 @@ def remote_dask_cluster(tmp_path, s3_env, prefect_api, mlflow_server):
     import boto3
 
     boto3.client("s3").create_bucket(Bucket="mlpaint-store")
-    home = tmp_path / "worker-home"
-    home.mkdir()
-    bin_dir = os.path.dirname(sys.executable)
-    worker_env = {"PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin", "HOME": str(home),
-                  "MLPAINT_CACHE_DIR": str(home / "cache"),
-                  "MLPAINT_STORE": "s3://mlpaint-store/store", **s3_env,
-                  "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(home / "prefect"),
-                  "MLFLOW_TRACKING_URI": mlflow_server}
-    dask = os.path.join(bin_dir, "dask")
-    port, scheduler_http, worker_http = free_port(), free_port(), free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    scheduler = start_service(
-        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-         "--dashboard-address", f"127.0.0.1:{scheduler_http}"],
-        f"http://127.0.0.1:{scheduler_http}/health", log=tmp_path / "scheduler.log")
-    try:
-        worker = start_service(
-            [dask, "worker", address, "--nworkers", "1", "--nthreads", "2",
-             "--local-directory", str(home / "dask"),
-             "--dashboard-address", f"127.0.0.1:{worker_http}"],
-            f"http://127.0.0.1:{worker_http}/health", env=worker_env,
-            log=tmp_path / "worker.log", cwd=home)
-        try:
-            yield address, worker.pid, home
-        finally:
-            stop_service(worker)
-    finally:
-        stop_service(scheduler)
+    with dask_cluster(tmp_path, {"MLPAINT_STORE": "s3://mlpaint-store/store", **s3_env,
+                                 "PREFECT_API_URL": prefect_api,
+                                 "MLFLOW_TRACKING_URI": mlflow_server}) as cluster:
+        yield cluster
 
 
 # The one worker does every step on its 2 threads (features, augmentation, pen drawings, both

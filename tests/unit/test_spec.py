@@ -46,6 +46,9 @@ def test_overrides_and_yaml_file(tmp_path):
         ({"limit": 5}, "limit: Input should be greater than or equal to 100"),
         ({"features": "blur"}, "features: Input should be 'raw', 'deskew' or 'moments'"),
         ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"warm_start": {"alias": "champion"}, "final_fit": False},
+         "warm_start.alias: 'champion' asks to continue a model, .* final_fit is false"),
+        ({"warm_start": {"rounds": 0}}, "warm_start.rounds: Input should be greater than"),
     ],
 )
 def test_invalid_specs_name_the_field(overrides, message):
