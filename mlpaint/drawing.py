@@ -2,12 +2,12 @@
 way the server brings a posted drawing: the one rendering path that the page's contract,
 training on pen trajectories and the benchmarks share, so they cannot drift apart.
 
-The page (`mlpaint/serving/static/index.html`) holds a 280x280 canvas filled white; its pen
-draws black straight segments between successive pointer positions, `PAGE_PEN_WIDTH` wide,
-with round caps and joins. `render_strokes` draws the same segments (supersampled, then
-averaged down, for the browser's anti-aliased edge); `drawn_digit` places a trajectory on
-that canvas with a given pen, size, place and tilt and returns the 28x28 digit that
-`mlpaint.preprocess` makes of it, as the server does of the page's PNG.
+The page (`mlpaint/serving/static/index.html` and its `page.js`) holds a 280x280 canvas
+filled white; its pen draws black straight segments between successive pointer positions,
+`PAGE_PEN_WIDTH` wide, with round caps and joins. `render_strokes` draws the same segments
+(supersampled, then averaged down, for the browser's anti-aliased edge); `drawn_digit`
+places a trajectory on that canvas with a given pen, size, place and tilt and returns the
+28x28 digit that `mlpaint.preprocess` makes of it, as the server does of the page's PNG.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from limits import parse as parse_rate
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -59,6 +60,7 @@ from mlpaint.serving.schemas import (
     Status,
     error_responses,
 )
+from mlpaint.serving.security import SecurityHeaders
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,11 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
              "type": error.get("type", "")} for error in exc.errors()]})
 
     app.add_middleware(BodySizeLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(SecurityHeaders, policy_exempt=frozenset(
+        path for path in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
+        if path))
+    # The page's script and styles, files of their own so the policy can forbid inline code.
+    app.mount("/static", StaticFiles(packages=[("mlpaint.serving", "static")]), name="static")
 
     def served() -> ServedModel:
         current = holder.current

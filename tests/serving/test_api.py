@@ -49,6 +49,37 @@ def test_health_ready_and_model(client):
     assert model["low_confidence_below"] == 0.6  # a model trained without pen drawings
 
 
+def test_every_response_carries_the_security_headers(client):
+    """The page may load only its own script and styles and call only its own API; nothing
+    inline, no frames; no MIME sniffing, no referrer. FastAPI's API documents keep the
+    other headers but not the policy: they load their script from a CDN."""
+    from mlpaint.serving.security import CONTENT_SECURITY_POLICY
+
+    page = client.get("/")
+    assert page.status_code == 200
+    assert "<script>" not in page.text and "<style>" not in page.text
+    assert 'style="' not in page.text  # the policy would refuse inline style attributes
+    for path in ("/", "/static/page.js", "/static/page.css", "/v1/model", "/readyz",
+                 "/no-such-page"):
+        response = client.get(path)
+        assert response.headers["content-security-policy"] == CONTENT_SECURITY_POLICY, path
+        assert response.headers["x-content-type-options"] == "nosniff"
+        assert response.headers["referrer-policy"] == "no-referrer"
+        assert response.headers["x-frame-options"] == "DENY"
+    policy = dict(part.strip().split(" ", 1) for part in CONTENT_SECURITY_POLICY.split(";"))
+    assert policy["script-src"] == policy["style-src"] == "'self'"
+    assert policy["frame-ancestors"] == "'none'"
+    assert "'unsafe-inline'" not in CONTENT_SECURITY_POLICY
+    assert client.get("/static/page.js").headers["content-type"].startswith(
+        ("text/javascript", "application/javascript"))
+    assert client.get("/static/page.css").headers["content-type"].startswith("text/css")
+    docs = client.get("/docs")
+    assert "content-security-policy" not in docs.headers
+    assert docs.headers["x-content-type-options"] == "nosniff"
+    served = client.post("/v1/predict", json={"pixels": [0] * 784})
+    assert served.headers["x-content-type-options"] == "nosniff"
+
+
 def test_predict_pixels_and_batch(client, mnist_tables):
     pixels, labels = _digits(mnist_tables)
     single = client.post("/v1/predict", json={"pixels": pixels[0].tolist()}).json()

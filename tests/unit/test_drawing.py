@@ -18,7 +18,7 @@ from mlpaint.drawing import (
 )
 from mlpaint.preprocess import ink_from_image
 
-PAGE = Path(__file__).resolve().parents[2] / "mlpaint" / "serving" / "static" / "index.html"
+STATIC = Path(__file__).resolve().parents[2] / "mlpaint" / "serving" / "static"
 
 
 def _ink(image) -> np.ndarray:
@@ -28,12 +28,12 @@ def _ink(image) -> np.ndarray:
 def test_the_page_draws_what_render_strokes_draws():
     """The contract with the page: its canvas's size, its pen's width, round caps and joins,
     black on a white fill. A change to the page that breaks it breaks this test."""
-    html = PAGE.read_text()
+    html, script = (STATIC / "index.html").read_text(), (STATIC / "page.js").read_text()
     assert f'width="{CANVAS_SIDE}" height="{CANVAS_SIDE}"' in html
-    assert re.search(rf'lineWidth = tool === "pen" \? {PAGE_PEN_WIDTH} :', html)
-    assert 'ctx.lineCap = ctx.lineJoin = "round"' in html
-    assert 'ctx.strokeStyle = tool === "pen" ? "#000"' in html
-    assert 'ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, pad.width, pad.height)' in html
+    assert re.search(rf'lineWidth = tool === "pen" \? {PAGE_PEN_WIDTH} :', script)
+    assert 'ctx.lineCap = ctx.lineJoin = "round"' in script
+    assert 'ctx.strokeStyle = tool === "pen" ? "#000"' in script
+    assert 'ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, pad.width, pad.height)' in script
 
 
 def test_a_segment_is_as_wide_as_the_pen_with_round_caps():
