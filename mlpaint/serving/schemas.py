@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    model_validator,
+)
 from pydantic.json_schema import SkipJsonSchema
 
 from mlpaint.data.catalog import N_CLASSES, N_FEATURES
@@ -57,6 +64,10 @@ def _exactly_one_of(model: BaseModel, names: tuple[str, ...]) -> None:
         raise ValueError("give exactly one of " + ", ".join(f"'{n}'" for n in names))
 
 
+#: An image as a base64 data URL: `data:image/<type>[;parameters];base64,<base64>`.
+DATA_URL_PATTERN = r"^data:image/[-+.\w]+(;[-\w]+=[-\w]+)*;base64,[A-Za-z0-9+/]*={0,2}$"
+
+
 def _one_of_schema(*names: str) -> dict:
     """JSON Schema for "exactly one of these fields": a body naming two matches two branches
     of `oneOf` and is invalid, as is one naming none; clients and fuzzers read it from
@@ -71,8 +82,12 @@ class DigitInput(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_one_of_schema("pixels", "image"))
     pixels: SkipJsonSchema[None] | PixelList = Field(None, json_schema_extra=_no_default)
-    image: SkipJsonSchema[None] | str = Field(None, description="data:image/png;base64,…",
-                                              json_schema_extra=_no_default)
+    # The data-URL rule is the schema's, so a client (or a fuzzer) reading /openapi.json
+    # knows that an empty or non-base64 string is refused; only bytes that do not decode as
+    # an image are left for the 400 the schema cannot express.
+    image: SkipJsonSchema[None] | Annotated[str, StringConstraints(
+        pattern=DATA_URL_PATTERN)] = Field(None, description="data:image/png;base64,…",
+                                           json_schema_extra=_no_default)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> DigitInput:
@@ -180,7 +195,7 @@ def error_responses(*codes: int) -> dict[int | str, dict]:
     """The documented error answers of an endpoint, for /openapi.json."""
     described = {
         400: "a body that keeps the schema but whose drawing cannot be used: an `image` that "
-             "is not a data URL or does not decode as an image, or (feedback) nothing drawn",
+             "does not decode as an image, or (feedback) nothing drawn",
         404: "nothing there (the endpoint says what)",
         413: f"a request body over {MAX_BODY_BYTES} bytes",
         429: "too many requests from this address; see Retry-After",

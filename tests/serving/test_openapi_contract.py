@@ -19,10 +19,13 @@ pytestmark = pytest.mark.integration
 
 # A schema cannot say "these bytes decode as an image", so a schema-valid `image` string that
 # is not a decodable PNG or JPEG gets a documented 400. It is the only schema-valid input the
-# API may refuse.
+# API may refuse. A schema-invalid body is refused with 422, or, when it is too large to read
+# (a batch far past its maxItems), with the documented 413 before anything parses it.
 CONFIG = SchemathesisConfig.from_dict({
     "checks": {"positive_data_acceptance": {
-        "expected-statuses": ["2xx", "400", "404", "429"]}},
+        "expected-statuses": ["2xx", "400", "404", "429"]},
+               "negative_data_rejection": {
+        "expected-statuses": ["400", "404", "413", "422", "429"]}},
 })
 
 
