@@ -202,11 +202,22 @@ def real_handwriting() -> tuple[dict[str, list[bytes]], np.ndarray]:
     return canvases, digits.target
 
 
+def pen_table(pen: Path | None):
+    """The pen trajectories at `pen` (UNIPEN text), or, when it is None or no file, the copy
+    mlpaint ships."""
+    from mlpaint.data.pendigits import PenTable, packaged_pen_copy, parse_unipen
+
+    text = (pen.read_text() if pen is not None and pen.is_file()
+            else gzip.decompress(packaged_pen_copy().read_bytes()).decode("ascii"))
+    origin = str(pen) if pen is not None else "packaged"
+    return PenTable.from_digits(parse_unipen(text.splitlines(), origin), origin=origin,
+                                sha256="", verified=False)
+
+
 def drawn_test_canvases(pen: Path, test_share: float = 0.2
                         ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """PNG canvases of the drawn test set (see the module's docstring), their labels and
     writers, from the pen trajectories at `pen` (UNIPEN text, or the copy mlpaint ships)."""
-    from mlpaint.data.pendigits import PenTable, packaged_pen_copy, parse_unipen
     from mlpaint.drawing import (
         DRAWN_TEST_SEED,
         DRAWN_TEST_STYLE,
@@ -215,10 +226,7 @@ def drawn_test_canvases(pen: Path, test_share: float = 0.2
         rendering_rng,
     )
 
-    text = (pen.read_text() if pen.is_file()
-            else gzip.decompress(packaged_pen_copy().read_bytes()).decode("ascii"))
-    table = PenTable.from_digits(parse_unipen(text.splitlines(), str(pen)), origin=str(pen),
-                                 sha256="", verified=False)
+    table = pen_table(pen)
     rows = drawn_test_rows(table, test_share)
     keys = table.row_keys
     pngs = []

@@ -454,11 +454,14 @@ def part_params(mnist: Path, variants: list[str], rows: int, rounds: int,
         return list(pool.map(one, [(name, seed) for name in variants for seed in seeds]))
 
 
-def _mlpaint_train(args: list[str], workdir: Path) -> tuple[float, dict]:
+def mlpaint_train(args: list[str], workdir: Path, cache: Path | None = None
+                   ) -> tuple[float, dict]:
+    """`mlpaint train ARGS --json` in `workdir` (its SQLite MLflow store, and its `cache`
+    unless `cache` names another), timed as a command; its wall seconds and report."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     command = [str(Path(sys.executable).parent / "mlpaint"), "train", *args,
-               "--cache-dir", str(workdir / "cache"), "--json"]
+               "--cache-dir", str(cache or workdir / "cache"), "--json"]
     run = timed_run(command, env, timeout_s=None, cwd=workdir)
     return run.seconds, json.loads(run.stdout)
 
@@ -477,7 +480,7 @@ def part_default(mnist: Path, port: int) -> dict:
             s3.create_bucket(Bucket="bench-mnist")
             for path in sorted(mnist.glob("*.gz")):
                 s3.upload_file(str(path), "bench-mnist", f"mnist/{path.name}")
-            seconds, report = _mlpaint_train(["--source", "s3://bench-mnist/mnist/"],
+            seconds, report = mlpaint_train(["--source", "s3://bench-mnist/mnist/"],
                                              Path(workdir))
         finally:
             stop_service(moto)
@@ -510,15 +513,15 @@ def part_resume(mnist: Path, runs: int, folds: int) -> dict:
     times: dict[str, list[float]] = {"cold": [], "full": [], "resumed": []}
     with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as folder:
         workdir = Path(folder)
-        seconds, _ = _mlpaint_train(args, workdir)  # once: it fills the data stages' cache
+        seconds, _ = mlpaint_train(args, workdir)  # once: it fills the data stages' cache
         times["cold"].append(seconds)
         for _ in range(runs):
             shutil.rmtree(workdir / "cache" / "fits")
-            seconds, report = _mlpaint_train(args, workdir)
+            seconds, report = mlpaint_train(args, workdir)
             assert not any(f["reused"] for f in report["folds"])
             times["full"].append(seconds)
             _remove_fit(workdir / "cache", f"fold-{folds - 1}")
-            seconds, report = _mlpaint_train(args, workdir)
+            seconds, report = mlpaint_train(args, workdir)
             reused = [f["name"] for f in [*report["folds"], report["test"]] if f["reused"]]
             assert len(reused) == folds, reused  # all but the last fold
             times["resumed"].append(seconds)
@@ -618,7 +621,7 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
     for run in range(runs):
         with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
             # No augmented copies: the bare script trains on the MNIST rows alone.
-            seconds, _ = _mlpaint_train(["--source", str(mnist), "--folds", str(folds),
+            seconds, _ = mlpaint_train(["--source", str(mnist), "--folds", str(folds),
                                          "--features", stage, "--augment-copies", "0"],
                                         Path(workdir))
         flow_times.append(seconds)

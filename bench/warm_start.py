@@ -31,27 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from bench.services import timed_run
+from bench.robustness import pen_table
+from bench.train import mlpaint_train
 
 logger = logging.getLogger("bench.warm_start")
 REPO = Path(__file__).resolve().parents[1]
 #: Training renders pen digits with the spec's seed (0); this one draws new renderings.
 CORRECTIONS_SEED = 9001
-
-
-def _mlpaint_train(args: list[str], workdir: Path, cache: Path) -> tuple[float, dict]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    command = [str(Path(sys.executable).parent / "mlpaint"), "train", *args,
-               "--cache-dir", str(cache), "--json"]
-    run = timed_run(command, env, timeout_s=None, cwd=workdir)
-    return run.seconds, json.loads(run.stdout)
 
 
 def _scores(report: dict) -> dict:
@@ -64,23 +54,13 @@ def _scores(report: dict) -> dict:
             "fit_seconds": test["fit_seconds"], "train_rows": test["train_rows"]}
 
 
-def _pen_table():
-    import gzip
-
-    from mlpaint.data.pendigits import PenTable, packaged_pen_copy, parse_unipen
-
-    text = gzip.decompress(packaged_pen_copy().read_bytes()).decode("ascii")
-    return PenTable.from_digits(parse_unipen(text.splitlines(), "packaged"),
-                                origin="packaged", sha256="", verified=False)
-
-
 def write_corrections(store_folder: Path, model, count: int) -> dict:
     """`count` new renderings of training writers' pen digits as corrections of `model`'s
     answers: its wrong answers first."""
     from mlpaint.drawing import DRAWN_TEST_STYLE, drawn_test_rows, render_rows
     from mlpaint.feedback import FeedbackRecord, FeedbackStore
 
-    table = _pen_table()
+    table = pen_table(None)
     training_rows = np.setdiff1d(np.arange(len(table)), drawn_test_rows(table, 0.2))
     pixels, source = render_rows(table, training_rows, renderings=1, style=DRAWN_TEST_STYLE,
                                  seed=CORRECTIONS_SEED)
@@ -130,7 +110,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     base_cache, bundles = workdir / "cache", workdir / "bundles"
     source = ["--source", str(args.mnist)]
-    seconds, base = _mlpaint_train([*source, "--spec", args.base, "--publish-to",
+    seconds, base = mlpaint_train([*source, "--spec", args.base, "--publish-to",
                                     str(bundles)], workdir, base_cache)
     result = {"base": {"spec": args.base, "wall_seconds": round(seconds, 1),
                        "reused": base["test"]["reused"], **_scores(base)}}
@@ -154,7 +134,7 @@ def main() -> None:
     for name, cache in (("cold", workdir / "cache-cold"), ("warm", base_cache)):
         client.set_registered_model_alias("mnist-digits", "champion", base_version)
         destination = workdir / f"bundles-{name}"
-        seconds, report = _mlpaint_train([*warm_args, "--publish-to", str(destination)],
+        seconds, report = mlpaint_train([*warm_args, "--publish-to", str(destination)],
                                          workdir, cache)
         gate = report["publication"]["gate"]
         result[name] = {"wall_seconds": round(seconds, 1), **_scores(report),

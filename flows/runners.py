@@ -38,6 +38,8 @@ class ClusterOrThreadsTaskRunner(TaskRunner):
         if address := dask_address():
             from prefect_dask import DaskTaskRunner
 
+            self.logger.info("tasks run on the Dask scheduler at %s (%s)", address,
+                             DASK_ADDRESS_ENV)
             return DaskTaskRunner(address=address)
         return ThreadPoolTaskRunner(max_workers=self.max_workers)
 
@@ -46,9 +48,6 @@ class ClusterOrThreadsTaskRunner(TaskRunner):
         chosen = self.choose()
         chosen.__enter__()
         self.chosen = chosen
-        if address := dask_address():
-            self.logger.info("tasks run on the Dask scheduler at %s (%s)", address,
-                             DASK_ADDRESS_ENV)
         return self
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:

@@ -50,15 +50,7 @@ from mlpaint.tracking.experiment import (
     run_page_url,
     start_parent_run,
 )
-from mlpaint.tracking.publication import load_registered_model, version_with_alias
-from mlpaint.tracking.registry import REGISTERED_MODEL_NAME
-from mlpaint.training.algorithms import (
-    BaggedBoostingConfig,
-    DigitModel,
-    GbdtConfig,
-    ModelFormatError,
-    continuation_problem,
-)
+from mlpaint.training.algorithms import BaggedBoostingConfig, DigitModel, GbdtConfig
 from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW, ConfidenceChoice
 from mlpaint.training.fits import (
     MODEL,
@@ -80,7 +72,7 @@ from mlpaint.training.matrices import (
 )
 from mlpaint.training.pen import draw_pen_digits, pen_matrix_key, pen_rows_expected
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, PenSpec
-from mlpaint.training.warm_start import WarmStartBase, base_model_location, store_base_model
+from mlpaint.training.warm_start import WarmStartBase, resolve_base
 from tasks.artifacts import create_png_artifact
 from tasks.progress import fit_watchers
 from tasks.retries import SERVICE_CALL_RETRIES
@@ -257,35 +249,10 @@ def prepare_pen(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: i
 @task(name="prepare-warm-start", **SERVICE_CALL_RETRIES)
 def prepare_warm_start(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
                        catalog: Catalog, tracking_uri: str) -> WarmStartBase | None:
-    """The registered version a warm start continues (the one holding
-    `spec.warm_start.alias`), its model stored where every fit can read it; None, with the
-    reason in the log, when no version holds the alias or the spec cannot continue it, and
-    the run then trains from nothing."""
-    logger = get_run_logger()
-    alias = spec.warm_start.alias
-    version = version_with_alias(tracking_client(tracking_uri), REGISTERED_MODEL_NAME, alias)
-    if version is None:
-        logger.warning("warm start: no version of %s holds the alias %r; training %s from "
-                       "nothing", REGISTERED_MODEL_NAME, alias, spec.algorithm)
-        return None
-    location = base_model_location(catalog, version.run_id, str(version.version))
-    try:
-        if not catalog.is_finished(location):
-            store_base_model(catalog, location, load_registered_model(
-                REGISTERED_MODEL_NAME, str(version.version), tracking_uri))
-        model = DigitModel.load(local_folder(location))
-    except ModelFormatError as exc:
-        logger.warning("warm start: %s; training %s from nothing", exc, spec.algorithm)
-        return None
-    base = WarmStartBase(location, REGISTERED_MODEL_NAME, str(version.version), version.run_id,
-                         alias, sum(model.rounds), model.low_confidence_below)
-    if problem := continuation_problem(model, config, spec.features):
-        logger.warning("warm start: %s cannot be continued by %s: %s; training it from "
-                       "nothing", base.describe(), spec.algorithm, problem)
-        return None
-    logger.info("warm start: continuing %s with %d rounds of %s; no folds train (it has "
-                "seen their held-out rows)", base.describe(), spec.warm_start.rounds,
-                spec.algorithm)
+    """The registered version a warm start continues (`resolve_base`), or None, the reason
+    logged as a warning, and the run trains from nothing."""
+    base, said = resolve_base(spec, config, catalog, tracking_uri)
+    (get_run_logger().info if base else get_run_logger().warning)("%s", said)
     return base
 
 

@@ -29,14 +29,15 @@ class SecurityHeaders:
     def __init__(self, app: ASGIApp, policy_exempt: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.policy_exempt = policy_exempt
+        # Built once: the request path only chooses between them.
+        self.with_policy = [*HEADERS,
+                            (b"content-security-policy", CONTENT_SECURITY_POLICY.encode())]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        added = list(HEADERS)
-        if scope["path"] not in self.policy_exempt:
-            added.append((b"content-security-policy", CONTENT_SECURITY_POLICY.encode()))
+        added = HEADERS if scope["path"] in self.policy_exempt else self.with_policy
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":

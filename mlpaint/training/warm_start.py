@@ -8,8 +8,18 @@ import hashlib
 from dataclasses import dataclass
 
 from mlpaint.catalog import BASE_MODELS, Catalog, local_folder
-from mlpaint.training.algorithms import Continuation, DigitModel
-from mlpaint.training.spec import WarmStartSpec
+from mlpaint.tracking.publication import load_registered_model, version_with_alias
+from mlpaint.tracking.registry import REGISTERED_MODEL_NAME
+from mlpaint.tracking.store import tracking_client
+from mlpaint.training.algorithms import (
+    BaggedBoostingConfig,
+    Continuation,
+    DigitModel,
+    GbdtConfig,
+    ModelFormatError,
+    continuation_problem,
+)
+from mlpaint.training.spec import ExperimentSpec, WarmStartSpec
 
 
 @dataclass(frozen=True)
@@ -52,3 +62,34 @@ def store_base_model(catalog: Catalog, location: str, model: DigitModel) -> None
     with catalog.staging(location) as staging:
         model.save(staging)
         catalog.finish(staging, location)
+
+
+def resolve_base(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+                 catalog: Catalog, tracking_uri: str) -> tuple[WarmStartBase | None, str]:
+    """The registered version `spec.warm_start.alias` names, its model stored where every fit
+    can read it (once per version), and a sentence saying what will continue; or None and
+    why not, when no version holds the alias or the spec cannot continue it (the run then
+    trains from nothing)."""
+    alias = spec.warm_start.alias
+    version = version_with_alias(tracking_client(tracking_uri), REGISTERED_MODEL_NAME, alias)
+    if version is None:
+        return None, (f"warm start: no version of {REGISTERED_MODEL_NAME} holds the alias "
+                      f"{alias!r}; training {spec.algorithm} from nothing")
+    location = base_model_location(catalog, version.run_id, str(version.version))
+    try:
+        if catalog.is_finished(location):
+            model = DigitModel.load(local_folder(location))
+        else:
+            model = load_registered_model(REGISTERED_MODEL_NAME, str(version.version),
+                                          tracking_uri)
+            store_base_model(catalog, location, model)
+    except ModelFormatError as exc:
+        return None, f"warm start: {exc}; training {spec.algorithm} from nothing"
+    base = WarmStartBase(location, REGISTERED_MODEL_NAME, str(version.version), version.run_id,
+                         alias, sum(model.rounds), model.low_confidence_below)
+    if problem := continuation_problem(model, config, spec.features):
+        return None, (f"warm start: {base.describe()} cannot be continued by "
+                      f"{spec.algorithm}: {problem}; training it from nothing")
+    return base, (f"warm start: continuing {base.describe()} with {spec.warm_start.rounds} "
+                  f"rounds of {spec.algorithm}; no folds train (it has seen their held-out "
+                  "rows)")
