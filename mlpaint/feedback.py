@@ -180,7 +180,7 @@ class FeedbackStore:
             raise FeedbackError(f"{id_or_prefix!r}: no such record")
         return FeedbackRecord.from_bytes(data, where=self.store.describe(key))
 
-    def _read_all(self, prefix: str) -> Iterator[tuple[str, bytes]]:
+    def raw_objects(self, prefix: str) -> Iterator[tuple[str, bytes]]:
         """Every JSON object under `prefix` with its key, in key order. Read a few at a time:
         from S3 each read is a round trip, and one after another they add up (100,000
         records)."""
@@ -196,7 +196,7 @@ class FeedbackStore:
 
     def records(self) -> Iterator[FeedbackRecord]:
         """Every record, in id order (ids are hashes: the order is stable, not temporal)."""
-        for key, data in self._read_all(RECORDS):
+        for key, data in self.raw_objects(RECORDS):
             yield FeedbackRecord.from_bytes(data, where=self.store.describe(key))
 
     def reject(self, id_or_prefix: str, reason: str) -> tuple[str, bool]:
@@ -207,7 +207,7 @@ class FeedbackStore:
 
     def rejections(self) -> dict[str, Rejection]:
         found = {}
-        for _, data in self._read_all(REJECTIONS):
+        for _, data in self.raw_objects(REJECTIONS):
             doc = json.loads(data)
             found[doc["id"]] = Rejection(doc["id"], doc["reason"], doc["rejected_at"])
         return found

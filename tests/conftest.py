@@ -205,6 +205,16 @@ def wait_for(condition: Callable[[], T], what: str, *, timeout_s: float = 60.0,
     return result
 
 
+def official_test_digits(mnist: Path | str, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first `count` official test digits as (count, 784) uint8 pixels, and labels, read
+    straight from MNIST's files."""
+    with gzip.open(Path(mnist) / "t10k-images-idx3-ubyte.gz") as handle:
+        pixels = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 784)
+    with gzip.open(Path(mnist) / "t10k-labels-idx1-ubyte.gz") as handle:
+        labels = np.frombuffer(handle.read(), np.uint8, offset=8)
+    return pixels[:count].copy(), labels[:count].copy()
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300
             ) -> subprocess.CompletedProcess:
     mlpaint = str(Path(sys.executable).parent / "mlpaint")

@@ -108,7 +108,14 @@ def add_feedback_commands(subcommands) -> None:
     reject = commands.add_parser("reject", help="exclude a record from training")
     reject.add_argument("id")
     reject.add_argument("--reason", default="", metavar="TEXT")
-    for command in (listing, show, export, reject):
+    check = commands.add_parser(
+        "check", help="check every record as training relies on it; exit 1 on an error",
+        description="Each record parses, is named after its id, still hashes its label and "
+                    "drawing, still preprocesses to its pixels, holds a digit, and is not "
+                    "the same digit as a record with another label; each rejection names a "
+                    "record. Duplicates and dangling rejections are warnings.")
+    check.add_argument("--json", action="store_true", help="the whole report as JSON")
+    for command in (listing, show, export, reject, check):
         command.add_argument("--store", metavar="URI", help=store_help)
         command.set_defaults(handler=_run_feedback)
 
@@ -165,6 +172,12 @@ def _run_feedback(args: argparse.Namespace) -> int:
     elif args.feedback_command == "reject":
         record_id, new = store.reject(args.id, args.reason)
         print(f"{record_id} rejected" + ("" if new else " (it already was)"))
+    elif args.feedback_command == "check":
+        from mlpaint.data.feedback_checks import check_feedback_store
+
+        report = check_feedback_store(store)
+        print(json.dumps(report.to_json()) if args.json else "\n".join(report.lines()))
+        return 0 if report.passed else 1
     return 0
 
 

@@ -1,6 +1,6 @@
 """The API's contract: the request and response models, as /openapi.json publishes them.
 
-A schema-driven fuzzer (tests/serving/test_openapi_contract.py) holds the app to this
+A schema-driven fuzzer (tests/integration/test_openapi_contract.py) holds the app to this
 document, so what a field accepts is said here, in the schema, and nowhere else.
 """
 

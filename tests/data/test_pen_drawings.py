@@ -2,19 +2,12 @@
 training portion is the pinned one, and it holds what every later step relies on (labels,
 writers, shapes, no duplicates), and its renderings look like digits drawn on the page."""
 
-import gzip
 import hashlib
 
 import numpy as np
 import pytest
 
-from mlpaint.data.catalog import PEN_TRAJECTORIES_SHA256
-from mlpaint.data.pendigits import (
-    PenTable,
-    drawn_test_writers,
-    packaged_pen_copy,
-    parse_unipen,
-)
+from mlpaint.data.pendigits import drawn_test_writers
 from mlpaint.drawing import PenStyle, drawn_digit
 from mlpaint.preprocess import MASS_CENTRE
 
@@ -24,58 +17,49 @@ PUBLISHED_LABEL_COUNTS = [780, 779, 780, 719, 780, 720, 720, 778, 719, 719]  # U
 TABLET_SIDE = 500  # every digit was written inside a 500 x 500 box of tablet units
 
 
-@pytest.fixture(scope="module")
-def table() -> PenTable:
-    text = gzip.decompress(packaged_pen_copy().read_bytes())
-    assert hashlib.sha256(text).hexdigest() == PEN_TRAJECTORIES_SHA256
-    return PenTable.from_digits(parse_unipen(text.decode("ascii").splitlines(), "packaged"),
-                                origin="packaged", sha256=PEN_TRAJECTORIES_SHA256,
-                                verified=True)
+def test_the_packaged_copy_is_uci_training_portion(pen_table):
+    assert len(pen_table) == 7494
+    assert pen_table.label_counts() == PUBLISHED_LABEL_COUNTS
+    assert sorted(set(pen_table.writers.tolist())) == list(range(1, 31))
 
 
-def test_the_packaged_copy_is_uci_training_portion(table):
-    assert len(table) == 7494
-    assert table.label_counts() == PUBLISHED_LABEL_COUNTS
-    assert sorted(set(table.writers.tolist())) == list(range(1, 31))
-
-
-def test_every_writer_drew_every_digit_about_equally(table):
-    for writer in np.unique(table.writers):
-        counts = np.bincount(table.labels[table.writers == writer], minlength=10)
+def test_every_writer_drew_every_digit_about_equally(pen_table):
+    for writer in np.unique(pen_table.writers):
+        counts = np.bincount(pen_table.labels[pen_table.writers == writer], minlength=10)
         assert counts.min() >= 20, (writer, counts)
         assert 240 <= counts.sum() <= 250, (writer, counts)
 
 
-def test_keys_are_unique_and_points_lie_on_the_tablet(table):
-    assert len(set(table.row_keys)) == len(table)
-    assert table.points.min() >= 0 and table.points.max() < TABLET_SIDE
-    strokes_per_digit = np.diff(table.digit_ends, prepend=0)
+def test_keys_are_unique_and_points_lie_on_the_tablet(pen_table):
+    assert len(set(pen_table.row_keys)) == len(pen_table)
+    assert pen_table.points.min() >= 0 and pen_table.points.max() < TABLET_SIDE
+    strokes_per_digit = np.diff(pen_table.digit_ends, prepend=0)
     assert strokes_per_digit.min() >= 1 and strokes_per_digit.max() <= 10
-    points_per_digit = np.array([sum(len(s) for s in table.strokes(r))
-                                 for r in range(len(table))])
+    points_per_digit = np.array([sum(len(s) for s in pen_table.strokes(r))
+                                 for r in range(len(pen_table))])
     assert points_per_digit.min() >= 2  # a digit is more than a tap
 
 
-def test_no_digit_is_recorded_twice(table):
+def test_no_digit_is_recorded_twice(pen_table):
     """Two rows with the same strokes would put one drawing on both sides of a fold."""
-    digests = {hashlib.sha256(np.ascontiguousarray(np.concatenate(table.strokes(r)))
-                              .tobytes()).hexdigest() for r in range(len(table))}
-    assert len(digests) == len(table)
+    digests = {hashlib.sha256(np.ascontiguousarray(np.concatenate(pen_table.strokes(r)))
+                              .tobytes()).hexdigest() for r in range(len(pen_table))}
+    assert len(digests) == len(pen_table)
 
 
-def test_the_drawn_test_writers_have_every_digit(table):
-    held_out = drawn_test_writers(table.writers.tolist(), 0.2)
+def test_the_drawn_test_writers_have_every_digit(pen_table):
+    held_out = drawn_test_writers(pen_table.writers.tolist(), 0.2)
     assert len(held_out) == 6
-    test_rows = np.isin(table.writers, sorted(held_out))
-    assert np.bincount(table.labels[test_rows], minlength=10).min() >= 100
+    test_rows = np.isin(pen_table.writers, sorted(held_out))
+    assert np.bincount(pen_table.labels[test_rows], minlength=10).min() >= 100
     # ...and the other 24 writers keep enough of each digit to train on.
-    assert np.bincount(table.labels[~test_rows], minlength=10).min() >= 500
+    assert np.bincount(pen_table.labels[~test_rows], minlength=10).min() >= 500
 
 
-def test_renderings_are_digits_as_the_server_makes_them(table):
+def test_renderings_are_digits_as_the_server_makes_them(pen_table):
     rng = np.random.default_rng(0)
-    rows = rng.choice(len(table), 200, replace=False)
-    digits = np.stack([drawn_digit(table.strokes(r), PenStyle(), rng) for r in rows])
+    rows = rng.choice(len(pen_table), 200, replace=False)
+    digits = np.stack([drawn_digit(pen_table.strokes(r), PenStyle(), rng) for r in rows])
     assert digits.shape == (200, 28, 28) and digits.dtype == np.uint8
     ink = digits.reshape(200, -1).astype(np.float64)
     assert (ink.max(axis=1) == 255).all()  # the server's preprocessing scales to full ink

@@ -2,7 +2,6 @@
 slice of the real MNIST (a few thousand rows, few rounds)."""
 
 import base64
-import gzip
 import json
 import os
 import subprocess
@@ -22,7 +21,7 @@ from mlpaint.bundle import load_bundle
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.fits import fit_threads
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, KFolds, MldbFolds
-from tests.conftest import run_cli
+from tests.conftest import official_test_digits, run_cli
 from tests.servers.dask_cluster import dask_cluster
 
 pytestmark = pytest.mark.integration
@@ -64,15 +63,6 @@ def tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
-
-
-def _official_test_digits(mnist: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first `count` official test digits as (count, 784) uint8 pixels, and labels."""
-    with gzip.open(os.path.join(mnist, "t10k-images-idx3-ubyte.gz")) as handle:
-        pixels = np.frombuffer(handle.read(), np.uint8, offset=16).reshape(-1, 784)
-    with gzip.open(os.path.join(mnist, "t10k-labels-idx1-ubyte.gz")) as handle:
-        labels = np.frombuffer(handle.read(), np.uint8, offset=8)
-    return pixels[:count], labels[:count]
 
 
 def _artifact_paths(client, run_id, path=None):
@@ -214,7 +204,7 @@ def test_kfold_flow_leaves_the_run_tree_and_registered_model(harness, training_i
     assert card["feature_stage"] == "moments" and card["labels"] == list(range(10))
     assert card["low_confidence_below"] == summary.low_confidence.threshold
     assert model.metadata.get_input_schema().input_names() == ["pixels"]
-    pixels, labels = _official_test_digits(training_inputs["source"], 300)
+    pixels, labels = official_test_digits(training_inputs["source"], 300)
     accuracy = (np.asarray(model.predict(pixels.astype(np.float32))).argmax(axis=1)
                 == labels).mean()
     assert accuracy > 0.7
@@ -254,7 +244,7 @@ def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
     import mlflow
 
     model = mlflow.pyfunc.load_model(summary.registered.model_uri)
-    pixels, _ = _official_test_digits(training_inputs["source"], 2)
+    pixels, _ = official_test_digits(training_inputs["source"], 2)
     probabilities = np.asarray(model.predict(pixels.astype(np.float32)))
     assert probabilities.shape == (2, 10) and np.allclose(probabilities.sum(axis=1), 1)
     assert model.metadata.metadata["algorithm"] == "bbdt_d5"
@@ -278,7 +268,7 @@ def test_mlflow_scoring_server_answers_pixels(harness, training_inputs, tracking
         f"http://127.0.0.1:{port}/ping", env=env, log=tmp_path / "serve.log",
         timeout_s=120)
     try:
-        pixels, labels = _official_test_digits(training_inputs["source"], 200)
+        pixels, labels = official_test_digits(training_inputs["source"], 200)
         response = requests.post(f"http://127.0.0.1:{port}/invocations",
                                  json={"inputs": pixels.tolist()}, timeout=60)
         assert response.status_code == 200, response.text
@@ -299,7 +289,7 @@ def _feedback_store(root, mnist: str, count: int = 150):
     labels them; the app "answered" every fourth wrongly), ten of them rejected."""
     from mlpaint.feedback import FeedbackRecord, FeedbackStore
 
-    pixels, labels = _official_test_digits(mnist, 2000 + count)
+    pixels, labels = official_test_digits(mnist, 2000 + count)
     store = FeedbackStore.at(str(root))
     records = [FeedbackRecord.new(label=int(labels[i]), pixels=pixels[i],
                                   answered_digit=(int(labels[i]) + (i % 4 == 0)) % 10)
@@ -435,7 +425,7 @@ def test_a_warm_start_continues_the_champion_and_the_gate_weighs_it(harness, tra
     champion = load_registered_model("mnist-digits", cold.registered.version, uri)
     model = load_registered_model("mnist-digits", warm.registered.version, uri)
     assert model.rounds == [18] and model.boosters[0].num_trees() == 18 * 10
-    pixels, _ = _official_test_digits(training_inputs["source"], 300)
+    pixels, _ = official_test_digits(training_inputs["source"], 300)
     features = model.features(pixels)
     assert np.allclose(model.boosters[0].predict(features, raw_score=True, num_iteration=12),
                        champion.raw_scores(features))
@@ -730,7 +720,7 @@ def test_cli_train_on_a_remote_dask_worker_through_an_s3_store(
     import mlflow
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
-    pixels, labels = _official_test_digits(training_inputs["source"], 300)
+    pixels, labels = official_test_digits(training_inputs["source"], 300)
     predicted = np.asarray(mlflow.pyfunc.load_model(
         report["registered_model"]["model_uri"]).predict(pixels.astype(np.float32)))
     assert (predicted.argmax(axis=1) == labels).mean() > 0.8

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mlpaint.data.catalog import Split
 from mlpaint.serving.app import create_app
-from tests.serving.conftest import build_and_publish
+from tests.integration.conftest import build_and_publish
 
 
 @pytest.fixture(scope="module")

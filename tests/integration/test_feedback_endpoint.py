@@ -197,6 +197,13 @@ def test_two_workers_posting_at_once_store_everything_once_and_tell_prefect(
     assert export.returncode == 0 and export.stdout.startswith("79 accepted")
     missing = run_cli(["feedback", "show", "abcdef00", "--store", str(store)], cli_env)
     assert missing.returncode == 1 and "no such record" in missing.stderr
+    # Each drawing was labelled two ways: the data check finds the 40 contradictions and
+    # nothing else in what the two workers stored.
+    checked = run_cli(["feedback", "check", "--json", "--store", str(store)], cli_env)
+    assert checked.returncode == 1, checked.stderr
+    findings = json.loads(checked.stdout)["findings"]
+    assert sorted({f["check"] for f in findings}) == ["conflicting-labels"]
+    assert len(findings) == 40 and {f["id"] for f in findings} < set(created)
 
 
 @pytest.mark.integration

@@ -13,7 +13,7 @@ import requests
 from mlpaint.data.catalog import Split
 from mlpaint.processes import free_port, start_service, stop_service
 from tests.conftest import wait_for
-from tests.serving.conftest import build_and_publish
+from tests.integration.conftest import build_and_publish
 
 pytestmark = pytest.mark.integration
 

@@ -1,0 +1,18 @@
+"""The data sets the data tests read: the pen drawings mlpaint ships, parsed once."""
+
+import gzip
+import hashlib
+
+import pytest
+
+from mlpaint.data.catalog import PEN_TRAJECTORIES_SHA256
+from mlpaint.data.pendigits import PenTable, packaged_pen_copy, parse_unipen
+
+
+@pytest.fixture(scope="session")
+def pen_table() -> PenTable:
+    text = gzip.decompress(packaged_pen_copy().read_bytes())
+    assert hashlib.sha256(text).hexdigest() == PEN_TRAJECTORIES_SHA256
+    return PenTable.from_digits(parse_unipen(text.decode("ascii").splitlines(), "packaged"),
+                                origin="packaged", sha256=PEN_TRAJECTORIES_SHA256,
+                                verified=True)

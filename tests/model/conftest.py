@@ -1,0 +1,46 @@
+"""The model the behaviour tests check: the one a real training run registers. `mlpaint
+train` runs the packaged default spec (its features, augmentation, pen drawings and
+LightGBM configuration) on the first 8,000 MNIST training digits against a real Prefect
+server and a SQLite MLflow store, and the tests load the registered version back from the
+registry, as `mlpaint publish` and MLflow's scoring server do."""
+
+import json
+import os
+
+import mlflow
+import numpy as np
+import pytest
+
+from tests.conftest import run_cli
+
+TRAIN_ROWS = 8000
+
+
+class RegisteredModel:
+    """A registered version, loaded through MLflow: raw 0-255 pixels in, digits out."""
+
+    def __init__(self, model_uri: str, tracking_uri: str) -> None:
+        mlflow.set_tracking_uri(tracking_uri)
+        mlflow.set_registry_uri(tracking_uri)
+        self.model_uri = model_uri
+        self.pyfunc = mlflow.pyfunc.load_model(model_uri)
+
+    def digits(self, images: np.ndarray) -> np.ndarray:
+        pixels = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
+        return np.asarray(self.pyfunc.predict(pixels)).argmax(axis=1)
+
+
+@pytest.fixture(scope="session")
+def registered_model(shared_mnist, prefect_api, tmp_path_factory) -> RegisteredModel:
+    root = tmp_path_factory.mktemp("registered-model")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api,
+           "PREFECT_HOME": str(root / "prefect-client"), "MLFLOW_TRACKING_URI": tracking_uri,
+           "MLPAINT_CACHE_DIR": str(root / "cache")}
+    trained = run_cli(["train", "--source", str(shared_mnist), "--limit", str(TRAIN_ROWS),
+                       "--json"], env, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    registered = json.loads(trained.stdout)["registered_model"]
+    assert registered and registered["version"] == "1", trained.stdout
+    return RegisteredModel(registered["model_uri"], tracking_uri)
+
