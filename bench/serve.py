@@ -153,13 +153,15 @@ def _in_process(bundle: str, digits: list[list[int]], repeats: int) -> dict:
     return results
 
 
-def _serve_and_load(args: argparse.Namespace, workers: int, digits: list[list[int]]
-                    ) -> list[dict]:
-    """Start `mlpaint serve --workers N`, load each endpoint at 1 and 16 clients, stop it."""
+def _serve_and_load(args: argparse.Namespace, workers: int, digits: list[list[int]],
+                    metrics: bool = True) -> list[dict]:
+    """Start `mlpaint serve --workers N [--no-metrics]`, load each endpoint at 1 and 16
+    clients, stop it."""
     base = f"http://127.0.0.1:{args.port}"
     server = start_service(
         [str(Path(sys.executable).parent / "mlpaint"), "serve", "--bundle", args.bundle,
-         "--port", str(args.port), "--watch-seconds", "0", "--workers", str(workers)],
+         "--port", str(args.port), "--watch-seconds", "0", "--workers", str(workers),
+         "--metrics" if metrics else "--no-metrics"],
         base + "/readyz")
     results = []
     try:
@@ -172,7 +174,7 @@ def _serve_and_load(args: argparse.Namespace, workers: int, digits: list[list[in
                     measured = (_wrk(base + path, bodies[0], clients, args.seconds,
                                      Path(workdir)) if use_wrk
                                 else _load(base + path, bodies, clients, args.seconds))
-                    row = {"workers": workers, "endpoint": path,
+                    row = {"workers": workers, "metrics": metrics, "endpoint": path,
                            "load": "wrk" if use_wrk else "python", **measured}
                     print(row, flush=True)
                     results.append(row)
@@ -191,30 +193,50 @@ def main() -> None:
                         help="server process counts to measure, one after the other")
     parser.add_argument("--runs", type=int, default=3,
                         help="rounds over every worker count; medians are reported")
+    parser.add_argument("--metrics", choices=("on", "off", "both"), default="on",
+                        help="serve with /metrics counting, without, or both interleaved "
+                             "in every run (their cost: the ratios of the medians)")
     args = parser.parse_args()
     digits = _digits(args.mnist, 200)
     baseline = _in_process(args.bundle, digits, 200)
     print("in-process", baseline, flush=True)
     results = []
+    variants = {"on": [True], "off": [False], "both": [True, False]}[args.metrics]
     for run in range(args.runs):
         for workers in args.workers:  # interleaved, so machine noise hits every count alike
-            results += [{"run": run + 1, **row}
-                        for row in _serve_and_load(args, workers, digits)]
+            for metrics in variants:
+                results += [{"run": run + 1, **row}
+                            for row in _serve_and_load(args, workers, digits, metrics)]
+    medians = _medians(results)
     print(json.dumps({"in_process": baseline, "runs": args.runs, "http": results,
-                      "medians": _medians(results)}, indent=1))
+                      "medians": medians, "metrics_cost": _metrics_cost(medians)}, indent=1))
+
+
+def _metrics_cost(medians: list[dict]) -> list[dict]:
+    """With metrics over without, per (workers, endpoint, clients): throughput and p99."""
+    by_key = {(m["workers"], m["endpoint"], m["clients"], m["metrics"]): m for m in medians}
+    return [{"workers": w, "endpoint": e, "clients": c,
+             "throughput_on_over_off": round(on["throughput_rps"]
+                                             / off["throughput_rps"], 3),
+             "p99_on_over_off": round(on["p99_ms"] / off["p99_ms"], 3)}
+            for (w, e, c, flag), on in by_key.items()
+            if flag and (off := by_key.get((w, e, c, False)))]
 
 
 def _medians(results: list[dict]) -> list[dict]:
-    """Per (workers, endpoint, clients): the median over runs of each figure; errors summed."""
+    """Per (workers, metrics, endpoint, clients): the median over runs of each figure; errors
+    summed."""
     groups: dict[tuple, list[dict]] = {}
     for row in results:
-        groups.setdefault((row["workers"], row["endpoint"], row["clients"]), []).append(row)
-    return [{"workers": workers, "endpoint": endpoint, "clients": clients, "runs": len(rows),
+        groups.setdefault((row["workers"], row["metrics"], row["endpoint"], row["clients"]),
+                          []).append(row)
+    return [{"workers": workers, "metrics": metrics, "endpoint": endpoint, "clients": clients,
+             "runs": len(rows),
              "errors": sum(r["errors"] for r in rows),
              **{key: statistics.median(r[key] for r in rows)
                 for key in ("throughput_rps", "p50_ms", "p99_ms")},
              "p99_ms_each_run": [r["p99_ms"] for r in rows]}
-            for (workers, endpoint, clients), rows in groups.items()]
+            for (workers, metrics, endpoint, clients), rows in groups.items()]
 
 
 if __name__ == "__main__":

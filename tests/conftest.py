@@ -215,6 +215,15 @@ def official_test_digits(mnist: Path | str, count: int) -> tuple[np.ndarray, np.
     return pixels[:count].copy(), labels[:count].copy()
 
 
+def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """The samples of one metric in Prometheus' text format, by their sorted labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name}
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300
             ) -> subprocess.CompletedProcess:
     mlpaint = str(Path(sys.executable).parent / "mlpaint")

@@ -37,6 +37,7 @@ from mlpaint.serving.drawings import (
     pixels_of_all,
 )
 from mlpaint.serving.events import FeedbackAnnouncer
+from mlpaint.serving.metrics import RequestMetrics, ServerMetrics
 from mlpaint.serving.model import (
     ALL_LABELS,
     ModelHolder,
@@ -76,11 +77,18 @@ def _confidence(probabilities: np.ndarray, model: ServedModel) -> Status:
 
 def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
                watch_interval_s: float = 5.0, feedback_store: str | None = None,
-               feedback_rate: str = DEFAULT_FEEDBACK_RATE) -> FastAPI:
+               feedback_rate: str = DEFAULT_FEEDBACK_RATE, with_metrics: bool = True
+               ) -> FastAPI:
     """The app. `feedback_store` is where `/v1/feedback` appends (None: the endpoint answers
     404); `feedback_rate` is how many posts one client address may make, as `limits` writes
-    it ("20/minute"), counted in each server process."""
+    it ("20/minute"), counted in each server process; `with_metrics` serves Prometheus'
+    `/metrics` (mlpaint.serving.metrics), else nothing is counted and it answers 404."""
+    metrics = ServerMetrics() if with_metrics else None
     holder = ModelHolder(bundle_uri, cache_dir=cache_dir)
+    if metrics:
+        holder.on_serving = lambda served: metrics.now_serving(
+            served.version, served.bundle.info.model_version)
+        holder.on_failed_reload = lambda _: metrics.count_reload(swapped=False)
     feedback = FeedbackStore.at(feedback_store) if feedback_store else None
     rate = parse_rate(feedback_rate)
     limiter = MovingWindowRateLimiter(MemoryStorage())
@@ -100,6 +108,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
     app = FastAPI(title="MLPaint", version="1", lifespan=lifespan,
                   description="Scores and exact per-pixel explanations of handwritten digits.")
     app.state.holder = holder
+    app.state.metrics = metrics
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -113,6 +122,8 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
     app.add_middleware(SecurityHeaders, policy_exempt=frozenset(
         path for path in (app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url)
         if path))
+    if metrics:
+        app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: times every answer
     # The page's script and styles, files of their own so the policy can forbid inline code.
     app.mount("/static", StaticFiles(packages=[("mlpaint.serving", "static")]), name="static")
 
@@ -121,6 +132,11 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         if current is None:
             raise HTTPException(503, "no model loaded yet")
         return current
+
+    if metrics:
+        @app.get("/metrics", include_in_schema=False)
+        def prometheus_metrics() -> Response:
+            return Response(metrics.exposition(), media_type=metrics.content_type)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -174,6 +190,8 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
                     status="nothing_drawn", digit=None, candidates=[], probabilities=None,
                     raw_scores=None, model_version=info.model_version,
                     bundle_version=info.version))
+        if metrics:
+            metrics.count_answers("predict", ((p.digit, p.status) for p in predictions))
         return PredictResponse(predictions=predictions)
 
     @app.post("/v1/explain", response_model=ExplainResponse,
@@ -184,6 +202,8 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         pixels = all_pixels[0]
         info = current.bundle.info
         if not drawn[0]:
+            if metrics:
+                metrics.count_answers("explain", [(None, "nothing_drawn")])
             return ExplainResponse(
                 status="nothing_drawn", digit=None, candidates=[], probabilities=None,
                 image=pixels.tolist(), features=[], explanations=[],
@@ -198,8 +218,11 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         else:
             labels = list(dict.fromkeys(request.labels))
         contrib = current.explain(features, labels)
+        status = _confidence(probabilities, current)
+        if metrics:
+            metrics.count_answers("explain", [(int(probabilities.argmax()), status)])
         return ExplainResponse(
-            status=_confidence(probabilities, current), digit=int(probabilities.argmax()),
+            status=status, digit=int(probabilities.argmax()),
             candidates=top_labels(probabilities, 2), probabilities=probabilities.tolist(),
             image=pixels.tolist(), features=features.tolist(),
             explanations=[LabelExplanation(label=label, probability=float(probabilities[label]),
@@ -263,6 +286,9 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         created = await run_in_threadpool(feedback.add, record)
         if created:
             announcer.announce(record)
+            if metrics:
+                metrics.count_feedback(record.label, record.answered_digit,
+                                       record.bundle_version)
         else:
             response.status_code = 200
         return FeedbackResponse(id=record.id, created=created, label=record.label)
@@ -285,6 +311,7 @@ class ServeSettings(BaseSettings):
     watch_seconds: float = Field(5.0, ge=0)
     feedback_store: str | None = None  # None: feedback off
     feedback_rate: str = DEFAULT_FEEDBACK_RATE
+    metrics: bool = True
 
     def to_environment(self) -> dict[str, str]:
         return {f"MLPAINT_SERVE_{name.upper()}": str(value)
@@ -297,5 +324,5 @@ def app_from_environment() -> FastAPI:
     return create_app(settings.bundle, cache_dir=settings.cache_dir,
                       watch_interval_s=settings.watch_seconds,
                       feedback_store=settings.feedback_store,
-                      feedback_rate=settings.feedback_rate)
+                      feedback_rate=settings.feedback_rate, with_metrics=settings.metrics)
 

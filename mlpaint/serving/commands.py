@@ -14,6 +14,9 @@ import os
 import sys
 
 logger = logging.getLogger(__name__)
+#: prometheus_client's multiprocess folder (mlpaint.serving.metrics, not imported here: it
+#: would import prometheus_client, which reads this variable once, when first imported).
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def add_serve_command(subcommands) -> None:
@@ -46,7 +49,30 @@ def add_serve_command(subcommands) -> None:
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                        help="log a line per request (default: off; at thousands of requests "
                             "a second it costs a fifth of the throughput)")
+    serve.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=True,
+                       help="Prometheus metrics at /metrics, counted across the workers "
+                            "(default: on)")
     serve.set_defaults(handler=_run_serve)
+
+
+def _fresh_metrics_folder() -> None:
+    """An empty folder for the workers' Prometheus counts (mlpaint.serving.metrics), in the
+    environment every worker inherits: the one given in PROMETHEUS_MULTIPROC_DIR, emptied
+    (counts a previous start left would be added to this one's), else a new temporary one."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    if given := os.environ.get(MULTIPROC_DIR_ENV):
+        folder = Path(given)
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in folder.glob("*.db"):
+            stale.unlink()
+        return
+    made = tempfile.mkdtemp(prefix="mlpaint-metrics-")
+    atexit.register(shutil.rmtree, made, ignore_errors=True)
+    os.environ[MULTIPROC_DIR_ENV] = made
 
 
 def _default_workers() -> int:
@@ -63,6 +89,8 @@ def _at_least_one(text: str) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    if args.metrics:
+        _fresh_metrics_folder()  # before anything imports prometheus_client
     import uvicorn
     from limits import parse as parse_rate
 
@@ -75,7 +103,7 @@ def _run_serve(args: argparse.Namespace) -> int:
     _check_before_serving(args.bundle, args.cache_dir, feedback_store, args.host, args.port)
     settings = ServeSettings(bundle=args.bundle, cache_dir=args.cache_dir,
                              watch_seconds=args.watch_seconds, feedback_store=feedback_store,
-                             feedback_rate=feedback_rate)
+                             feedback_rate=feedback_rate, metrics=args.metrics)
     logger.info("feedback: %s", feedback_store or "off")
     os.environ.update(settings.to_environment())  # read back by each worker's app factory
     uvicorn.run("mlpaint.serving.app:app_from_environment", factory=True, host=args.host,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,6 +95,9 @@ class ModelHolder:
     cache_dir: Path | None = None
     current: ServedModel | None = None
     last_error: str | None = None
+    #: Told of every model put in service (the first and each swap) and of each failed reload.
+    on_serving: Callable[[ServedModel], None] | None = None
+    on_failed_reload: Callable[[str], None] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def load_initial(self) -> None:
@@ -101,6 +105,8 @@ class ModelHolder:
                                         cache_dir=self.cache_dir)
         logger.info("serving bundle %s (model version %s)", self.current.version,
                     self.current.bundle.info.model_version)
+        if self.on_serving:
+            self.on_serving(self.current)
 
     def latest_version(self) -> str | None:
         return current_pointer(self.uri)
@@ -116,10 +122,14 @@ class ModelHolder:
             self.last_error = f"{type(exc).__name__}: {exc}"
             logger.warning("bundle refresh failed, still serving %s: %s",
                            self.current.version if self.current else None, exc)
+            if self.on_failed_reload:
+                self.on_failed_reload(self.last_error)
             return False
         self.current, self.last_error = candidate, None
         exempt_from_collection()
         logger.info("now serving bundle %s", candidate.version)
+        if self.on_serving:
+            self.on_serving(candidate)
         return True
 
     def watch(self, interval_s: float) -> threading.Thread:

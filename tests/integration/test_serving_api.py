@@ -13,6 +13,7 @@ from PIL import Image
 
 from mlpaint.data.catalog import Split
 from mlpaint.serving.app import create_app
+from tests.conftest import metric_samples
 from tests.integration.conftest import build_and_publish
 
 
@@ -153,6 +154,39 @@ def test_nothing_drawn_claims_no_digit(client, body):
     assert explained.status_code == 200
     assert explained.json()["status"] == "nothing_drawn"
     assert explained.json()["digit"] is None and explained.json()["explanations"] == []
+
+
+def test_metrics_count_requests_answers_and_the_served_bundle(bundle_root, mnist_tables):
+    """A new app, so the counts are this test's alone: each answer by endpoint, digit and
+    status, each request by route template and status, and the bundle served."""
+    pixels, _ = _digits(mnist_tables, 3)
+    with TestClient(create_app(str(bundle_root / "bundles"), watch_interval_s=0)) as client:
+        batch = [{"pixels": p.tolist()} for p in pixels] + [BLANK_INPUTS["blank pixels"]]
+        answered = client.post("/v1/predict", json={"batch": batch}).json()["predictions"]
+        explained = client.post("/v1/explain", json={"pixels": pixels[0].tolist()}).json()
+        assert client.get("/v1/examples?digit=3").status_code == 200
+        assert client.get("/v1/examples?digit=4").status_code == 200
+        assert client.get("/v1/examples?digit=11").status_code == 422
+        assert client.get("/no/such/page").status_code == 404
+        scraped = client.get("/metrics")
+    assert scraped.status_code == 200
+    assert scraped.headers["content-type"].startswith("text/plain")
+    expected_answers: dict = {}
+    for endpoint, answer in [*(("predict", a) for a in answered), ("explain", explained)]:
+        key = (("digit", "none" if answer["digit"] is None else str(answer["digit"])),
+               ("endpoint", endpoint), ("status", answer["status"]))
+        expected_answers[key] = expected_answers.get(key, 0) + 1
+    assert metric_samples(scraped.text, "mlpaint_predictions_total") == expected_answers
+    requests_by_route = metric_samples(scraped.text, "mlpaint_http_requests_total")
+    assert requests_by_route == {
+        (("method", "POST"), ("route", "/v1/predict"), ("status", "200")): 1.0,
+        (("method", "POST"), ("route", "/v1/explain"), ("status", "200")): 1.0,
+        (("method", "GET"), ("route", "/v1/examples"), ("status", "200")): 2.0,
+        (("method", "GET"), ("route", "/v1/examples"), ("status", "422")): 1.0,
+        (("method", "GET"), ("route", "unmatched"), ("status", "404")): 1.0}
+    info = metric_samples(scraped.text, "mlpaint_model_info")
+    assert [(dict(labels)["model_version"], value) for labels, value in info.items()] == [
+        ("1", 1.0)]
 
 
 def test_a_batch_answers_each_drawing_on_its_own(client, mnist_tables):
@@ -300,6 +334,53 @@ def test_newer_bundle_is_swapped_in_whole(small_model, mnist_tables, tmp_path):
         assert holder.refresh() is False
         assert client.get("/v1/model").json()["model_version"] == "3"
         assert "no manifest.json" in client.get("/readyz").json()["last_refresh_error"]
+        scraped = client.get("/metrics").text
+    assert metric_samples(scraped, "mlpaint_model_reloads_total") == {
+        (("outcome", "failed"),): 1.0, (("outcome", "swapped"),): 1.0}
+    served = metric_samples(scraped, "mlpaint_model_info")
+    assert sorted((dict(labels)["model_version"], value) for labels, value in served.items()) \
+        == [("1", 0.0), ("3", 1.0)]
+
+
+def test_the_grafana_dashboard_queries_what_the_server_exports(small_model, mnist_tables,
+                                                                tmp_path):
+    """Every metric and label the shipped dashboard's queries name is one the server
+    exports, after traffic of every kind (answers, feedback, a reload)."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.conftest import REPO
+
+    build_and_publish(small_model, mnist_tables, tmp_path, "1", rows=300)
+    pixels, labels = _digits(mnist_tables, 1)
+    app = create_app(str(tmp_path / "bundles"), watch_interval_s=0,
+                     feedback_store=str(tmp_path / "feedback"))
+    with TestClient(app) as client:
+        body = {"pixels": pixels[0].tolist()}
+        answer = client.post("/v1/predict", json=body).json()["predictions"][0]
+        assert client.post("/v1/explain", json=body).status_code == 200
+        posted = client.post("/v1/feedback", json={**body, "label": int(labels[0]),
+                                                    "digit": answer["digit"]})
+        assert posted.status_code == 201, posted.text
+        build_and_publish(small_model, mnist_tables, tmp_path, "2", rows=300)
+        assert app.state.holder.refresh() is True
+        scraped = client.get("/metrics").text
+    exported: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(scraped):
+        for sample in family.samples:
+            exported.setdefault(sample.name, set()).update(sample.labels)
+    dashboard = json.loads((REPO / "infra/grafana/mlpaint-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(queries) == len(dashboard["panels"]) >= 8
+    for query in queries:
+        named = re.findall(r"\bmlpaint_[a-z_]+", query)
+        assert named and set(named) <= exported.keys(), (query, sorted(exported))
+        used = set(re.findall(r"\b([a-z_]+)\s*(?:=~|!=|=)\s*\"", query))
+        for grouping in re.findall(r"by \(([^)]*)\)", query):
+            used |= {label.strip() for label in grouping.split(",")} - {"le"}
+        offered = set().union(*(exported[name] for name in named))
+        assert used <= offered, (query, used - offered)
 
 
 def test_what_startup_loaded_is_out_of_the_collectors_reach(bundle_root):

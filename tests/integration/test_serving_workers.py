@@ -12,7 +12,7 @@ import requests
 
 from mlpaint.data.catalog import Split
 from mlpaint.processes import free_port, start_service, stop_service
-from tests.conftest import wait_for
+from tests.conftest import metric_samples, wait_for
 from tests.integration.conftest import build_and_publish
 
 pytestmark = pytest.mark.integration
@@ -57,6 +57,24 @@ def test_two_workers_serve_and_both_follow_latest(small_model, mnist_tables, tmp
         time.sleep(2)  # every worker's watcher has had several chances to look
         second = _versions_seen(url, 40)
         assert len(second) == 1 and second != first, (first, second)
+
+        # /metrics, from whichever worker answers, counts both workers' requests.
+        for _ in range(3):
+            text = requests.get(f"{url}/metrics", timeout=10).text
+            answers = metric_samples(text, "mlpaint_predictions_total")
+            assert sum(answers.values()) == 20, answers
+            assert {dict(labels)["endpoint"] for labels in answers} == {"predict"}
+            served = metric_samples(text, "mlpaint_http_requests_total")
+            assert served[(("method", "POST"), ("route", "/v1/predict"),
+                           ("status", "200"))] == 20
+            timed = metric_samples(text, "mlpaint_http_request_duration_seconds_count")
+            assert timed[(("method", "POST"), ("route", "/v1/predict"))] == 20
+            info = metric_samples(text, "mlpaint_model_info")
+            by_version = {dict(labels)["bundle_version"]: value
+                          for labels, value in info.items()}
+            assert by_version == {next(iter(first)): 0.0, next(iter(second)): 1.0}, info
+            reloads = metric_samples(text, "mlpaint_model_reloads_total")
+            assert reloads == {(("outcome", "swapped"),): 2.0}, reloads  # one per worker
     finally:
         stop_service(process)
     log = (tmp_path / "serve.log").read_text()
