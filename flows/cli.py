@@ -196,6 +196,75 @@ def _add_publish_command(subcommands) -> None:
     publish.set_defaults(handler=_run_publish)
 
 
+def _add_history_commands(subcommands) -> None:
+    destination_help = ("folder or s3://bucket/prefix (default $MLPAINT_BUNDLE_DIR or "
+                        ".mlpaint/bundles)")
+    history = subcommands.add_parser(
+        "history", help="every bundle LATEST named at a destination: when, why, by whom",
+        description="Each move of LATEST (a promotion through the gate, a forced one, a "
+                    "rollback) as the destination recorded it, newest first.")
+    history.add_argument("--to", metavar="URI", help=destination_help)
+    history.add_argument("--json", action="store_true")
+    history.set_defaults(handler=_run_history)
+    rollback = subcommands.add_parser(
+        "rollback", help="point LATEST and the champion alias back at a kept bundle",
+        description="Moves LATEST back to the bundle it named before the current one (or "
+                    "to --bundle-version), and the registry's champion alias to that "
+                    "bundle's model version, under the destination's publish lock. Nothing "
+                    "is rebuilt or uploaded; a server following the destination swaps "
+                    "within its --watch-seconds.")
+    rollback.add_argument("--to", metavar="URI", help=destination_help)
+    rollback.add_argument("--bundle-version", metavar="V",
+                          help="the bundle to serve (see `mlpaint history`); default: the "
+                               "one LATEST named before the current one")
+    rollback.add_argument("--reason", default="", metavar="TEXT",
+                          help="recorded in the history")
+    rollback.add_argument("--json", action="store_true")
+    rollback.set_defaults(handler=_run_rollback)
+
+
+def _run_history(args: argparse.Namespace) -> int:
+    from mlpaint.bundle import latest_history, read_latest
+    from mlpaint.catalog import default_bundle_destination
+    from mlpaint.storage import store_for
+
+    store = store_for(args.to or default_bundle_destination())
+    entries = [entry.to_json() for entry in reversed(latest_history(store))]
+    if args.json:
+        print(json.dumps({"destination": store.describe(), "latest": read_latest(store),
+                          "history": entries}))
+        return 0
+    print(f"{store.describe()}: LATEST names {read_latest(store) or 'nothing'}")
+    for entry in entries:
+        forced = " (forced)" if entry["forced"] else ""
+        print(f"{entry['at']}  {entry['action']}{forced}  {entry['bundle_version']} (model "
+              f"version {entry['model_version'] or '?'}), before it "
+              f"{entry['previous'] or 'nothing'}; by {entry['by']}; {entry['reason']}")
+    return 0
+
+
+def _run_rollback(args: argparse.Namespace) -> int:
+    import getpass
+    import socket
+
+    from mlpaint.catalog import default_bundle_destination
+    from mlpaint.publish import rollback
+    from mlpaint.tracking import resolve_tracking_uri, tracking_client
+
+    result = rollback(args.to or default_bundle_destination(),
+                      bundle_version=args.bundle_version, reason=args.reason,
+                      by=f"mlpaint rollback by {getpass.getuser()}@{socket.gethostname()}",
+                      tracking_client=tracking_client(resolve_tracking_uri()))
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    print(f"{result.destination}: LATEST {result.entry.previous} -> "
+          f"{result.entry.bundle_version}; champion alias: "
+          + (f"version {result.champion_alias}" if result.champion_alias
+             else "not moved (the registry does not record this bundle here)"))
+    return 0
+
+
 def _run_publish(args: argparse.Namespace) -> int:
     from mlpaint.catalog import default_bundle_destination
     from mlpaint.publish import PublishSpec
@@ -307,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_commands(subcommands)
     _add_train_command(subcommands)
     _add_publish_command(subcommands)
+    _add_history_commands(subcommands)
     add_serve_command(subcommands)
     add_feedback_commands(subcommands)
     return parser

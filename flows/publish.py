@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
+from mlpaint.bundle import PUBLISH_LOCK
 from mlpaint.catalog import BUILT_BUNDLES, default_bundle_destination, work_area
 from mlpaint.data.fetch import IngestSpec
 from mlpaint.data.integrity import default_cache_dir
@@ -25,7 +26,18 @@ from tasks.publish import (
     upload_bundle,
 )
 
-PUBLISH_LOCK = "publish"
+
+def _who_publishes() -> str:
+    """This flow run, and its deployment or the user who ran it, for the history of LATEST."""
+    import getpass
+    import socket
+
+    from prefect.runtime import deployment, flow_run
+
+    run = f"flow run {flow_run.name} ({flow_run.id})"
+    if deployment.name:
+        return f"{run} of deployment {deployment.name}"
+    return f"{run} by {getpass.getuser()}@{socket.gethostname()}"
 
 
 @flow(name="publish-mnist-model")
@@ -60,7 +72,8 @@ def publish_model(spec: PublishSpec | None = None, cache_dir: str | None = None
             decision = gate(candidate, built, dataset.tables["test"], spec.margin, spec.force,
                             tracking_uri, destination, str(cache), spec.feedback_store,
                             str(pen_table))
-            result = upload_bundle(built, destination, decision.promote, spec.retention)
+            result = upload_bundle(built, destination, decision, spec.retention,
+                                   _who_publishes())
             record_publication(candidate, built, decision, destination, tracking_uri)
     create_markdown_artifact(
         key="mnist-model-publication",

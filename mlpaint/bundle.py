@@ -3,6 +3,8 @@
 Layout under a destination root (a folder or `s3://bucket/prefix`):
 
     LATEST                        the version serving should load (written last, atomically)
+    history/<when>-<version>.json one per move of LATEST: when, from what, to what, why
+                                  (the gate's reason or the rollback's), forced or not, by whom
     versions/<version>/
         bundle.json               model version, run id, algorithm, labels, metrics, data
                                   fingerprint, creation time, gallery sizes
@@ -41,6 +43,10 @@ BUNDLE_FORMAT_VERSION = 2
 LATEST = "LATEST"
 MANIFEST = "manifest.json"
 VERSIONS = "versions"
+HISTORY = "history"
+#: The lock a destination's publishers and rollbacks take: reading the champion, moving
+#: LATEST and the registry's alias, and recording why, as one critical section.
+PUBLISH_LOCK = "publish"
 #: Seconds to wait after uploading a bundle and before flipping LATEST. Zero in production;
 #: the atomicity test sets it to kill a publisher at exactly that point.
 PAUSE_BEFORE_POINTER_ENV = "MLPAINT_FAULT_PAUSE_BEFORE_POINTER"
@@ -114,6 +120,58 @@ def read_latest(store: ObjectStore) -> str | None:
 
 
 @dataclass(frozen=True)
+class LatestChange:
+    """Why LATEST moves, recorded beside it."""
+
+    action: str  # "publish" or "rollback"
+    reason: str
+    by: str  # who moved it: a flow run (and its deployment) or a command and its user
+    forced: bool = False
+    model_version: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    at: str  # UTC, ISO 8601 with milliseconds
+    bundle_version: str  # what LATEST named from then on
+    previous: str | None  # what it named before
+    action: str
+    reason: str
+    by: str
+    forced: bool
+    model_version: str | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def record_latest_move(store: ObjectStore, version: str, previous: str | None,
+                       change: LatestChange) -> HistoryEntry:
+    """Append the move of LATEST to `version` to the destination's history: one new object,
+    named so that names sort as the moves happened; nothing is ever rewritten."""
+    now = time.time()
+    whole, millis = time.gmtime(now), f".{int(now * 1000) % 1000:03d}Z"
+    stamp = time.strftime("%Y%m%dT%H%M%S", whole) + millis
+    entry = HistoryEntry(at=time.strftime("%Y-%m-%dT%H:%M:%S", whole) + millis,
+                         bundle_version=version,
+                         previous=previous, action=change.action, reason=change.reason,
+                         by=change.by, forced=change.forced, model_version=change.model_version)
+    store.create(f"{HISTORY}/{stamp}-{version}.json",
+                 json.dumps(entry.to_json(), sort_keys=True).encode())
+    return entry
+
+
+def latest_history(store: ObjectStore) -> list[HistoryEntry]:
+    """Every recorded move of LATEST at the destination, oldest first."""
+    entries = []
+    for key in sorted(k for k in store.list_keys(HISTORY) if k.endswith(".json")):
+        data = store.get_bytes(key)
+        if data is not None:
+            entries.append(HistoryEntry(**json.loads(data)))
+    return entries
+
+
+@dataclass(frozen=True)
 class PublishResult:
     uri: str
     version: str
@@ -123,10 +181,11 @@ class PublishResult:
 
 
 def publish_bundle(staging: Path, store: ObjectStore, version: str, *, promote: bool,
-                   retention: int) -> PublishResult:
+                   retention: int, change: LatestChange | None = None) -> PublishResult:
     """Upload a built bundle under `versions/<version>/`, verify every byte that landed, and
-    only then, if promoted, point LATEST at it. Readers that follow LATEST never see a
-    half-published bundle; a publisher killed mid-way leaves LATEST where it was."""
+    only then, if promoted, point LATEST at it and record why (`change`) in the history.
+    Readers that follow LATEST never see a half-published bundle; a publisher killed mid-way
+    leaves LATEST where it was."""
     manifest = verify_folder(staging)
     prefix = f"{VERSIONS}/{version}"
     for name in sorted(manifest["files"]):
@@ -142,7 +201,10 @@ def publish_bundle(staging: Path, store: ObjectStore, version: str, *, promote: 
                        PAUSE_BEFORE_POINTER_ENV)
         time.sleep(pause)
     if promote:
+        previous = read_latest(store)
         store.put_bytes(LATEST, (version + "\n").encode())
+        record_latest_move(store, version, previous,
+                           change or LatestChange("publish", "promoted", by="unknown"))
     latest = read_latest(store)
     pruned = prune_versions(store, retention=retention, keep={latest, version} - {None})
     return PublishResult(store.describe(), version, latest, promote, pruned)

@@ -16,6 +16,7 @@ from prefect.logging import get_run_logger
 from mlpaint.bundle import (
     BundleInfo,
     BundleIntegrityError,
+    LatestChange,
     PublishResult,
     current_pointer,
     load_bundle,
@@ -263,10 +264,12 @@ def _drawn_scores(candidate_model: DigitModel, champion_model: DigitModel, pen_t
 
 
 @task(name="upload-bundle", **SERVICE_CALL_RETRIES)
-def upload_bundle(built: BuiltBundle, destination: str, promote: bool,
-                  retention: int) -> PublishResult:
+def upload_bundle(built: BuiltBundle, destination: str, decision: GateDecision,
+                  retention: int, by: str) -> PublishResult:
+    change = LatestChange("publish", decision.reason, by=by, forced=decision.forced,
+                          model_version=built.info.model_version)
     result = publish_bundle(Path(built.staging), store_for(destination), built.info.version,
-                            promote=promote, retention=retention)
+                            promote=decision.promote, retention=retention, change=change)
     get_run_logger().info("bundle %s uploaded to %s; LATEST = %s; pruned %s",
                           result.version, result.uri, result.latest, result.pruned or "none")
     return result

@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
+from flows import cli as flows_cli
 from flows.publish import publish_model
 from mlpaint.bundle import (
     BundleIntegrityError,
@@ -72,7 +73,7 @@ def _publish(registry, monkeypatch, **kwargs):
                                      **kwargs), cache_dir=registry["cache"])
 
 
-def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path):
+def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path, capsys):
     client = MlflowClient(registry["uri"], registry["uri"])
     dest = str(tmp_path / "bundles")
 
@@ -120,6 +121,47 @@ def test_gate_better_worse_equal_forced(harness, registry, monkeypatch, tmp_path
     assert loaded.info.model_version == "2" and loaded.info.version == forced.bundle.version
     artifacts = {a.path for a in client.list_artifacts(forced.run_id, "explanations")}
     assert "explanations/mean_contributions.png" in artifacts
+
+    # What served when, newest first: the forced promotion, the equal one, the first.
+    history = _cli_json(["history", "--to", dest, "--json"], capsys)
+    assert history["latest"] == forced.bundle.version
+    moves = [(e["action"], e["bundle_version"], e["previous"], e["forced"], e["model_version"])
+             for e in history["history"]]
+    assert moves == [
+        ("publish", forced.bundle.version, equal.bundle.version, True, "2"),
+        ("publish", equal.bundle.version, first.bundle.version, False, "3"),
+        ("publish", first.bundle.version, None, False, "1")]
+    assert history["history"][2]["reason"] == "no champion yet"
+    assert history["history"][0]["reason"] == forced.decision.reason
+    assert all(e["by"].startswith("flow run ") for e in history["history"])
+
+    # Undo the forced promotion: LATEST and the alias go back together; nothing is built.
+    kept = sorted(p.name for p in (tmp_path / "bundles" / "versions").iterdir())
+    undone = _cli_json(["rollback", "--to", dest, "--reason", "bad promotion", "--json"],
+                       capsys)
+    assert (undone["bundle_version"], undone["previous"], undone["champion_alias"]) == (
+        equal.bundle.version, forced.bundle.version, "3")
+    assert read_latest(load_store(dest)) == equal.bundle.version
+    assert str(client.get_model_version_by_alias("mnist-digits", "champion").version) == "3"
+    assert sorted(p.name for p in (tmp_path / "bundles" / "versions").iterdir()) == kept
+    again = _cli_json(["rollback", "--to", dest, "--bundle-version", forced.bundle.version,
+                       "--json"], capsys)
+    assert again["champion_alias"] == "2"
+    assert str(client.get_model_version_by_alias("mnist-digits", "champion").version) == "2"
+    latest_moves = _cli_json(["history", "--to", dest, "--json"], capsys)["history"]
+    assert [(e["action"], e["reason"]) for e in latest_moves[:2]] == [
+        ("rollback", f"rolled back from {equal.bundle.version}"),
+        ("rollback", "bad promotion")]
+    assert flows_cli.main(["rollback", "--to", dest, "--bundle-version", "20990101T000000Z-v9"
+                           ]) == 1
+    assert "no whole bundle 20990101T000000Z-v9 is kept" in capsys.readouterr().err
+
+
+def _cli_json(args: list[str], capsys) -> dict:
+    """`mlpaint ARGS` in this process (history and rollback need no Prefect), its JSON."""
+    capsys.readouterr()
+    assert flows_cli.main(args) == 0, capsys.readouterr().err
+    return json.loads(capsys.readouterr().out)
 
 
 def load_store(dest):
@@ -181,6 +223,28 @@ def test_s3_destination(s3_env, tmp_path, registry, harness, monkeypatch):
     s3.put_object(Bucket="bundles", Key=key, Body=json.dumps(body).encode())
     with pytest.raises(BundleIntegrityError, match=r"bundle\.json: sha256"):
         load_bundle("s3://bundles/mnist", cache_dir=tmp_path / "cache2")
+
+
+def test_history_and_rollback_on_s3(s3_env, tmp_path, registry, harness, monkeypatch):
+    from mlpaint.bundle import latest_history
+    from mlpaint.publish import RollbackError, rollback
+
+    boto3.client("s3").create_bucket(Bucket="history")
+    first = _publish(registry, monkeypatch, model_version="1", to="s3://history/app",
+                     force=True)
+    second = _publish(registry, monkeypatch, model_version="3", to="s3://history/app",
+                      force=True)
+    store = S3Store("history", "app")
+    assert [(e.bundle_version, e.previous) for e in latest_history(store)] == [
+        (first.bundle.version, None), (second.bundle.version, first.bundle.version)]
+    client = MlflowClient(registry["uri"], registry["uri"])
+    result = rollback("s3://history/app", bundle_version=None, reason="", by="test",
+                      tracking_client=client)
+    assert (result.entry.bundle_version, result.champion_alias) == (first.bundle.version, "1")
+    assert read_latest(store) == first.bundle.version
+    assert load_bundle("s3://history/app", cache_dir=tmp_path / "cache").info.model_version == "1"
+    with pytest.raises(RollbackError, match="already names"):
+        rollback("s3://history/app", bundle_version=first.bundle.version, reason="", by="test")
 
 
 def test_a_version_from_an_unfinished_experiment_is_never_published(harness, registry,

@@ -342,6 +342,38 @@ def test_newer_bundle_is_swapped_in_whole(small_model, mnist_tables, tmp_path):
         == [("1", 0.0), ("3", 1.0)]
 
 
+def test_a_server_following_the_destination_swaps_back_on_a_rollback(small_model, mnist_tables,
+                                                                     tmp_path):
+    """A rollback moves LATEST only: the server swaps to the kept bundle on its next look,
+    nothing is built or uploaded, and the history records both moves and the rollback."""
+    from mlpaint.bundle import latest_history
+    from mlpaint.publish import RollbackError, rollback
+    from mlpaint.storage import store_for
+
+    first = build_and_publish(small_model, mnist_tables, tmp_path, "1", rows=300)
+    second = build_and_publish(small_model, mnist_tables, tmp_path, "2", rows=300)
+    destination = str(tmp_path / "bundles")
+    app = create_app(destination, watch_interval_s=0)
+    with TestClient(app) as client:
+        assert client.get("/v1/model").json()["model_version"] == "2"
+        kept = sorted(p.name for p in (tmp_path / "bundles" / "versions").iterdir())
+        result = rollback(destination, bundle_version=None, reason="bad promotion",
+                          by="test")
+        assert (result.entry.bundle_version, result.entry.previous) == (first, second)
+        assert result.champion_alias is None  # no registry given
+        assert app.state.holder.refresh() is True
+        assert client.get("/v1/model").json()["model_version"] == "1"
+    assert sorted(p.name for p in (tmp_path / "bundles" / "versions").iterdir()) == kept
+    moves = [(e.action, e.bundle_version, e.previous, e.reason)
+             for e in latest_history(store_for(destination))]
+    assert moves[-1] == ("rollback", first, second, "bad promotion")
+    assert [m[:3] for m in moves[:2]] == [("publish", first, None), ("publish", second, first)]
+    # A destination whose history is gone (or predates it) needs the bundle named.
+    (tmp_path / "bundles" / "history").rename(tmp_path / "history-elsewhere")
+    with pytest.raises(RollbackError, match=r"no bundle before \S+ is recorded"):
+        rollback(destination, bundle_version=None, reason="", by="test")
+
+
 def test_the_grafana_dashboard_queries_what_the_server_exports(small_model, mnist_tables,
                                                                 tmp_path):
     """Every metric and label the shipped dashboard's queries name is one the server
