@@ -183,6 +183,36 @@ def _serve_and_load(args: argparse.Namespace, workers: int, digits: list[list[in
     return results
 
 
+def metrics_overhead(repeats: int) -> dict:
+    """What counting one request costs a worker, in prometheus_client's multiprocess mode
+    as `mlpaint serve` runs it: the middleware's request counter and latency histogram and
+    the answer counter, timed over `repeats` requests, median of 5 batches. Compared with
+    the request's own cost (the in-process figures and HTTP latencies above), this bounds
+    what metrics take from throughput and latency more tightly than HTTP runs can on a
+    noisy machine."""
+    import os
+
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # before prometheus_client loads
+        from mlpaint.serving.metrics import ServerMetrics, multiprocess_mode
+
+        metrics = ServerMetrics()
+        assert multiprocess_mode()
+        batches = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for _ in range(repeats):
+                metrics.requests.labels("POST", "/v1/predict", "200").inc()
+                metrics.latency.labels("POST", "/v1/predict").observe(0.001)
+                metrics.count_answers("predict", [(3, "ok")])
+            batches.append((time.perf_counter() - started) / repeats)
+        scrape_started = time.perf_counter()
+        metrics.exposition()
+        scrape_s = time.perf_counter() - scrape_started
+    return {"per_request_us": round(statistics.median(batches) * 1e6, 2),
+            "scrape_ms": round(scrape_s * 1000, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True)
@@ -196,7 +226,11 @@ def main() -> None:
     parser.add_argument("--metrics", choices=("on", "off", "both"), default="on",
                         help="serve with /metrics counting, without, or both interleaved "
                              "in every run (their cost: the ratios of the medians)")
+    parser.add_argument("--metrics-overhead", action="store_true",
+                        help="also time what counting one request costs a worker")
     args = parser.parse_args()
+    if args.metrics_overhead:
+        print("metrics per request", metrics_overhead(20_000), flush=True)
     digits = _digits(args.mnist, 200)
     baseline = _in_process(args.bundle, digits, 200)
     print("in-process", baseline, flush=True)
