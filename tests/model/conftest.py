@@ -20,10 +20,13 @@ class RegisteredModel:
     """A registered version, loaded through MLflow: raw 0-255 pixels in, digits out."""
 
     def __init__(self, model_uri: str, tracking_uri: str) -> None:
-        mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_registry_uri(tracking_uri)
         self.model_uri = model_uri
-        self.pyfunc = mlflow.pyfunc.load_model(model_uri)
+        # The store through the environment, for this load only: mlflow.set_tracking_uri
+        # would point every later test's MLflow calls at this store.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+            patch.setenv("MLFLOW_REGISTRY_URI", tracking_uri)
+            self.pyfunc = mlflow.pyfunc.load_model(model_uri)
 
     def digits(self, images: np.ndarray) -> np.ndarray:
         pixels = np.asarray(images, dtype=np.float32).reshape(len(images), -1)
