@@ -481,7 +481,7 @@ def part_default(mnist: Path, port: int) -> dict:
             for path in sorted(mnist.glob("*.gz")):
                 s3.upload_file(str(path), "bench-mnist", f"mnist/{path.name}")
             seconds, report = mlpaint_train(["--source", "s3://bench-mnist/mnist/"],
-                                             Path(workdir))
+                                            Path(workdir))
         finally:
             stop_service(moto)
     result = {"wall_seconds": round(seconds, 1),
@@ -622,8 +622,8 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
         with tempfile.TemporaryDirectory(prefix="mlpaint-bench-") as workdir:
             # No augmented copies: the bare script trains on the MNIST rows alone.
             seconds, _ = mlpaint_train(["--source", str(mnist), "--folds", str(folds),
-                                         "--features", stage, "--augment-copies", "0"],
-                                        Path(workdir))
+                                        "--features", stage, "--augment-copies", "0"],
+                                       Path(workdir))
         flow_times.append(seconds)
         bare_times.append(_bare(mnist, folds, stage))
         logger.info("run %d: flow %.1f s, bare %.1f s", run + 1, flow_times[-1], bare_times[-1])

@@ -111,7 +111,7 @@ def main() -> None:
     base_cache, bundles = workdir / "cache", workdir / "bundles"
     source = ["--source", str(args.mnist)]
     seconds, base = mlpaint_train([*source, "--spec", args.base, "--publish-to",
-                                    str(bundles)], workdir, base_cache)
+                                   str(bundles)], workdir, base_cache)
     result = {"base": {"spec": args.base, "wall_seconds": round(seconds, 1),
                        "reused": base["test"]["reused"], **_scores(base)}}
     logger.info("base: %s", result["base"])
@@ -135,7 +135,7 @@ def main() -> None:
         client.set_registered_model_alias("mnist-digits", "champion", base_version)
         destination = workdir / f"bundles-{name}"
         seconds, report = mlpaint_train([*warm_args, "--publish-to", str(destination)],
-                                         workdir, cache)
+                                        workdir, cache)
         gate = report["publication"]["gate"]
         result[name] = {"wall_seconds": round(seconds, 1), **_scores(report),
                         "gate_promoted": gate["promote"], "gate_reason": gate["reason"],

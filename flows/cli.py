@@ -244,16 +244,14 @@ def _run_history(args: argparse.Namespace) -> int:
 
 
 def _run_rollback(args: argparse.Namespace) -> int:
-    import getpass
-    import socket
-
+    from mlpaint.bundle import local_user
     from mlpaint.catalog import default_bundle_destination
     from mlpaint.publish import rollback
     from mlpaint.tracking import resolve_tracking_uri, tracking_client
 
     result = rollback(args.to or default_bundle_destination(),
                       bundle_version=args.bundle_version, reason=args.reason,
-                      by=f"mlpaint rollback by {getpass.getuser()}@{socket.gethostname()}",
+                      by=f"mlpaint rollback by {local_user()}",
                       tracking_client=tracking_client(resolve_tracking_uri()))
     if args.json:
         print(json.dumps(result.to_json()))

@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
-from mlpaint.bundle import PUBLISH_LOCK
+from mlpaint.bundle import PUBLISH_LOCK, local_user
 from mlpaint.catalog import BUILT_BUNDLES, default_bundle_destination, work_area
 from mlpaint.data.fetch import IngestSpec
 from mlpaint.data.integrity import default_cache_dir
@@ -29,15 +29,12 @@ from tasks.publish import (
 
 def _who_publishes() -> str:
     """This flow run, and its deployment or the user who ran it, for the history of LATEST."""
-    import getpass
-    import socket
-
     from prefect.runtime import deployment, flow_run
 
     run = f"flow run {flow_run.name} ({flow_run.id})"
     if deployment.name:
         return f"{run} of deployment {deployment.name}"
-    return f"{run} by {getpass.getuser()}@{socket.gethostname()}"
+    return f"{run} by {local_user()}"
 
 
 @flow(name="publish-mnist-model")

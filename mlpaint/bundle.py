@@ -130,6 +130,14 @@ class LatestChange:
     model_version: str | None = None
 
 
+def local_user() -> str:
+    """`user@host` of this process: who moved LATEST when no deployment did."""
+    import getpass
+    import socket
+
+    return f"{getpass.getuser()}@{socket.gethostname()}"
+
+
 @dataclass(frozen=True)
 class HistoryEntry:
     at: str  # UTC, ISO 8601 with milliseconds

@@ -128,10 +128,10 @@ def _record_findings(key: str, record: FeedbackRecord) -> list[Finding]:
     if name != record.id:
         found.append(Finding(Check.MISNAMED, record.id, f"stored as {key}"))
     content = record.drawing if record.drawing is not None else record.pixels.tobytes()
-    if record_id(record.label, content) != record.id:
+    if (hashed := record_id(record.label, content)) != record.id:
         found.append(Finding(Check.ID_MISMATCH, record.id,
-                             f"label {record.label} and its drawing hash to "
-                             f"{record_id(record.label, content)}: changed since stored"))
+                             f"label {record.label} and its drawing hash to {hashed}: "
+                             "changed since stored"))
     if not something_drawn(record.pixels.reshape(IMAGE_SIDE, IMAGE_SIDE) / 255.0):
         found.append(Finding(Check.NOTHING_DRAWN, record.id, "its pixels hold no digit"))
     if record.drawing is not None:

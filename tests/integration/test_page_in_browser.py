@@ -55,6 +55,18 @@ def _wait_for(page, expression: str, timeout: float = 30_000) -> None:
         page.wait_for_timeout(50)
 
 
+def _open(page, server: str) -> None:
+    """The page, once it has shown the served model."""
+    page.goto(server + "/")
+    _wait_for(page, "document.getElementById('model').textContent.includes('v1')")
+
+
+def _draw_a_three(page) -> None:
+    """Draw THREE and wait until the live answer reads it."""
+    _draw(page, THREE)
+    _wait_for(page, "document.getElementById('winner').textContent === '3'", timeout=20_000)
+
+
 def test_draw_a_three_and_see_why(server, browser, tmp_path):
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     errors = []
@@ -63,11 +75,8 @@ def test_draw_a_three_and_see_why(server, browser, tmp_path):
     # elsewhere) is reported on the console.
     page.on("console", lambda message: errors.append(message.text)
             if "Content Security Policy" in message.text else None)
-    page.goto(server + "/")
-    _wait_for(page, "document.getElementById('model').textContent.includes('v1')")
-    _draw(page, THREE)
-    _wait_for(page, "document.getElementById('winner').textContent === '3'",
-                           timeout=20_000)
+    _open(page, server)
+    _draw_a_three(page)
     # The page asks again while the pen moves; judge the answer to the finished drawing.
     page.wait_for_load_state("networkidle")
     assert page.locator("#winner").text_content() == "3"
@@ -124,11 +133,8 @@ def test_nothing_drawn_then_a_digit(server, browser):
     """A cleared pad and a single dot are "nothing drawn", answered by the server for the dot;
     a digit drawn after them is read."""
     page = browser.new_page(viewport={"width": 1100, "height": 900})
-    page.goto(server + "/")
-    _wait_for(page, "document.getElementById('model').textContent.includes('v1')")
-    _draw(page, THREE)
-    _wait_for(page, "document.getElementById('winner').textContent === '3'",
-                           timeout=20_000)
+    _open(page, server)
+    _draw_a_three(page)
     page.click("#clear")
     assert page.locator("#winner").text_content() == EMPTY
     assert page.locator("#verdict").text_content() == "No digit drawn"
@@ -136,13 +142,11 @@ def test_nothing_drawn_then_a_digit(server, browser):
     _draw(page, [[(140, 140)]])  # a tap of the pen: a dot
     # The status line names the model once the server's answer to the dot is shown.
     _wait_for(page, "document.getElementById('status').textContent.startsWith('model')",
-                           timeout=20_000)
+              timeout=20_000)
     assert page.locator("#verdict").text_content() == "No digit drawn"
     assert page.locator("#winner").text_content() == EMPTY
     assert page.locator("#pct3").text_content() == EMPTY
-    _draw(page, THREE)
-    _wait_for(page, "document.getElementById('winner').textContent === '3'",
-                           timeout=20_000)
+    _draw_a_three(page)
     assert page.locator("#verdict").text_content() != "No digit drawn"
 
 
@@ -153,12 +157,9 @@ def test_right_and_wrong_are_stored_as_feedback(server, browser, bundle_root):
     store = FeedbackStore.at(str(bundle_root / "feedback"))
     before = set(store.ids())
     page = browser.new_page(viewport={"width": 390, "height": 844}, has_touch=True)
-    page.goto(server + "/")
-    _wait_for(page, "document.getElementById('model').textContent.includes('v1')")
+    _open(page, server)
     assert page.locator("#feedback").is_hidden()  # nothing answered yet
-    _draw(page, THREE)
-    _wait_for(page, "document.getElementById('winner').textContent === '3'",
-                           timeout=20_000)
+    _draw_a_three(page)
     page.wait_for_load_state("networkidle")
     _wait_for(page, "!document.getElementById('feedback').hidden")
     page.locator("#fb-digits button[data-digit='4']").tap()  # "Wrong: it is a 4", by touch
@@ -171,9 +172,7 @@ def test_right_and_wrong_are_stored_as_feedback(server, browser, bundle_root):
 
     page.locator("#clear").click()
     assert page.locator("#feedback").is_hidden()
-    _draw(page, THREE)
-    _wait_for(page, "document.getElementById('winner').textContent === '3'",
-                           timeout=20_000)
+    _draw_a_three(page)
     page.wait_for_load_state("networkidle")
     _wait_for(page, "!document.getElementById('feedback').hidden")
     page.locator("#fb-right").focus()
