@@ -10,6 +10,7 @@ configuration is chosen.
     .venv/bin/mlpaint train --spec champion --no-final-fit --cache-dir C [--algorithms A]
     .venv/bin/python -m bench.rounds --cache-dir C --fit KEY [--fit KEY …]
     .venv/bin/python -m bench.rounds --cache-dir C --time-rounds 15
+    .venv/bin/python -m bench.rounds --cache-dir C --compare FIRST_FIT SECOND_FIT
 
 `--time-rounds N`: seconds per boosting round on the champion's final-fit rows (MNIST's
 training rows, their augmented copies and the pen renderings in the cache) with the packaged
@@ -63,6 +64,35 @@ def score_at_rounds(cache: Path, fit_key: str) -> dict:
             "drawn_rows": len(drawn_labels), "scores": scores}
 
 
+def compare_fits(cache: Path, first: Path, second: Path) -> dict:
+    """Two stored final models side by side on the official test set and the drawn test set
+    of `cache`, digit by digit, as the gate compares a candidate with the champion
+    (mlpaint.training.evaluation.compare_paired)."""
+    from dataclasses import asdict
+
+    import lightgbm as lgb
+
+    from mlpaint.training.evaluation import compare_paired
+
+    test = _one_folder("features/*-test-moments-*-all", cache)
+    pen = _one_folder("pen-matrices/*", cache)
+    sets = {"official": (np.load(test / "features.npy"), np.load(test / "labels.npy")),
+            "drawn": (np.load(pen / "drawn_features.npy"), np.load(pen / "drawn_labels.npy"))}
+    boosters = [lgb.Booster(model_file=str(fit / "model" / "booster-0.txt"))
+                for fit in (first, second)]
+    result = {}
+    for name, (features, labels) in sets.items():
+        right = [booster.predict(features).argmax(axis=1) == labels for booster in boosters]
+        result[name] = {"first_accuracy": float(right[0].mean()),
+                        "second_accuracy": float(right[1].mean()),
+                        **asdict(compare_paired(right[0], right[1]))}
+        logger.info("%s: %.4f against %.4f; right only with the first %d, only with the "
+                    "second %d; p = %.2f", name, right[0].mean(), right[1].mean(),
+                    result[name]["right_only_first"], result[name]["right_only_second"],
+                    result[name]["p_value"])
+    return result
+
+
 BAGGING = {"bagging_fraction": 0.5, "bagging_freq": 1}  # the sampling the champion had
 
 
@@ -109,8 +139,13 @@ def main() -> None:
     parser.add_argument("--fit", action="append", default=[], metavar="KEY")
     parser.add_argument("--time-rounds", type=int, metavar="N",
                         help="time N rounds of each sampling instead")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar="FIT_FOLDER",
+                        help="two stored final fits (`<cache>/fits/<key>`, from any cache) "
+                             "side by side on this cache's test sets")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.compare:
+        logger.info(json.dumps(compare_fits(args.cache_dir, *args.compare)))
     if args.time_rounds:
         logger.info(json.dumps(time_rounds(args.cache_dir, args.time_rounds)))
     for key in args.fit:
