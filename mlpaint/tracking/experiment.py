@@ -31,11 +31,15 @@ def _metrics(prefix: str, evaluation: Evaluation) -> dict[str, float]:
     return {f"{prefix}{name}": value for name, value in evaluation.scalar_metrics().items()}
 
 
-def _log_metrics(client, run_id: str, metrics: dict[str, float]) -> None:
+def _log_metrics(client, run_id: str, metrics: dict[str, float],
+                 model_id: str | None = None) -> None:
+    """`metrics` on the run; with `model_id`, also on that logged model (its MLflow page, and
+    the registry's comparison of versions)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    batch = [Metric(key, float(value), now, 0, model_id=model_id)
+             for key, value in metrics.items()]
     for start in range(0, len(batch), 500):  # the REST API's batch limit is 1,000
         client.log_batch(run_id, metrics=batch[start:start + 500])
 
@@ -196,15 +200,18 @@ def log_summary(client, summary: ExperimentSummary, spec: ExperimentSpec,
     metrics = {}
     for name, stats in summary.aggregated.items():
         metrics.update({f"folds_{name}_{k}": v for k, v in asdict(stats).items()})
+    # The final model's own figures: on the run, and on the model it registered.
+    model_metrics = _low_confidence_metrics(summary)
     if summary.final:
-        metrics.update(_metrics("test_", summary.final.evaluation))
-        metrics.update(_wild_metrics("", summary.final))
-        metrics.update(_drawn_metrics("", summary.final))
-    metrics.update(_low_confidence_metrics(summary))
+        model_metrics.update({**_metrics("test_", summary.final.evaluation),
+                              **_wild_metrics("", summary.final),
+                              **_drawn_metrics("", summary.final)})
     # The flow's own process is measured by recording_resources; fits may run elsewhere.
     metrics["resources/fit_peak_rss_mb"] = max(
         fit.peak_rss_mb for fit in [*summary.folds, *filter(None, [summary.final])])
     _log_metrics(client, run_id, metrics)
+    _log_metrics(client, run_id, model_metrics,
+                 summary.registered.model_id if summary.registered else None)
     if summary.final:
         _log_curve(client, run_id, summary.final)
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,5 +1,5 @@
-"""The model registry: a trained DigitModel logged as a pixel-in pyfunc and registered as
-`mnist-digits`, once per run, with its completeness marked."""
+"""The model registry: a trained DigitModel logged as a pixel-in pyfunc (from code, no pickle)
+and registered as `mnist-digits`, once per run, with its completeness marked."""
 
 from __future__ import annotations
 
@@ -26,6 +26,9 @@ class RegisteredModel:
     name: str
     version: str
     model_uri: str
+    # The logged model the version was registered from: metrics logged against it show on
+    # MLflow's model pages, where versions are compared.
+    model_id: str | None = None
 
 
 def _pinned_requirements(packages: tuple[str, ...]) -> list[str]:
@@ -59,13 +62,13 @@ def log_digit_model(client, run_id: str, model_dir: Path, example_pixels: np.nda
     from mlpaint.training.algorithms import DigitModel
 
     card = DigitModel.load(model_dir).card()
-    if earlier := _version_of_run(client, name, run_id):
-        return earlier
     run = client.get_run(run_id)
     # Filtered here: the SQL store compares `status` with its stored number, not the name.
     ready = [logged for logged in client.search_logged_models(
         [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = 'model'")
         if logged.status == LoggedModelStatus.READY]
+    if earlier := _version_of_run(client, name, run_id, ready):
+        return earlier
     logged = ready[0] if ready else _log_pyfunc(client, run, model_dir, example_pixels, card)
     try:
         client.create_registered_model(name)
@@ -80,17 +83,24 @@ def log_digit_model(client, run_id: str, model_dir: Path, example_pixels: np.nda
               RUN_STATE_TAG: RUN_COMPLETE if complete else RUN_INCOMPLETE},
         description=f"{card['algorithm']} on {card['feature_stage']} features. "
                     f"Input: {card['input']}. Output: probabilities of 0..9.")
-    return RegisteredModel(name, str(registered.version), f"models:/{name}/{registered.version}")
+    return RegisteredModel(name, str(registered.version), f"models:/{name}/{registered.version}",
+                           logged.model_id)
 
 
-def _version_of_run(client, name: str, run_id: str) -> RegisteredModel | None:
-    """The version of `name` that `run_id` registered (its first, should there be more)."""
+def _version_of_run(client, name: str, run_id: str, logged_models: list
+                    ) -> RegisteredModel | None:
+    """The version of `name` that `run_id` registered (its first, should there be more), with
+    the id of the model among `logged_models` it was registered from: the SQL registry keeps
+    a version's source, not its model id."""
     versions = [v for v in client.search_model_versions(f"run_id = '{run_id}'")
                 if v.name == name]
     if not versions:
         return None
     first = min(versions, key=lambda v: int(v.version))
-    return RegisteredModel(name, str(first.version), f"models:/{name}/{first.version}")
+    model_id = next((logged.model_id for logged in logged_models
+                     if logged.artifact_location == first.source), None)
+    return RegisteredModel(name, str(first.version), f"models:/{name}/{first.version}",
+                           model_id)
 
 
 def _log_pyfunc(client, run, model_dir: Path, example_pixels: np.ndarray, card: dict):
@@ -100,7 +110,7 @@ def _log_pyfunc(client, run, model_dir: Path, example_pixels: np.ndarray, card: 
     from mlflow.entities import LoggedModelOutput
     from mlflow.models import Model
 
-    from mlpaint.serving_model import DigitModelPyfunc, pixel_signature
+    from mlpaint.tracking.pyfunc import MODEL_CODE, pixel_signature
 
     run_id = run.info.run_id
     logged = client.create_logged_model(run.info.experiment_id, name="model",
@@ -109,7 +119,7 @@ def _log_pyfunc(client, run, model_dir: Path, example_pixels: np.ndarray, card: 
         with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / "model"
             mlflow.pyfunc.save_model(
-                path=str(local), python_model=DigitModelPyfunc(),
+                path=str(local), python_model=str(MODEL_CODE),
                 artifacts={"digit_model": str(model_dir)}, signature=pixel_signature(),
                 input_example=np.asarray(example_pixels, dtype=np.float32), metadata=card,
                 pip_requirements=_pinned_requirements(MODEL_PACKAGES),

@@ -108,6 +108,13 @@ def _assert_pen_drawings_train_by_writer_and_score_every_model(summary, client, 
     assert metrics["drawn_worst_writer_accuracy"] <= metrics["drawn_accuracy"]
     assert {f"drawn_digit_{d}_accuracy" for d in range(10)} <= set(metrics)
     assert "test_accuracy" in metrics
+    # The registered model's own page shows its figures, logged against its model id.
+    on_model = {m.key: m.value
+                for m in client.get_logged_model(summary.registered.model_id).metrics}
+    for key in ("test_accuracy", "drawn_accuracy", "drawn_worst_writer_accuracy",
+                "low_confidence_below"):
+        assert on_model[key] == pytest.approx(metrics[key]), key
+    assert not any(key.startswith("folds_") for key in on_model)
     # "Not sure" is chosen on the folds' held-out writers, measured on the drawn test set.
     chosen = summary.low_confidence
     assert chosen.figures.rows == sum(f.confidence_rows("heldout")[0].size
@@ -260,8 +267,10 @@ def test_mlflow_scoring_server_answers_pixels(harness, training_inputs, tracking
     port = free_port()
     bin_dir = os.path.dirname(sys.executable)
     mlflow_cli = os.path.join(bin_dir, "mlflow")
-    # The scoring server execs `uvicorn` from PATH: the virtualenv's, as if activated.
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # The scoring server execs `uvicorn` from PATH: the virtualenv's, as if activated. It
+    # refuses pickled models: the registered one is logged as code.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"}
     server = start_service(
         [mlflow_cli, "models", "serve", "-m", summary.registered.model_uri,
          "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],

@@ -2,7 +2,13 @@
 
 The model applies its own feature stage (recorded in its model.json), so whoever loads it
 from the registry — `mlflow.pyfunc.load_model`, `mlflow models serve`, a batch job — sends
-what a drawing is (PIXEL_INPUT) and gets what the app shows, with no knowledge of the feature stage.
+what a drawing is (PIXEL_INPUT) and gets what the app shows, with no knowledge of the
+feature stage.
+
+It is logged as code (MLflow's "models from code"): the registered model holds
+`pyfunc_code.py`, which names this class, and the DigitModel's own files; no pickled Python
+object, so it loads where pickle deserialisation is refused
+(`MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false`).
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from mlpaint.training.algorithms import PIXEL_INPUT, DigitModel
 
 INPUT_NAME = "pixels"
 OUTPUT_NAME = "probabilities"
+# The file MLflow logs as the model's code: it sets an instance of DigitModelPyfunc as the
+# model when MLflow loads it, and is never imported by mlpaint itself.
+MODEL_CODE = Path(__file__).with_name("pyfunc_code.py")
 
 
 def pixel_signature():
