@@ -223,6 +223,57 @@ def _add_history_commands(subcommands) -> None:
     rollback.set_defaults(handler=_run_rollback)
 
 
+def _add_monitor_command(subcommands) -> None:
+    monitor = subcommands.add_parser(
+        "monitor", help="live accuracy per served bundle from people's answers, and drift",
+        description="Reads the feedback store: the share of right answers per served bundle "
+                    "and day, the answers most often corrected, the accuracy of the latest "
+                    "answers against a floor (below it, over a full window, the Prefect "
+                    "event mlpaint.monitor.accuracy-dropped), and how what people draw "
+                    "differs from the training digits (ink, size, slant, the digits the "
+                    "served model reads and its confidence). Recorded as an MLflow run in "
+                    "the mlpaint-monitor experiment and as Prefect artifacts.")
+    monitor.add_argument("--feedback-store", metavar="URI",
+                         help="default $MLPAINT_FEEDBACK_STORE, else `feedback` beside the "
+                              "bundle destination")
+    monitor.add_argument("--bundle", metavar="URI",
+                         help="the destination the server follows (default "
+                              "$MLPAINT_BUNDLE_DIR or .mlpaint/bundles)")
+    monitor.add_argument("--last", type=int, default=100, metavar="N",
+                         help="the window of latest answers checked against the floor")
+    monitor.add_argument("--floor", type=float, default=0.9,
+                         help="the accuracy below which the alarm is raised")
+    monitor.add_argument("--reference-rows", type=int, default=5000, metavar="N",
+                         help="training digits sampled as the drift's reference")
+    monitor.add_argument("--source", action="append", default=None, metavar="URI",
+                         help="MNIST source of the training digits")
+    monitor.add_argument("--cache-dir", metavar="DIR")
+    monitor.add_argument("--json", action="store_true")
+    monitor.set_defaults(handler=_run_monitor)
+
+
+def _run_monitor(args: argparse.Namespace) -> int:
+    from mlpaint.monitoring import MonitorSpec
+    from mlpaint.tracking import prepare_store_meanwhile, resolve_tracking_uri
+
+    spec = MonitorSpec(feedback_store=args.feedback_store, bundle=args.bundle,
+                       last_answers=args.last, accuracy_floor=args.floor,
+                       reference_rows=args.reference_rows, sources=args.source)
+    with temporary_api() as api_ready:
+        tracking_store_ready = prepare_store_meanwhile(resolve_tracking_uri())
+        from flows.monitor import monitor
+
+        api_ready()
+        tracking_store_ready()
+        with _library_prints_to_stderr():
+            report = monitor(spec, cache_dir=args.cache_dir)
+    if args.json:
+        print(json.dumps(report.to_json()))
+    else:
+        print(report.markdown())
+    return 0
+
+
 def _run_history(args: argparse.Namespace) -> int:
     from mlpaint.bundle import latest_history, read_latest
     from mlpaint.catalog import default_bundle_destination
@@ -375,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_command(subcommands)
     _add_publish_command(subcommands)
     _add_history_commands(subcommands)
+    _add_monitor_command(subcommands)
     add_serve_command(subcommands)
     add_feedback_commands(subcommands)
     return parser

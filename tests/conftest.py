@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import pytest
+import requests
 
 from mlpaint.data.formats import write_idx
 from mlpaint.processes import free_port, start_service, stop_service
@@ -213,6 +215,23 @@ def official_test_digits(mnist: Path | str, count: int) -> tuple[np.ndarray, np.
     with gzip.open(Path(mnist) / "t10k-labels-idx1-ubyte.gz") as handle:
         labels = np.frombuffer(handle.read(), np.uint8, offset=8)
     return pixels[:count].copy(), labels[:count].copy()
+
+
+def prefect_events(api: str, name: str, since: datetime) -> list[dict]:
+    """The events named `name` since `since` on a Prefect API, each once: the API is shared
+    by the session, and earlier tests post some of the same drawings (so the same record ids)
+    to it; and pages read while events still arrive shift, so one event can appear on two
+    pages."""
+    response = requests.post(f"{api}/events/filter", json={
+        "filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}},
+        "limit": 50}, timeout=10)
+    response.raise_for_status()
+    page = response.json()
+    events = page["events"]
+    while page.get("next_page"):  # 50 events a page
+        page = requests.get(page["next_page"], timeout=10).json()
+        events += page["events"]
+    return list({event["id"]: event for event in events}.values())
 
 
 def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:

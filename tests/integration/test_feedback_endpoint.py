@@ -23,7 +23,7 @@ from mlpaint.feedback import FeedbackStore
 from mlpaint.preprocess import image_to_mnist
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.serving.app import create_app
-from tests.conftest import metric_samples, run_cli, wait_for
+from tests.conftest import metric_samples, prefect_events, run_cli, wait_for
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -127,22 +127,6 @@ def _serve(tmp_path: Path, bundle_root: Path, env: dict[str, str], *extra: str
     return process, url
 
 
-def _prefect_events(api: str, name: str, since: datetime) -> list[dict]:
-    """The events named `name` since `since`, each once: the API is shared by the session,
-    and earlier tests post some of the same drawings (so the same record ids) to it; and
-    pages read while events still arrive shift, so one event can appear on two pages."""
-    response = requests.post(f"{api}/events/filter", json={
-        "filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}},
-        "limit": 50}, timeout=10)
-    response.raise_for_status()
-    page = response.json()
-    events = page["events"]
-    while page.get("next_page"):  # 50 events a page
-        page = requests.get(page["next_page"], timeout=10).json()
-        events += page["events"]
-    return list({event["id"]: event for event in events}.values())
-
-
 @pytest.mark.integration
 def test_two_workers_posting_at_once_store_everything_once_and_tell_prefect(
         bundle_root, mnist_tables, tmp_path, cli_env, prefect_api):
@@ -166,7 +150,7 @@ def test_two_workers_posting_at_once_store_everything_once_and_tell_prefect(
         assert {r.json()["id"] for r in responses} == set(created)
 
         def all_events() -> list[dict] | None:
-            events = _prefect_events(prefect_api, "mlpaint.feedback.received", started)
+            events = prefect_events(prefect_api, "mlpaint.feedback.received", started)
             return events if len(events) >= 80 else None
 
         events = wait_for(all_events, "80 feedback events", timeout_s=60, interval_s=1)
