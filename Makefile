@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock run fetch serve test browser postgres lint unit bench bench-train stack-up stack-down deploy clean
+.PHONY: help setup lock run fetch serve test browser postgres prometheus lint unit bench bench-train stack-up stack-down deploy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ serve: setup ## serve the published bundle: the drawing page at http://127.0.0.1
 fetch: setup ## only fetch, verify, join and explore MNIST (the default mirror chain)
 	$(BIN)/mlpaint data fetch
 
-test: setup browser postgres lint ## lint, then the whole suite (it starts its own HTTP, S3, PostgreSQL, Prefect, MLflow and MLPaint servers)
+test: setup browser postgres prometheus lint ## lint, then the whole suite (it starts its own HTTP, S3, PostgreSQL, Prefect, MLflow, Prometheus and MLPaint servers)
 	$(BIN)/pytest
 
 browser: ## Debian's chromium for the browser tests (Playwright drives it; it cannot download one)
@@ -45,6 +45,9 @@ browser: ## Debian's chromium for the browser tests (Playwright drives it; it ca
 
 postgres: ## Debian's PostgreSQL for the stack (infra/stack.sh runs its own cluster in the stack folder)
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
+prometheus: ## Debian's Prometheus for the stack (infra/stack.sh runs it with its data in the stack folder)
+	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 lint: setup ## ruff
 	$(BIN)/ruff check .
@@ -58,7 +61,7 @@ bench: setup ## the ingestion benchmark (needs ../shared/data/mnist); results go
 bench-train: setup ## the training benchmark on full MNIST (long: about an hour on 2 cores)
 	$(BIN)/python -m bench.train
 
-stack-up: setup postgres ## start PostgreSQL, Prefect server + work pool + worker, MLflow server (both on PostgreSQL); deploy prefect.yaml
+stack-up: setup postgres prometheus ## start PostgreSQL, Prefect server + work pool + worker, MLflow server (both on PostgreSQL), Prometheus; deploy prefect.yaml
 	infra/stack.sh up
 
 stack-down: ## stop the local stack

@@ -4,7 +4,9 @@
 #   infra/stack.sh up       PostgreSQL (Debian's package, its data in the stack folder), the
 #                           Prefect server and an MLflow tracking server both on it (MLflow's
 #                           artifacts in local files), the mlpaint-process work pool and a
-#                           process worker, and the deployments of prefect.yaml
+#                           process worker, the deployments of prefect.yaml, and Prometheus
+#                           (Debian's package, its data in the stack folder) scraping the
+#                           /metrics of `mlpaint serve`
 #   infra/stack.sh down     stop all of it (each service's whole process group)
 #   infra/stack.sh status   what is running, and where
 #   infra/stack.sh deploy   (re)register the deployments of prefect.yaml and the automations
@@ -13,7 +15,8 @@
 #                           of one that died)
 #   infra/stack.sh restart SERVICE [SECONDS]
 #                           stop one of postgres, prefect-server, mlflow-server,
-#                           prefect-worker, keep it down SECONDS (default 0), start it again
+#                           prefect-worker, prometheus, keep it down SECONDS (default 0), start
+#                           it again
 #
 # Runs whose worker dies are picked up again with nobody watching: flow runs send a heartbeat
 # every 30 s; a run silent for MLPAINT_ZOMBIE_SECONDS (90) is marked Crashed and scheduled
@@ -27,7 +30,10 @@
 # PREFECT_PORT (4200), MLFLOW_PORT (5000), PG_PORT (5439), PG_BIN (PostgreSQL's programs,
 # default the newest /usr/lib/postgresql/*/bin), MLPAINT_BIN (the virtualenv's bin, default
 # .venv/bin), PREFECT_WORKER_QUERY_SECONDS (5: how often the worker polls for runs),
-# MLPAINT_ZOMBIE_SECONDS (90), MLPAINT_TRAINING_SLOTS (1).
+# MLPAINT_ZOMBIE_SECONDS (90), MLPAINT_TRAINING_SLOTS (1), PROMETHEUS_PORT (9090),
+# MLPAINT_METRICS_TARGETS (the servers Prometheus scrapes, host:port separated by commas;
+# default 127.0.0.1:8000, where `make serve` listens), PROMETHEUS_SCRAPE_SECONDS (15),
+# PROMETHEUS_BIN (default: prometheus on PATH; `make prometheus` installs Debian's).
 #
 # PostgreSQL refuses to run as root: as root, the script runs its server as the `postgres`
 # user (who must be able to reach the stack folder). It listens on 127.0.0.1 only, with
@@ -46,6 +52,10 @@ PG_USER="mlpaint"
 POOL="mlpaint-process"
 TRAINING_QUEUE="training"
 TRAINING_SLOTS="${MLPAINT_TRAINING_SLOTS:-1}"
+PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
+PROMETHEUS_BIN="${PROMETHEUS_BIN:-$(command -v prometheus || true)}"
+METRICS_TARGETS="${MLPAINT_METRICS_TARGETS:-127.0.0.1:8000}"
+SCRAPE_SECONDS="${PROMETHEUS_SCRAPE_SECONDS:-15}"
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export PREFECT_HOME="$STATE/prefect"
@@ -177,6 +187,31 @@ training_queue_up() {  # the training deployments' queue, holding TRAINING_SLOTS
   log "work queue $TRAINING_QUEUE: $TRAINING_SLOTS training run(s) at a time"
 }
 
+prometheus_up() {  # its configuration is written anew from the settings at each start
+  if [[ -z "$PROMETHEUS_BIN" || ! -x "$PROMETHEUS_BIN" ]]; then
+    log "Prometheus not found (set PROMETHEUS_BIN, or: apt-get install prometheus; make prometheus does it)"
+    exit 1
+  fi
+  mkdir -p "$STATE/prometheus/data"
+  local targets
+  targets="$(printf '"%s", ' ${METRICS_TARGETS//,/ })"
+  cat >"$STATE/prometheus/prometheus.yml" <<YAML
+# Written by infra/stack.sh from MLPAINT_METRICS_TARGETS and PROMETHEUS_SCRAPE_SECONDS.
+global:
+  scrape_interval: ${SCRAPE_SECONDS}s
+  evaluation_interval: ${SCRAPE_SECONDS}s
+scrape_configs:
+  - job_name: mlpaint
+    metrics_path: /metrics
+    static_configs:
+      - targets: [${targets%, }]
+YAML
+  start prometheus "$PROMETHEUS_BIN" --config.file="$STATE/prometheus/prometheus.yml" \
+    --storage.tsdb.path="$STATE/prometheus/data" \
+    --web.listen-address="127.0.0.1:$PROMETHEUS_PORT"
+  wait_for prometheus "http://127.0.0.1:$PROMETHEUS_PORT/-/ready" 60
+}
+
 prefect_worker_up() {  # prefect_worker_up [NAME]: a process worker of the pool
   start "${1:-prefect-worker}" "$BIN/prefect" worker start --pool "$POOL" --type process
 }
@@ -191,6 +226,7 @@ up() {
   training_queue_up
   mlflow_server_up
   prefect_worker_up
+  prometheus_up
   deploy
   status
 }
@@ -202,7 +238,8 @@ restart() {  # restart SERVICE [SECONDS]: stop one service, keep it down SECONDS
     prefect-server) stop prefect-server; sleep "$pause"; prefect_server_up ;;
     mlflow-server) stop mlflow-server; sleep "$pause"; mlflow_server_up ;;
     prefect-worker) stop prefect-worker; sleep "$pause"; prefect_worker_up ;;
-    *) echo "usage: $0 restart postgres|prefect-server|mlflow-server|prefect-worker [SECONDS]" >&2
+    prometheus) stop prometheus; sleep "$pause"; prometheus_up ;;
+    *) echo "usage: $0 restart postgres|prefect-server|mlflow-server|prefect-worker|prometheus [SECONDS]" >&2
        exit 2 ;;
   esac
 }
@@ -213,11 +250,12 @@ status() {
   else
     echo "postgres: stopped"
   fi
-  for name in prefect-server mlflow-server prefect-worker $(extra_workers); do
+  for name in prefect-server mlflow-server prefect-worker $(extra_workers) prometheus; do
     if running "$name"; then echo "$name: running (pid $(cat "$STATE/$name.pid"))"; else echo "$name: stopped"; fi
   done
   echo "Prefect UI:  http://127.0.0.1:${PREFECT_PORT}"
   echo "MLflow UI:   $MLFLOW_TRACKING_URI"
+  echo "Prometheus:  http://127.0.0.1:${PROMETHEUS_PORT} (scraping ${METRICS_TARGETS})"
 }
 
 extra_workers() {  # the names of the workers `worker` started
@@ -229,7 +267,7 @@ extra_workers() {  # the names of the workers `worker` started
 }
 
 down() {
-  for name in $(extra_workers) prefect-worker mlflow-server prefect-server; do stop "$name"; done
+  for name in prometheus $(extra_workers) prefect-worker mlflow-server prefect-server; do stop "$name"; done
   postgres_down
 }
 

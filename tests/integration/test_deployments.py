@@ -22,6 +22,7 @@ import pytest
 import requests
 
 from flows.steps import experiment_spec
+from mlpaint.data.catalog import Split
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.spec import ExperimentSpec, load_spec
 from tests.conftest import REPO, wait_for
@@ -48,10 +49,13 @@ def stack():
     state.chmod(0o711)
     # Runs silent for 60 s count as crashed (the stack's default is 90 s): beats come every
     # 30 s, so a live run is never mistaken for a dead one, and the fault test waits less.
+    # Prometheus scrapes, every second, the port the Prometheus test serves on.
     env = {**os.environ, "MLPAINT_STACK_DIR": str(state), "PREFECT_PORT": str(free_port()),
            "MLFLOW_PORT": str(free_port()), "PG_PORT": str(free_port()),
            "PREFECT_WORKER_QUERY_SECONDS": "2", "MLPAINT_CACHE_DIR": str(state / "cache"),
-           "MLPAINT_ZOMBIE_SECONDS": "60"}
+           "MLPAINT_ZOMBIE_SECONDS": "60", "PROMETHEUS_PORT": str(free_port()),
+           "MLPAINT_METRICS_TARGETS": f"127.0.0.1:{free_port()}",
+           "PROMETHEUS_SCRAPE_SECONDS": "1"}
     env.pop("PREFECT_API_URL", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     script = str(REPO / "infra" / "stack.sh")
@@ -60,11 +64,13 @@ def stack():
         assert up.returncode == 0, up.stderr[-4000:]
         yield {"prefect": f"http://127.0.0.1:{env['PREFECT_PORT']}/api",
                "mlflow": f"http://127.0.0.1:{env['MLFLOW_PORT']}", "state": state,
-               "postgres_port": env["PG_PORT"], "env": env}
+               "postgres_port": env["PG_PORT"], "env": env,
+               "prometheus": f"http://127.0.0.1:{env['PROMETHEUS_PORT']}",
+               "scraped": env["MLPAINT_METRICS_TARGETS"]}
     finally:
         down = subprocess.run([script, "down"], env=env, capture_output=True, text=True,
                               timeout=120)
-        for name in ("prefect-server", "mlflow-server", "prefect-worker"):
+        for name in ("prefect-server", "mlflow-server", "prefect-worker", "prometheus"):
             assert not (state / f"{name}.pid").exists()
         assert "postgres stopped" in down.stderr
         shutil.rmtree(state, ignore_errors=True)
@@ -128,6 +134,51 @@ def _wait_for_bundle(server: str, version: str, timeout_s: float = 60) -> dict:
 
     return wait_for(serving, f"{server} to serve bundle {version}", timeout_s=timeout_s,
                     interval_s=1)
+
+
+def _prometheus_query(prometheus: str, query: str) -> list[dict]:
+    response = requests.get(f"{prometheus}/api/v1/query", params={"query": query}, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"]["result"]
+
+
+def test_prometheus_scrapes_the_server_and_counts_the_traffic_sent(stack, bundle_root,
+                                                                   mnist_tables, tmp_path):
+    """The stack's Prometheus scrapes `mlpaint serve` where MLPAINT_METRICS_TARGETS says it
+    listens: after 12 predictions and 5 explanations over two workers, a query over the
+    predictions counter returns exactly that traffic, by endpoint and digit."""
+    port = int(stack["scraped"].rsplit(":", 1)[1])
+    mlpaint = str(Path(sys.executable).parent / "mlpaint")
+    server = start_service(
+        [mlpaint, "serve", "--bundle", str(bundle_root / "bundles"), "--port", str(port),
+         "--workers", "2", "--watch-seconds", "0"], f"http://127.0.0.1:{port}/readyz",
+        log=tmp_path / "serve.log", timeout_s=120)
+    try:
+        test = mnist_tables[Split.TEST]
+        pixels = [np.asarray(test.pixels[i]).tolist() for i in range(17)]
+        for i in range(12):
+            response = requests.post(f"http://127.0.0.1:{port}/v1/predict",
+                                     json={"pixels": pixels[i]}, timeout=30)
+            assert response.status_code == 200, response.text
+        digits = collections.Counter(str(requests.post(
+            f"http://127.0.0.1:{port}/v1/explain", json={"pixels": pixels[i]},
+            timeout=30).json()["digit"]) for i in range(12, 17))
+
+        def counted() -> list[dict] | None:
+            result = _prometheus_query(stack["prometheus"],
+                                       "sum by (endpoint) (mlpaint_predictions_total)")
+            totals = {r["metric"]["endpoint"]: float(r["value"][1]) for r in result}
+            return result if totals == {"predict": 12.0, "explain": 5.0} else None
+
+        wait_for(counted, "Prometheus to scrape the 17 answers", timeout_s=60, interval_s=1)
+        up = _prometheus_query(stack["prometheus"], 'up{job="mlpaint"}')
+        assert [(r["metric"]["instance"], r["value"][1]) for r in up] == [
+            (stack["scraped"], "1")]
+        explained = _prometheus_query(
+            stack["prometheus"], 'sum by (digit) (mlpaint_predictions_total{endpoint="explain"})')
+        assert {r["metric"]["digit"]: int(float(r["value"][1])) for r in explained} == digits
+    finally:
+        stop_service(server)
 
 
 def _form_field(page, label: str):
