@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 
 .DEFAULT_GOAL := help
-.PHONY: help setup lock run fetch serve test browser postgres prometheus lint unit bench bench-train stack-up stack-down deploy clean
+.PHONY: help setup lock run fetch serve test browser postgres prometheus redis lint unit bench bench-train stack-up stack-down deploy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,7 +37,7 @@ serve: setup ## serve the published bundle: the drawing page at http://127.0.0.1
 fetch: setup ## only fetch, verify, join and explore MNIST (the default mirror chain)
 	$(BIN)/mlpaint data fetch
 
-test: setup browser postgres prometheus lint ## lint, then the whole suite (it starts its own HTTP, S3, PostgreSQL, Prefect, MLflow, Prometheus and MLPaint servers)
+test: setup browser postgres prometheus redis lint ## lint, then the whole suite (it starts its own HTTP, S3, PostgreSQL, Prefect, MLflow, Prometheus, Redis and MLPaint servers)
 	$(BIN)/pytest
 
 browser: ## Debian's chromium for the browser tests (Playwright drives it; it cannot download one)
@@ -48,6 +48,9 @@ postgres: ## Debian's PostgreSQL for the stack (infra/stack.sh runs its own clus
 
 prometheus: ## Debian's Prometheus for the stack (infra/stack.sh runs it with its data in the stack folder)
 	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
+redis: ## Debian's redis-server, which the tests start to share a feedback rate limit between servers
+	@command -v redis-server >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server; }
 
 lint: setup ## ruff
 	$(BIN)/ruff check .

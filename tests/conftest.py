@@ -184,6 +184,28 @@ def prefect_api(tmp_path_factory) -> Iterator[str]:
     stop_service(process)
 
 
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory) -> Iterator[str]:
+    """Debian's redis-server on loopback, in memory only: a storage `limits` shares among
+    server processes."""
+    from limits.storage import storage_from_string
+
+    folder = tmp_path_factory.mktemp("redis")
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}"
+    with (folder / "redis.log").open("wb") as log:
+        process = subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(folder)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: process.poll() is None and storage_from_string(url).check(),
+                 f"redis-server on port {port}", timeout_s=30)
+        yield url
+    finally:
+        stop_service(process)
+
+
 @pytest.fixture
 def cli_env(prefect_api: str, tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "PREFECT_API_URL": prefect_api,

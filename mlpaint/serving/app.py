@@ -22,7 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from limits import parse as parse_rate
-from limits.storage import MemoryStorage
+from limits.storage import storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +67,9 @@ logger = logging.getLogger(__name__)
 
 # A person labels a drawing every few seconds at most; a client far above that is a script.
 DEFAULT_FEEDBACK_RATE = "30/minute"
+# Each server process counts alone: with N workers a client may post N times the rate.
+# `redis://host:port` shares one count among every worker and server.
+DEFAULT_RATE_LIMIT_STORAGE = "memory://"
 
 
 def _confidence(probabilities: np.ndarray, model: ServedModel) -> Status:
@@ -77,12 +80,15 @@ def _confidence(probabilities: np.ndarray, model: ServedModel) -> Status:
 
 def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
                watch_interval_s: float = 5.0, feedback_store: str | None = None,
-               feedback_rate: str = DEFAULT_FEEDBACK_RATE, with_metrics: bool = True
+               feedback_rate: str = DEFAULT_FEEDBACK_RATE,
+               rate_limit_storage: str = DEFAULT_RATE_LIMIT_STORAGE, with_metrics: bool = True
                ) -> FastAPI:
     """The app. `feedback_store` is where `/v1/feedback` appends (None: the endpoint answers
     404); `feedback_rate` is how many posts one client address may make, as `limits` writes
-    it ("20/minute"), counted in each server process; `with_metrics` serves Prometheus'
-    `/metrics` (mlpaint.serving.metrics), else nothing is counted and it answers 404."""
+    it ("20/minute"), counted in `rate_limit_storage` (a `limits` storage URI: `memory://`
+    counts in this process alone, `redis://host:port` across every process that uses it);
+    `with_metrics` serves Prometheus' `/metrics` (mlpaint.serving.metrics), else nothing is
+    counted and it answers 404."""
     metrics = ServerMetrics() if with_metrics else None
     holder = ModelHolder(bundle_uri, cache_dir=cache_dir)
     if metrics:
@@ -91,7 +97,7 @@ def create_app(bundle_uri: str, *, cache_dir: Path | None = None,
         holder.on_failed_reload = lambda _: metrics.count_reload(swapped=False)
     feedback = FeedbackStore.at(feedback_store) if feedback_store else None
     rate = parse_rate(feedback_rate)
-    limiter = MovingWindowRateLimiter(MemoryStorage())
+    limiter = MovingWindowRateLimiter(storage_from_string(rate_limit_storage))
     announcer = FeedbackAnnouncer(feedback.describe()) if feedback else None
 
     @asynccontextmanager
@@ -311,6 +317,7 @@ class ServeSettings(BaseSettings):
     watch_seconds: float = Field(5.0, ge=0)
     feedback_store: str | None = None  # None: feedback off
     feedback_rate: str = DEFAULT_FEEDBACK_RATE
+    rate_limit_storage: str = DEFAULT_RATE_LIMIT_STORAGE
     metrics: bool = True
 
     def to_environment(self) -> dict[str, str]:
@@ -324,5 +331,7 @@ def app_from_environment() -> FastAPI:
     return create_app(settings.bundle, cache_dir=settings.cache_dir,
                       watch_interval_s=settings.watch_seconds,
                       feedback_store=settings.feedback_store,
-                      feedback_rate=settings.feedback_rate, with_metrics=settings.metrics)
+                      feedback_rate=settings.feedback_rate,
+                      rate_limit_storage=settings.rate_limit_storage,
+                      with_metrics=settings.metrics)
 

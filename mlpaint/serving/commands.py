@@ -45,7 +45,18 @@ def add_serve_command(subcommands) -> None:
                             "the endpoint off (404)")
     serve.add_argument("--feedback-rate", default=None, metavar="N/PERIOD",
                        help="feedback posts one client address may make, e.g. 30/minute "
-                            "(the default) or 5/second; counted per server process")
+                            "(the default) or 5/second; counted where "
+                            "--rate-limit-storage says")
+    serve.add_argument("--rate-limit-storage", default=None, metavar="URI",
+                       help="where the feedback rate is counted: memory:// (the default: "
+                            "each worker counts alone, so N workers allow N times the rate) "
+                            "or redis://host:port (one count shared by every worker and "
+                            "every server using it)")
+    serve.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                       help="the proxies (addresses or networks, comma-separated, or *) whose "
+                            "X-Forwarded-For names the client, so the rate limit sees people "
+                            "rather than the proxy (default $FORWARDED_ALLOW_IPS, else "
+                            "127.0.0.1; '' trusts none)")
     serve.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False,
                        help="log a line per request (default: off; at thousands of requests "
                             "a second it costs a fifth of the throughput)")
@@ -93,22 +104,32 @@ def _run_serve(args: argparse.Namespace) -> int:
         _fresh_metrics_folder()  # before anything imports prometheus_client
     import uvicorn
     from limits import parse as parse_rate
+    from limits.storage import storage_from_string
 
     from mlpaint.catalog import feedback_store_option
-    from mlpaint.serving.app import DEFAULT_FEEDBACK_RATE, ServeSettings
+    from mlpaint.serving.app import (
+        DEFAULT_FEEDBACK_RATE,
+        DEFAULT_RATE_LIMIT_STORAGE,
+        ServeSettings,
+    )
 
     feedback_rate = args.feedback_rate or DEFAULT_FEEDBACK_RATE
     parse_rate(feedback_rate)  # a malformed rate fails here, not in every worker
+    rate_limit_storage = args.rate_limit_storage or DEFAULT_RATE_LIMIT_STORAGE
+    if not storage_from_string(rate_limit_storage).check():
+        raise ValueError(f"the rate limit storage {rate_limit_storage} does not answer")
     feedback_store = feedback_store_option(args.feedback_store, args.bundle)
     _check_before_serving(args.bundle, args.cache_dir, feedback_store, args.host, args.port)
     settings = ServeSettings(bundle=args.bundle, cache_dir=args.cache_dir,
                              watch_seconds=args.watch_seconds, feedback_store=feedback_store,
-                             feedback_rate=feedback_rate, metrics=args.metrics)
+                             feedback_rate=feedback_rate,
+                             rate_limit_storage=rate_limit_storage, metrics=args.metrics)
     logger.info("feedback: %s", feedback_store or "off")
     os.environ.update(settings.to_environment())  # read back by each worker's app factory
     uvicorn.run("mlpaint.serving.app:app_from_environment", factory=True, host=args.host,
                 port=args.port, workers=args.workers, log_level="info",
-                access_log=args.access_log)
+                access_log=args.access_log, proxy_headers=True,
+                forwarded_allow_ips=args.forwarded_allow_ips)
     return 0
 
 

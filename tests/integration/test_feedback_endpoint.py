@@ -116,7 +116,7 @@ def test_feedback_off_answers_404(bundle_root, mnist_tables):
         assert response.status_code == 404 and "off" in response.json()["detail"]
 
 
-def _serve(tmp_path: Path, bundle_root: Path, env: dict[str, str], *extra: str
+def _serve(tmp_path: Path, bundle_root: Path, env: dict[str, str] | None, *extra: str
            ) -> tuple[object, str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -216,3 +216,54 @@ def test_feedback_is_stored_when_prefect_is_down(bundle_root, mnist_tables, tmp_
         assert requests.get(f"{url}/readyz", timeout=10).status_code == 200
     finally:
         stop_service(process)
+
+
+def _post_feedback(url: str, test, rows, headers=None) -> list[int]:
+    """One labelled official test digit per row, each over a fresh connection (so, with
+    several workers, the kernel hands them to any of them): the status codes."""
+    return [requests.post(f"{url}/v1/feedback", headers=headers or {}, timeout=30, json={
+        "pixels": [int(v) for v in test.pixels[row]], "label": int(test.labels[row])}
+    ).status_code for row in rows]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("storage", "stored"), [("redis", 5), ("memory://", 10)])
+def test_servers_share_one_feedback_rate_limit_through_redis(
+        bundle_root, mnist_tables, tmp_path, redis_url, storage, stored):
+    """Counted in Debian's redis-server, the limit holds for every process together: of 12
+    posts from one address, alternating between two servers on one store, exactly the 5 a
+    minute allows are stored. Counted in each process's memory, each allows 5 (so N
+    workers allow N times the rate, as `mlpaint serve --help` says)."""
+    servers = [_serve(tmp_path, bundle_root, None, "--workers", "1",
+                      "--feedback-store", str(tmp_path / "feedback"),
+                      "--feedback-rate", "5/minute", "--rate-limit-storage",
+                      redis_url if storage == "redis" else storage) for _ in range(2)]
+    test = mnist_tables[Split.TEST]
+    try:
+        codes = [code for row in range(12)
+                 for code in _post_feedback(servers[row % 2][1], test, [row])]
+    finally:
+        for process, _ in servers:
+            stop_service(process)
+    assert sorted(codes) == [201] * stored + [429] * (12 - stored)
+    assert len(FeedbackStore.at(str(tmp_path / "feedback")).ids()) == stored
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("trusted", "per_client"), [("127.0.0.1", True), ("10.9.8.7", False)])
+def test_behind_a_trusted_proxy_the_limit_counts_each_forwarded_client(
+        bundle_root, mnist_tables, tmp_path, trusted, per_client):
+    """With the proxy's address in --forwarded-allow-ips, X-Forwarded-For names the client,
+    so two people behind one proxy each get the rate; from an untrusted address the header
+    is ignored and both count as the proxy."""
+    process, url = _serve(tmp_path, bundle_root, None, "--workers", "1",
+                          "--feedback-store", str(tmp_path / "feedback"),
+                          "--feedback-rate", "2/minute", "--forwarded-allow-ips", trusted)
+    test = mnist_tables[Split.TEST]
+    try:
+        first = _post_feedback(url, test, range(3), {"X-Forwarded-For": "203.0.113.1"})
+        second = _post_feedback(url, test, range(3, 5), {"X-Forwarded-For": "203.0.113.2"})
+    finally:
+        stop_service(process)
+    assert first == [201, 201, 429]
+    assert second == ([201, 201] if per_client else [429, 429])
