@@ -64,8 +64,11 @@ def _exactly_one_of(model: BaseModel, names: tuple[str, ...]) -> None:
         raise ValueError("give exactly one of " + ", ".join(f"'{n}'" for n in names))
 
 
-#: An image as a base64 data URL: `data:image/<type>[;parameters];base64,<base64>`.
-DATA_URL_PATTERN = r"^data:image/[-+.\w]+(;[-\w]+=[-\w]+)*;base64,[A-Za-z0-9+/]*={0,2}$"
+#: An image as a base64 data URL: `data:image/<type>[;parameters];base64,<base64>`, the
+#: payload whole base64 (groups of four, padded) and not empty.
+DATA_URL_PATTERN = (r"^data:image/[-+.\w]+(;[-\w]+=[-\w]+)*;base64,"
+                    r"(?:(?:[A-Za-z0-9+/]{4})+(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?"
+                    r"|[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)$")
 
 
 def _one_of_schema(*names: str) -> dict:
