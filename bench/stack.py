@@ -1,5 +1,5 @@
 """How long `infra/stack.sh up` takes on this machine: PostgreSQL, the Prefect server, the work
-pool, the MLflow server, a worker, the deployments and the automations.
+pool, the MLflow server, a worker, Prometheus, the deployments and the automations.
 
     .venv/bin/python -m bench.stack --runs 3
 
@@ -37,7 +37,7 @@ def run(runs: int) -> dict:
         state.chmod(0o711)
         env = {**os.environ, "MLPAINT_STACK_DIR": str(state),
                "PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
-               "PG_PORT": str(free_port())}
+               "PG_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port())}
         env.pop("PREFECT_API_URL", None)
         env.pop("MLFLOW_TRACKING_URI", None)
         try:
