@@ -99,7 +99,7 @@ def _run_data_fetch(args: argparse.Namespace) -> int:
 
 
 def _add_train_command(subcommands) -> None:
-    from mlpaint.features import FeatureStage
+    from mlpaint.feature_stages import FeatureStage
 
     train = subcommands.add_parser(
         "train", help="cross-fold LightGBM experiment tracked in MLflow",

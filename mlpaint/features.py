@@ -15,12 +15,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from enum import StrEnum
 
 import numpy as np
 from numba import njit
 
 from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
+from mlpaint.feature_stages import FeatureStage
 
 # Part of the key of every stored feature matrix (and of the augmented and feedback rows,
 # which go through a stage too): a matrix computed by older stage code is not read back as
@@ -29,12 +29,6 @@ from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
 # 3: deskew shares its moments and sampling with the `moments` stage (one value in 54.9
 #    million of the MNIST digits moved by 2e-6).
 FEATURE_CODE_VERSION = "3"
-
-
-class FeatureStage(StrEnum):
-    RAW = "raw"
-    DESKEW = "deskew"
-    MOMENTS = "moments"
 
 
 def as_images(pixels: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mlpaint.catalog import FITS, Catalog, local_folder, uri_name
 from mlpaint.data.integrity import IntegrityError
-from mlpaint.features import FeatureStage
+from mlpaint.feature_stages import FeatureStage
 from mlpaint.tracking import RegisteredModel, peak_rss_megabytes
 from mlpaint.training.algorithms import (
     BaggedBoostingConfig,

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from mlpaint.augment import AugmentSpec
 from mlpaint.drawing import PenStyle
-from mlpaint.features import FeatureStage
+from mlpaint.feature_stages import FeatureStage
 
 _RULE = re.compile(r"^\s*rowHash\(\)\s*%\s*(\d+)\s*(==|=|!=|<>|<=|>=|<|>)\s*(\d+)\s*$",
                    re.IGNORECASE)
