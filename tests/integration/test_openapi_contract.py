@@ -37,7 +37,7 @@ def server(bundle_root, tmp_path_factory):
     stop_service(process)
 
 
-def test_every_endpoint_keeps_its_contract(server):
+def test_every_endpoint_keeps_its_contract(server, tmp_path):
     paths = requests.get(f"{server}/openapi.json", timeout=10).json()["paths"]
     assert {f"{method.upper()} {path}" for path, methods in paths.items()
             for method in methods} >= {
@@ -47,8 +47,10 @@ def test_every_endpoint_keeps_its_contract(server):
         [str(Path(sys.executable).parent / "schemathesis"), "--config-file", str(CONFIG_FILE),
          "run", f"{server}/openapi.json", "--checks", "all", "--max-examples", "60",
          "--seed", "20261128", "--no-color"],
-        capture_output=True, text=True, timeout=600, cwd=Path(__file__).parent,
-        env={**os.environ, "SCHEMATHESIS_HOOKS": "contract_checks"})
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,  # its cache goes there
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "contract_checks",
+             "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
+                                            os.environ.get("PYTHONPATH", "")])})
     assert run.returncode == 0, run.stdout[-6000:]
     assert "✅ Coverage" in run.stdout and "✅ Fuzzing" in run.stdout, run.stdout[-3000:]
     assert "Tested: 7" in run.stdout

@@ -320,7 +320,7 @@ def test_newer_bundle_is_swapped_in_whole(small_model, mnist_tables, tmp_path):
     build_and_publish(small_model, mnist_tables, root, "1", rows=300)
     app = create_app(str(root / "bundles"), watch_interval_s=0)
     with TestClient(app) as client:
-        holder = app.state.holder
+        holder = app.state.serving.holder
         assert client.get("/v1/model").json()["model_version"] == "1"
         # uploaded but not promoted: LATEST still names v1, nothing changes
         build_and_publish(small_model, mnist_tables, root, "2", promote=False, rows=300)
@@ -361,7 +361,7 @@ def test_a_server_following_the_destination_swaps_back_on_a_rollback(small_model
                           by="test")
         assert (result.entry.bundle_version, result.entry.previous) == (first, second)
         assert result.champion_alias is None  # no registry given
-        assert app.state.holder.refresh() is True
+        assert app.state.serving.holder.refresh() is True
         assert client.get("/v1/model").json()["model_version"] == "1"
     assert sorted(p.name for p in (tmp_path / "bundles" / "versions").iterdir()) == kept
     moves = [(e.action, e.bundle_version, e.previous, e.reason)
@@ -396,7 +396,7 @@ def test_the_grafana_dashboard_queries_what_the_server_exports(small_model, mnis
                                                     "digit": answer["digit"]})
         assert posted.status_code == 201, posted.text
         build_and_publish(small_model, mnist_tables, tmp_path, "2", rows=300)
-        assert app.state.holder.refresh() is True
+        assert app.state.serving.holder.refresh() is True
         scraped = client.get("/metrics").text
     exported: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(scraped):
