@@ -59,7 +59,9 @@ class ServingState:
                                         record.bundle_version)
 
 
-def serving_state(request: Request) -> ServingState:
+async def serving_state(request: Request) -> ServingState:
+    # `async`: FastAPI runs a plain `def` dependency on a worker thread, a thread hop per
+    # request that costs more than the answer (see mlpaint.serving.routes.answers).
     return request.app.state.serving
 
 
