@@ -313,8 +313,6 @@ def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None 
     `models:/name/N` (the bundle the registry's model version was published to). Every file
     is checked against the manifest before anything is returned."""
     if uri.startswith("models:/"):
-        from mlpaint.tracking.publication import bundle_of_registered_model
-
         root, version = bundle_of_registered_model(uri)
         return load_bundle(root, version=version, cache_dir=cache_dir)
     store = store_for(uri)
@@ -348,3 +346,23 @@ BUNDLE_VERSION_TAG = "mlpaint.bundle_version"
 def info_json(info: BundleInfo) -> str:
     return json.dumps(asdict(info), indent=1, sort_keys=True)
 
+
+def bundle_of_registered_model(uri: str) -> tuple[str, str]:
+    """The bundle destination and version a published registered version (`models:/name/N`
+    or `models:/name@alias`) was published as, from the tags `record_decision`
+    (mlpaint.tracking.publication) set on it."""
+    from mlpaint.tracking.store import resolve_tracking_uri, tracking_client
+
+    reference = uri.removeprefix("models:/")
+    client = tracking_client(resolve_tracking_uri())
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        model_version = client.get_model_version_by_alias(name, alias)
+    else:
+        name, number = reference.rsplit("/", 1)
+        model_version = client.get_model_version(name, number)
+    tags = model_version.tags
+    if BUNDLE_ROOT_TAG not in tags:
+        raise BundleIntegrityError(f"{uri}: model version {model_version.version} has no "
+                                   "published bundle (run `mlpaint publish`)")
+    return tags[BUNDLE_ROOT_TAG], tags[BUNDLE_VERSION_TAG]

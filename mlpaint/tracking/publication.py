@@ -9,9 +9,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlpaint.bundle import BUNDLE_ROOT_TAG, BUNDLE_VERSION_TAG, BundleIntegrityError
+from mlpaint.bundle import BUNDLE_ROOT_TAG, BUNDLE_VERSION_TAG
 from mlpaint.tracking.registry import REGISTERED_MODEL_NAME, RUN_INCOMPLETE, RUN_STATE_TAG
-from mlpaint.tracking.store import resolve_tracking_uri, tracking_client
+from mlpaint.tracking.store import tracking_client
 from mlpaint.training.algorithms import MODEL_FORMAT_VERSION, DigitModel, ModelFormatError
 
 CHAMPION = "champion"
@@ -123,21 +123,3 @@ def record_decision(client, candidate: CandidateRef, alias: str, reason: str,
         client.log_artifact(candidate.run_id, str(report), "publish")
     client.set_tag(candidate.run_id, GATE_TAG, alias)
     client.set_tag(candidate.run_id, "mlpaint.gate_reason", reason)
-
-
-def bundle_of_registered_model(uri: str) -> tuple[str, str]:
-    """The bundle destination and version a published registered version (`models:/name/N`
-    or `models:/name@alias`) was published as, from its tags."""
-    reference = uri.removeprefix("models:/")
-    client = tracking_client(resolve_tracking_uri())
-    if "@" in reference:
-        name, alias = reference.split("@", 1)
-        model_version = client.get_model_version_by_alias(name, alias)
-    else:
-        name, number = reference.rsplit("/", 1)
-        model_version = client.get_model_version(name, number)
-    tags = model_version.tags
-    if BUNDLE_ROOT_TAG not in tags:
-        raise BundleIntegrityError(f"{uri}: model version {model_version.version} has no "
-                                   "published bundle (run `mlpaint publish`)")
-    return tags[BUNDLE_ROOT_TAG], tags[BUNDLE_VERSION_TAG]
