@@ -456,8 +456,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def console_main() -> int:
     """The `mlpaint` command. After the command is done, Python's last act before exiting
     is a full cyclic garbage collection over every object the flow's libraries made
-    (Prefect, MLflow, SQLAlchemy, matplotlib): 1.4 s after a training run, in which nothing
-    is left to free that exiting does not free anyway. Frozen objects are out of its reach;
+    (Prefect, MLflow, SQLAlchemy, matplotlib): seconds after a training run, in which
+    nothing is left to free that exiting does not free anyway. Frozen objects are out of its reach;
     atexit handlers still run. Not in `main`, which tests call in their own process."""
     code = main()
     gc.freeze()

@@ -108,7 +108,7 @@ class _ServerOutput:
 
 def _launch(port: int) -> subprocess.Popen:
     """The server Prefect's SubprocessASGIServer runs: uvicorn on Prefect's app factory, the UI
-    off, marked ephemeral. Launched without importing Prefect here (that takes about 2 s):
+    off, marked ephemeral. Launched without importing Prefect here (that takes seconds):
     the server reads the same environment and profile as this process, and this process has
     set no Prefect setting in code yet."""
     package = importlib.util.find_spec("prefect")

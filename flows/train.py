@@ -123,8 +123,9 @@ def train_mnist(
     dataset = ingest_mnist(IngestSpec(sources=spec.sources, seed=spec.seed), str(cache))
     # After the ingestion subflow has begun, not beside it: on a SQLite Prefect server (the
     # temporary one), the records of a task finishing just then made creating the subflow
-    # run fail with "database is locked" in most runs, and Prefect's client retried 2 s
-    # later. The command opens a local MLflow store before the flow, so this is quick.
+    # run fail with "database is locked" in most runs, and Prefect's client retried it
+    # seconds later. The command opens a local MLflow store before the flow, so this is
+    # quick.
     experiment_id = prepare_experiment.submit(spec.experiment, tracking_uri)
     # The tables by URIs every worker can read (a copy in the store when it is remote).
     tables = {split: share_table(folder, catalog) for split, folder in dataset.tables.items()}

@@ -20,7 +20,7 @@ Each copy of a row goes through, in this order, each transform whose probability
 
 Geometry and stroke work on the whole stack at once; "as drawn" thins, measures and
 re-renders one digit at a time (skeletonisation, distance transform and the app's
-preprocessing are per-image operations), about 1.5 ms a digit.
+preprocessing are per-image operations), the slowest part of augmenting.
 """
 
 from __future__ import annotations

@@ -118,9 +118,9 @@ def _resample_into(image: np.ndarray, out: np.ndarray, centre_y: float, centre_x
 @njit(cache=True, nogil=True)
 def _deskew_into(images: np.ndarray, out: np.ndarray) -> None:
     """Compiled, one image after another: for the one digit of a request, numpy's
-    vectorised form spent 0.4 ms in the overhead of its 30-odd array calls, about a fifth of
-    a whole prediction; this takes 12 us, and the 60,000 training images 0.4 s instead of
-    6 s. Sums are accumulated in float64."""
+    vectorised form spends most of its time in the overhead of its 30-odd array calls, a
+    sizeable part of a whole prediction, and on the training images it is many times slower
+    too. Sums are accumulated in float64."""
     for i in range(images.shape[0]):
         centre_y, centre_x, alpha, _, _ = _ink_moments(images[i])
         _resample_into(images[i], out[i], centre_y, centre_x, alpha, 1.0, 1.0)

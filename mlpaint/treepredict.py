@@ -1,10 +1,10 @@
 """Raw scores of LightGBM boosters, walking their trees in compiled code.
 
 Why: serving scores one drawing per request, and a LightGBM `predict` call has a cost of its
-own beyond walking the trees (argument checks, a predictor object, buffers). On the champion
-(4,000 trees) one call took 1.4 ms for one row, and at 16 concurrent clients on 2 cores that
-queued past the latency target (BENCHMARKS.md). The walk itself is a few tens of thousands of
-comparisons: tens of microseconds.
+own beyond walking the trees (argument checks, a predictor object, buffers). For one row
+that cost is most of the call, several times the walk itself, and under concurrent requests
+it queues past the latency target (BENCHMARKS.md, "Serving", compares the two on the same
+model and rows). The walk is a few tens of thousands of comparisons.
 
 The trees are copied once into flat arrays (one node per split, children as indices, leaves
 as negative indices into the leaf values). The decision rule is LightGBM's for numerical

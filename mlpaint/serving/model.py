@@ -148,12 +148,12 @@ class ModelHolder:
 def exempt_from_collection() -> None:
     """Move every object alive now (the imported libraries, the model) out of reach of
     Python's cyclic garbage collector. Left in, they are all rescanned by each full
-    collection: about 280,000 objects, a 200-450 ms pause every second or two under load,
-    during which every request waits (measured with `gc.callbacks`; bench/serve.py shows it as
-    the p99). Requests' own short-lived objects are still collected. Called again after a
-    swap: everything frozen is first let back in, so a full collection (one such pause per
-    swap) can free whatever of the old model only a cycle kept, and the new model is then
-    exempted too."""
+    collection: hundreds of thousands of objects, a pause of hundreds of milliseconds every
+    second or two under load, during which every request waits (seen with `gc.callbacks`;
+    bench/serve.py shows it as the p99). Requests' own short-lived objects are still
+    collected. Called again after a swap: everything frozen is first let back in, so a full
+    collection (one such pause per swap) can free whatever of the old model only a cycle
+    kept, and the new model is then exempted too."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()

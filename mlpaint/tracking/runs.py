@@ -78,8 +78,7 @@ def render_confusion_heatmap(evaluation: Evaluation, destination: Path, title: s
     zero cells left white, and a colour bar.
 
     Drawn with Pillow, not matplotlib: it is drawn for every fit while the others train,
-    where matplotlib's import and figures took CPU the fits lose (0.25 s, then 0.16 s a
-    matrix)."""
+    where matplotlib's import and figures take CPU the fits lose."""
     from PIL import Image, ImageDraw, ImageFont
 
     matrix = np.asarray(evaluation.confusion)

@@ -177,9 +177,9 @@ def prepare_store_meanwhile(tracking_uri: str) -> Callable[[], None]:
     """`prepare_sqlite_store` on a thread, begun now; the function returned waits for it and
     raises what it raised. Nothing to do for a tracking server.
 
-    A new SQLite store's schema is about 3 s of Python (all of MLflow's migrations). Inside
-    the training flow it held the GIL against the data fetch beside it (0.2 s alone, 1.8 s
-    beside it), then the fits waited for the experiment's id; `mlpaint train` begins it
+    A new SQLite store's schema is seconds of Python (all of MLflow's migrations). Inside
+    the training flow it held the GIL against the data fetch beside it, slowing that many
+    times over, then the fits waited for the experiment's id; `mlpaint train` begins it
     while the temporary Prefect server starts, which the command waits for anyway."""
     if not tracking_uri.startswith(SQLITE_PREFIX):
         return lambda: None
