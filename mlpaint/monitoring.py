@@ -44,7 +44,8 @@ class MonitorSpec(BaseModel):
 
     feedback_store: str | None = Field(None, description="the feedback store the server "
                                        "appends to: a folder or s3://bucket/prefix (default "
-                                       "$MLPAINT_FEEDBACK_DIR or .mlpaint/feedback)")
+                                       "$MLPAINT_FEEDBACK_STORE, else `feedback` beside the "
+                                       "bundle destination)")
     bundle: str | None = Field(None, description="the destination the server follows; its "
                                "LATEST model reads both the drawings and the training rows "
                                "for the drift of its answers and confidence (default "
