@@ -11,6 +11,9 @@
                                       # a champion candidate: held-out and redrawn digits
     .venv/bin/python -m bench.train --part champion --candidate shipped \
         --params '{"extra_trees": true}'  # the weekly champion with other LightGBM settings
+    .venv/bin/python -m bench.train --part champion-time --workdir /tmp/champion-time --warm
+                                      # the weekly champion cold (and warm), beside the same
+                                      # spec with its fold
     .venv/bin/python -m bench.train --part resume --runs 2
                                       # a rerun after a crash at the last fold vs a full run
     .venv/bin/python -m bench.train --part maps   # extra feature maps aligned with the pixels
@@ -40,6 +43,9 @@ two at a time, scored on the held-out 20%.
 `params`: a quick screen of LightGBM settings over the champion's (PARAM_VARIANTS, alone or
 joined by "+"), on the `moments` stage without augmentation, 20,000 of MLDB's 80% of the
 training rows, scored on the held-out 20%.
+`champion-time`: the weekly champion as its deployment trains and publishes it, cold, one
+after the other with the same spec and its MLDB fold (what it was before it trained the final
+model alone), and warm with `--warm`; wall time, peak memory and each model's figures.
 `resume`: `mlpaint train --folds 5` on full MNIST three ways in one cache: cold (nothing
 cached; once, as it fills the cache), then `--runs` times each full (the data stages cached,
 no fit: a run from scratch on a machine that has the data) and resumed (every fit cached but
@@ -454,13 +460,14 @@ def part_params(mnist: Path, variants: list[str], rows: int, rounds: int,
         return list(pool.map(one, [(name, seed) for name in variants for seed in seeds]))
 
 
-def mlpaint_train(args: list[str], workdir: Path, cache: Path | None = None
-                   ) -> tuple[float, dict]:
+def mlpaint_train(args: list[str], workdir: Path, cache: Path | None = None,
+                  wrapper: list[str] = ()) -> tuple[float, dict]:
     """`mlpaint train ARGS --json` in `workdir` (its SQLite MLflow store, and its `cache`
-    unless `cache` names another), timed as a command; its wall seconds and report."""
+    unless `cache` names another), timed as a command (run under `wrapper`, for instance
+    `/usr/bin/time`); its wall seconds and report."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    command = [str(Path(sys.executable).parent / "mlpaint"), "train", *args,
+    command = [*wrapper, str(Path(sys.executable).parent / "mlpaint"), "train", *args,
                "--cache-dir", str(cache or workdir / "cache"), "--json"]
     run = timed_run(command, env, timeout_s=None, cwd=workdir)
     return run.seconds, json.loads(run.stdout)
@@ -491,6 +498,53 @@ def part_default(mnist: Path, port: int) -> dict:
               + [report["test"]["fit_seconds"]]}
     logger.info("%s", result)
     return result
+
+
+# The packaged champion, and the same spec with the MLDB fold it trained beside its final
+# model before (the fold scores held-out rows and chooses the "not sure" threshold).
+CHAMPION_TIME_VARIANTS = {"champion": [], "champion with its fold": ["--folds", "mldb"]}
+
+
+def part_champion_time(mnist: Path, workdir: Path, warm: bool) -> dict:
+    """The weekly champion as the deployment runs it (`mlpaint train --spec champion
+    --publish-to …`), each variant of CHAMPION_TIME_VARIANTS cold (a new folder: every data
+    stage made anew) one after the other; with `warm`, the packaged one again in its folder
+    with its fits and built bundles removed (features, augmented rows and pen drawings
+    cached). Wall time and peak memory of each command, the ratio to the variant with its
+    fold, and each model's figures."""
+    import shutil
+
+    def run(name: str, folder: Path) -> dict:
+        folder.mkdir(parents=True, exist_ok=True)
+        peak = folder / "peak-rss-kb"
+        seconds, report = mlpaint_train(
+            ["--spec", "champion", *CHAMPION_TIME_VARIANTS[name], "--source", str(mnist),
+             "--publish-to", str(folder / "bundles")], folder,
+            wrapper=["/usr/bin/time", "-o", str(peak), "-f", "%M"])
+        final = report["test"]
+        row = {"variant": name, "wall_seconds": round(seconds, 1),
+               "peak_rss_gb": round(int(peak.read_text().split()[-1]) / 1e6, 2),
+               "fit_seconds": {f["name"]: f["fit_seconds"]
+                               for f in [*report["folds"], final]},
+               "fit_threads": {f["name"]: f["fit_threads"] for f in [*report["folds"], final]},
+               "test_accuracy": final["statistics"]["accuracy"],
+               "drawn_accuracy": final["drawn_statistics"]["accuracy"],
+               "drawn_per_digit": [label["recall"] for label in
+                                   final["drawn_statistics"]["labels"]],
+               "low_confidence_below": report["low_confidence_below"],
+               "gate": report["publication"]["gate"]["reason"]}
+        logger.info("%s", row)
+        return row
+
+    rows = [run(name, workdir / name.replace(" ", "-")) for name in CHAMPION_TIME_VARIANTS]
+    if warm:
+        folder = workdir / "champion"
+        for stage in ("fits", "built-bundles"):
+            shutil.rmtree(folder / "cache" / stage)
+        rows.append({**run("champion", folder), "variant": "champion, warm"})
+    cold, with_fold = rows[0], rows[1]
+    return {"rows": rows, "cold_ratio_to_with_fold": round(
+        cold["wall_seconds"] / with_fold["wall_seconds"], 3)}
 
 
 def _remove_fit(cache: Path, name: str) -> None:
@@ -638,7 +692,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",
-                                           "champion", "resume", "maps", "params"],
+                                           "champion", "champion-time", "resume", "maps",
+                                           "params"],
                         required=True)
     parser.add_argument("--candidate", choices=[*SHIPPED, *sorted(CHAMPION_CANDIDATES)],
                         help="with --part champion")
@@ -665,6 +720,10 @@ def main() -> None:
     parser.add_argument("--save-models", type=Path, metavar="DIR",
                         help="with --part accuracy: keep the trained models here")
     parser.add_argument("--port", type=int, default=50124, help="the moto S3 server's port")
+    parser.add_argument("--workdir", type=Path, metavar="DIR",
+                        help="with --part champion-time: a new folder for the runs (kept)")
+    parser.add_argument("--warm", action="store_true",
+                        help="with --part champion-time: also the champion again, warm")
     parser.add_argument("--prefect-server-port", type=int, metavar="PORT",
                         help="with --part ratio: run the flow against `prefect server start` "
                              "on this port instead of Prefect's temporary server")
@@ -693,6 +752,10 @@ def main() -> None:
         result = part_params(args.mnist, args.variants, args.rows, args.rounds, args.seeds)
     elif args.part == "resume":
         result = part_resume(args.mnist, args.runs, args.folds)
+    elif args.part == "champion-time":
+        if args.workdir is None or args.workdir.exists():
+            parser.error("--part champion-time needs a new --workdir")
+        result = part_champion_time(args.mnist, args.workdir, args.warm)
     else:
         result = part_ratio(args.mnist, args.runs, args.folds, args.features or "deskew",
                             prefect_server_port=args.prefect_server_port)

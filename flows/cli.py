@@ -115,8 +115,9 @@ def _add_train_command(subcommands) -> None:
                        help="MNIST source, repeatable (default: the mirror chain)")
     train.add_argument("--algorithm", metavar="NAME", help="lgbm (default) or bbdt_d5")
     train.add_argument("--features", choices=[stage.value for stage in FeatureStage])
-    train.add_argument("--folds", metavar="mldb|K",
-                       help="mldb: rowHash() %% 5 split; K: K-fold on the row hash")
+    train.add_argument("--folds", metavar="mldb|K|none",
+                       help="mldb: rowHash() %% 5 split; K: K-fold on the row hash; none: "
+                            "the final model alone")
     train.add_argument("--limit", type=int, metavar="N", help="first N rows of each split")
     train.add_argument("--seed", type=int)
     train.add_argument("--experiment", metavar="NAME", help="MLflow experiment name")
@@ -351,11 +352,14 @@ def _run_train(args: argparse.Namespace) -> int:
     from mlpaint.training.algorithms import load_algorithms
     from mlpaint.training.spec import load_spec, parse_folds_option
 
-    folds = parse_folds_option(args.folds).model_dump() if args.folds else None
+    # A change rather than an override: `--folds none` sets the field to None, which an
+    # override would read as "flag not given".
+    folds = parse_folds_option(args.folds) if args.folds else None
+    folds_change = {"folds": folds.model_dump() if folds else None} if args.folds else None
     overrides = {"algorithm": args.algorithm, "features": args.features,
                  "sources": args.source, "limit": args.limit, "seed": args.seed,
                  "experiment": args.experiment, "eval_train": args.eval_train,
-                 "final_fit": args.final_fit, "folds": folds,
+                 "final_fit": args.final_fit,
                  "augment": ({"copies": args.augment_copies}
                              if args.augment_copies is not None else None),
                  "feedback": ({"store": args.feedback_store}
@@ -365,8 +369,9 @@ def _run_train(args: argparse.Namespace) -> int:
                      ("alias", args.warm_start), ("rounds", args.warm_start_rounds))
                      if value is not None} or None}
     # Validated once, here, before Prefect or any data is touched; the flow trains this spec.
-    spec = load_spec(args.spec, overrides, known_algorithms=frozenset(load_algorithms(
-        Path(args.algorithms) if args.algorithms else None)))
+    spec = load_spec(args.spec, overrides, changes=folds_change,
+                     known_algorithms=frozenset(load_algorithms(
+                         Path(args.algorithms) if args.algorithms else None)))
     if args.publish_to is not None and not spec.final_fit:
         raise ValueError("--publish-to needs the final model: drop --no-final-fit")
     if args.dask_workers is not None and args.dask_workers < 1:

@@ -217,15 +217,18 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     # Chosen on the folds' held-out writers, so the final model is registered only once
     # every fold has scored its own.
     low_confidence = choose_low_confidence_threshold(fold_results) if fold_results else None
-    registered = (log_final_model(final, low_confidence, dataset.tables["test"],
-                                  parent_run_id, tracking_uri) if final else None)
+    # Without folds to choose on, a continued model keeps its base's threshold and a model
+    # trained from nothing takes the spec's (None: the model's default).
     threshold = (low_confidence.threshold if low_confidence
-                 else base.low_confidence_below if base else None)
+                 else base.low_confidence_below if base else spec.low_confidence_below)
+    registered = (log_final_model(final, threshold, dataset.tables["test"],
+                                  parent_run_id, tracking_uri) if final else None)
 
     summary = ExperimentSummary(
         parent_run_id, fold_results,
         aggregate([r.evaluation for r in fold_results]) if fold_results else {}, final,
         registered, feedback=feedback, pen=pen, low_confidence=low_confidence,
+        low_confidence_below=threshold,
         drawn_low_confidence=drawn_low_confidence(final, threshold)
         if final and threshold is not None else None, warm_start=base)
     log_experiment_summary(summary, spec, dataset.sample_grids.get("train"), tracking_uri)

@@ -368,17 +368,17 @@ def log_fold_run(result: FitResult, parent_run_id: str, tracking_uri: str) -> st
 
 
 @task(name="log-final-model", **SERVICE_CALL_RETRIES)
-def log_final_model(final: FitResult, low_confidence: ConfidenceChoice | None,
+def log_final_model(final: FitResult, low_confidence_below: float | None,
                     test_table: str, parent_run_id: str, tracking_uri: str) -> RegisteredModel:
     """The final model in the parent run as a pixel-in pyfunc (its feature stage inside),
-    its card carrying the "not sure" threshold chosen for it, with two official test digits
-    as its input example, registered as `mnist-digits`."""
+    its card carrying the "not sure" threshold chosen for it (None: the one it has), with
+    two official test digits as its input example, registered as `mnist-digits`."""
     example = load_table(local_folder(test_table)).pixels[:2]
     with tempfile.TemporaryDirectory() as scratch:
         # A copy: the fit store's folder is verified by its manifest and shared by reruns.
         model_dir = Path(shutil.copytree(final.model_folder(), Path(scratch) / MODEL))
-        if low_confidence is not None:
-            DigitModel.record_low_confidence_below(model_dir, low_confidence.threshold)
+        if low_confidence_below is not None:
+            DigitModel.record_low_confidence_below(model_dir, low_confidence_below)
         # Marked complete only when the summary is logged.
         return log_digit_model(tracking_client(tracking_uri), parent_run_id, model_dir,
                                example, complete=False)

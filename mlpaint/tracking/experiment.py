@@ -103,16 +103,16 @@ def _drawn_metrics(prefix: str, result: FitResult) -> dict[str, float]:
 def _low_confidence_metrics(summary: ExperimentSummary) -> dict[str, float]:
     """The final model's "not sure" threshold (`low_confidence_below`), how it split the
     folds' held-out writers' drawings it was chosen on (`heldout_drawn_marked_share` …) and
-    how it splits the drawn test set (`drawn_marked_share`, `drawn_plain_accuracy` …). A warm
-    start keeps its base model's threshold: it is measured on the drawn test set alone."""
+    how it splits the drawn test set (`drawn_marked_share`, `drawn_plain_accuracy` …). A
+    threshold no fold chose (a warm start's base's, a spec's) is measured on the drawn test
+    set alone."""
     metrics = {}
     if summary.low_confidence is not None:
         chosen = summary.low_confidence.figures
-        metrics = {"low_confidence_below": chosen.threshold,
-                   "low_confidence_target_met": float(summary.low_confidence.target_met),
+        metrics = {"low_confidence_target_met": float(summary.low_confidence.target_met),
                    **chosen.metrics("heldout_drawn")}
-    elif summary.warm_start is not None:
-        metrics["low_confidence_below"] = summary.warm_start.low_confidence_below
+    if summary.low_confidence_below is not None:
+        metrics["low_confidence_below"] = summary.low_confidence_below
     if summary.drawn_low_confidence is not None:
         metrics.update(summary.drawn_low_confidence.metrics("drawn"))
     return metrics

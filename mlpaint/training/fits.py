@@ -439,10 +439,11 @@ class ExperimentSummary:
     publication: dict | None = None  # the publish flow's report, when it ran
     feedback: FeedbackMatrix | None = None  # the feedback snapshot it trained with
     pen: PenMatrix | None = None  # the pen drawings it trained and was scored on
-    # The final model's "not sure" threshold as chosen on the folds' held-out writers
-    # (None: no pen drawings to choose on, so the default), and its figures on the drawn
-    # test set.
+    # The "not sure" threshold as the folds' held-out writers chose it (None: no fold scored
+    # pen drawings), the one the final model carries (chosen so, its base's, the spec's;
+    # None: the model's default), and its figures on the drawn test set.
     low_confidence: ConfidenceChoice | None = None
+    low_confidence_below: float | None = None
     drawn_low_confidence: ConfidenceFigures | None = None
     warm_start: WarmStartBase | None = None  # the registered model the final one continued
 
@@ -482,6 +483,7 @@ class ExperimentSummary:
                 self.final.drawn_evaluation.to_json()
                 if self.final and self.final.drawn_evaluation else None)}
                 if self.pen else None),
+            "low_confidence_below": self.low_confidence_below,
             "low_confidence": ({"chosen": asdict(self.low_confidence.figures),
                                 "target_met": self.low_confidence.target_met,
                                 "drawn": asdict(self.drawn_low_confidence)

@@ -167,7 +167,8 @@ class ExperimentSpec(BaseModel):
     experiment: str = Field("mnist-digits", min_length=1)
     algorithm: str = "lgbm"
     features: FeatureStage = FeatureStage.MOMENTS
-    folds: FoldSpec = Field(default_factory=MldbFolds)
+    folds: FoldSpec | None = Field(default_factory=MldbFolds, description="the cross-fold "
+                                   "split (none: the final model alone, no folds)")
     eval_train: bool = False
     sources: list[str] | None = None
     limit: int | None = Field(None, ge=100)
@@ -179,6 +180,9 @@ class ExperimentSpec(BaseModel):
     feedback: FeedbackSpec = Field(default_factory=FeedbackSpec)
     pen: PenSpec = Field(default_factory=PenSpec)
     warm_start: WarmStartSpec = Field(default_factory=WarmStartSpec)
+    low_confidence_below: float | None = Field(
+        None, ge=0.5, lt=1, description="the \"not sure\" threshold of a model trained from "
+        "nothing without folds to choose one on (none: 0.6); folds choose their own")
 
     def flat_params(self) -> dict[str, str]:
         """The whole spec as flat `a.b` keys, for MLflow params."""
@@ -201,14 +205,17 @@ def field_problems(error: ValidationError) -> str:
                      for e in error.errors())
 
 
-def parse_folds_option(value: str) -> MldbFolds | KFolds:
-    """`mldb` or an integer k, as `--folds` takes it."""
+def parse_folds_option(value: str) -> MldbFolds | KFolds | None:
+    """`mldb`, an integer k or `none` (no folds), as `--folds` takes it."""
+    if value.strip().lower() == "none":
+        return None
     if value.strip().lower() == "mldb":
         return MldbFolds()
     try:
         return KFolds(k=int(value))
     except ValueError as exc:
-        raise SpecError(f"folds: expected 'mldb' or an integer k >= 2, got {value!r}") from exc
+        raise SpecError(f"folds: expected 'mldb', an integer k >= 2 or 'none', got "
+                        f"{value!r}") from exc
 
 
 def default_spec_text() -> str:
@@ -275,6 +282,8 @@ def check_spec(spec: ExperimentSpec, known_algorithms: frozenset[str] | None = N
     field."""
     if isinstance(spec.folds, MldbFolds):
         spec.folds.rules()  # raises SpecError naming the rule's field
+    if spec.folds is None and not spec.final_fit:
+        raise SpecError("folds: none and final_fit: false leave nothing to train")
     if spec.warm_start.alias and not spec.final_fit:
         raise SpecError(f"warm_start.alias: {spec.warm_start.alias!r} asks to continue a "
                         "model, which trains the final model alone, but final_fit is false")
@@ -303,9 +312,10 @@ def fold_sides(folds: MldbFolds | KFolds, row_hash: np.ndarray) -> list[FoldPlan
                      np.flatnonzero(residue == np.uint64(i))) for i in range(folds.k)]
 
 
-def plan_folds(folds: MldbFolds | KFolds, row_hash: np.ndarray) -> list[FoldPlan]:
-    """Row positions per fold; a side left empty by the data is an error naming the fold."""
-    plans = fold_sides(folds, row_hash)
+def plan_folds(folds: MldbFolds | KFolds | None, row_hash: np.ndarray) -> list[FoldPlan]:
+    """Row positions per fold (none without folds); a side left empty by the data is an
+    error naming the fold."""
+    plans = fold_sides(folds, row_hash) if folds is not None else []
     for plan in plans:
         for side, rows in (("training", plan.train_rows), ("testing", plan.test_rows)):
             if rows.size == 0:

@@ -239,6 +239,35 @@ def _assert_each_fit_showed_its_progress(flow_run_id: str, fits: int) -> None:
     assert per_fit[1].startswith("fold-0: round 12 of 12 (100%), held-out rows: accuracy")
 
 
+def test_a_spec_without_folds_trains_the_final_model_alone_on_every_core(
+        harness, training_inputs, tracking):
+    """`folds: null` (the champion's): no fold trains, the final model gets every core, and
+    it carries the spec's "not sure" threshold, measured on the drawn test set."""
+    summary = train_mnist(ExperimentSpec(folds=None, low_confidence_below=0.77, limit=1500,
+                                         sources=[training_inputs["source"]],
+                                         experiment="tiny-final-only"),
+                          algorithms_path=training_inputs["algorithms"],
+                          cache_dir=training_inputs["cache"])
+    assert summary.folds == [] and summary.aggregated == {} and summary.low_confidence is None
+    assert summary.final.threads == fit_threads(1) == (os.cpu_count() or 1)
+    assert summary.low_confidence_below == 0.77
+    parent = tracking.get_run(summary.parent_run_id)
+    children = tracking.search_runs(
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{summary.parent_run_id}'")
+    assert children == [] and parent.data.params["folds"] == "null"
+    metrics = parent.data.metrics
+    assert metrics["low_confidence_below"] == 0.77
+    assert not any(key.startswith(("folds_", "heldout_drawn_")) for key in metrics)
+    drawn = summary.drawn_low_confidence
+    assert drawn.threshold == 0.77 and drawn.rows == summary.pen.drawn_rows
+    assert metrics["drawn_marked_share"] == pytest.approx(drawn.marked_share)
+    import mlflow
+
+    card = mlflow.pyfunc.load_model(summary.registered.model_uri).metadata.metadata
+    assert card["low_confidence_below"] == 0.77
+
+
 def test_bagged_flow_registers_a_pyfunc(harness, training_inputs, tracking):
     summary = train_mnist(ExperimentSpec(algorithm="bbdt_d5", features="raw", limit=1000,
                                 sources=[training_inputs["source"]], experiment="tiny-bbdt",

@@ -49,6 +49,7 @@ def test_overrides_and_yaml_file(tmp_path):
         ({"warm_start": {"alias": "champion"}, "final_fit": False},
          "warm_start.alias: 'champion' asks to continue a model, .* final_fit is false"),
         ({"warm_start": {"rounds": 0}}, "warm_start.rounds: Input should be greater than"),
+        ({"low_confidence_below": 1.0}, "low_confidence_below: Input should be less than 1"),
     ],
 )
 def test_invalid_specs_name_the_field(overrides, message):
@@ -59,9 +60,23 @@ def test_invalid_specs_name_the_field(overrides, message):
 def test_folds_option():
     assert parse_folds_option("mldb") == MldbFolds()
     assert parse_folds_option("5") == KFolds(k=5)
+    assert parse_folds_option("none") is None
     for bad in ("1", "five"):
         with pytest.raises(SpecError, match="folds"):
             parse_folds_option(bad)
+
+
+def test_a_spec_without_folds_plans_none_and_may_name_its_threshold(tmp_path):
+    path = tmp_path / "final-only.yaml"
+    path.write_text("folds: null\nlow_confidence_below: 0.8\n")
+    spec = load_spec(path, known_algorithms=KNOWN)
+    assert spec.folds is None and spec.low_confidence_below == 0.8
+    assert plan_folds(spec.folds, np.arange(50, dtype=np.uint64)) == []
+    assert spec.flat_params()["folds"] == "null"
+    # A change may set the folds back: the command line's `--folds mldb` on it.
+    assert load_spec(path, changes={"folds": {"kind": "mldb"}}).folds == MldbFolds()
+    with pytest.raises(SpecError, match="folds: none and final_fit: false leave nothing"):
+        load_spec(path, {"final_fit": False})
 
 
 def test_rule_semantics():
