@@ -105,8 +105,8 @@ def _load(mnist: Path):
 def _mldb_held_out(rows: int) -> np.ndarray:
     """MLDB's held-out 20% of the training rows as a mask: the default spec's testing_where
     (`rowHash() % 5 = 0`), evaluated by the rule training itself uses."""
-    from mlpaint.data.catalog import Split
     from mlpaint.data.dataset import row_hashes, row_keys
+    from mlpaint.data.pins import Split
     from mlpaint.training.spec import MldbFolds
 
     _, testing = MldbFolds().rules()
@@ -531,7 +531,7 @@ def part_champion_time(mnist: Path, workdir: Path, warm: bool) -> dict:
                "drawn_accuracy": final["drawn_statistics"]["accuracy"],
                "drawn_per_digit": [label["recall"] for label in
                                    final["drawn_statistics"]["labels"]],
-               "low_confidence_below": report["low_confidence_below"],
+               "low_confidence": report["low_confidence"],
                "gate": report["publication"]["gate"]["reason"]}
         logger.info("%s", row)
         return row
@@ -595,8 +595,8 @@ def _bare_fits(mnist: Path, folds: int, stage: str) -> None:
     the bare script `_bare` runs as a command of its own."""
     import lightgbm as lgb
 
-    from mlpaint.data.catalog import Split
     from mlpaint.data.dataset import row_hashes, row_keys
+    from mlpaint.data.pins import Split
     from mlpaint.features import apply_feature_stage
     from mlpaint.training.algorithms import lightgbm_params, load_algorithms
     from mlpaint.training.fits import fit_threads

@@ -28,8 +28,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
-from mlpaint.features import as_images
+from mlpaint.data.pins import IMAGE_SIDE, N_FEATURES, as_images
 
 # Bumped whenever a transform changes what it produces, so cached augmented sets are rebuilt.
 AUGMENT_CODE_VERSION = "1"

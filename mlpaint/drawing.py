@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mlpaint.data.catalog import N_FEATURES
 from mlpaint.data.dataset import row_hashes
 from mlpaint.data.pendigits import PenTable, drawn_test_writers
+from mlpaint.data.pins import N_FEATURES
 from mlpaint.preprocess import image_to_mnist
 
 #: Bumped whenever rendering changes what it draws, so stored renderings are made again.

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.data.catalog import IMAGE_SIDE, N_CLASSES, N_FEATURES
+from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES, N_FEATURES
 from mlpaint.training.algorithms import DigitModel
 
 ADDITIVITY_TOLERANCE = 1e-4

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit
 
-from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
+from mlpaint.data.pins import IMAGE_SIDE, N_FEATURES, as_images
 from mlpaint.feature_stages import FeatureStage
 
 # Part of the key of every stored feature matrix (and of the augmented and feedback rows,
@@ -29,17 +29,6 @@ from mlpaint.feature_stages import FeatureStage
 # 3: deskew shares its moments and sampling with the `moments` stage (one value in 54.9
 #    million of the MNIST digits moved by 2e-6).
 FEATURE_CODE_VERSION = "3"
-
-
-def as_images(pixels: np.ndarray) -> np.ndarray:
-    """N x 784 or N x 28 x 28 pixels as N x 28 x 28 (a view); anything else is refused."""
-    array = np.asarray(pixels)
-    if array.ndim == 2 and array.shape[1] == N_FEATURES:
-        return array.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
-    if array.ndim == 3 and array.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
-        return array
-    raise ValueError(f"expected N x {N_FEATURES} or N x {IMAGE_SIDE} x {IMAGE_SIDE} pixels, "
-                     f"got {array.shape}")
 
 
 def raw_features(pixels: np.ndarray) -> np.ndarray:

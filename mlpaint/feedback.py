@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.data.catalog import N_CLASSES, N_FEATURES
+from mlpaint.data.pins import N_CLASSES, N_FEATURES
 from mlpaint.storage import ObjectStore, store_for
 
 FEEDBACK_FORMAT_VERSION = 1

@@ -21,7 +21,7 @@ from datetime import datetime
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from mlpaint.data.catalog import N_CLASSES
+from mlpaint.data.pins import N_CLASSES
 from mlpaint.features import DRAWING_MEASURES, drawing_measures
 from mlpaint.feedback import FeedbackRecord
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mlpaint.data.catalog import IMAGE_SIDE
+from mlpaint.data.pins import IMAGE_SIDE
 
 DIGIT_BOX = 20  # the longer side of the digit's box, in pixels, as in MNIST
 MASS_CENTRE = IMAGE_SIDE // 2

@@ -30,8 +30,8 @@ from mlpaint.bundle import (
     record_latest_move,
     write_manifest,
 )
-from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.pendigits import drawn_test_writers
+from mlpaint.data.pins import N_CLASSES
 from mlpaint.explain import (
     AdditivityError,
     ClassExplainer,

@@ -12,7 +12,6 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from mlpaint.data.catalog import N_CLASSES, Split
 from mlpaint.data.dataset import load_table, save_table, table_cache_key, table_from_files
 from mlpaint.data.explore import DatasetReport, SplitSummary, render_sample_grid, summarize
 from mlpaint.data.fetch import FetchContext, SplitFiles, fetch_dataset
@@ -23,6 +22,7 @@ from mlpaint.data.pendigits import (
     read_pen_file,
     save_pen_table,
 )
+from mlpaint.data.pins import N_CLASSES, Split
 from mlpaint.data.transports import ProgressCallback
 from tasks.artifacts import create_png_artifact
 

@@ -23,10 +23,10 @@ from mlpaint.bundle import (
     publish_bundle,
 )
 from mlpaint.catalog import place_in_cache
-from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import load_table, row_keys
 from mlpaint.data.integrity import atomic_path
 from mlpaint.data.pendigits import PenTable, load_pen_table
+from mlpaint.data.pins import Split
 from mlpaint.drawing import DRAWING_CODE_VERSION, DrawnTestSet, drawn_set_of_writers
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.publish import (

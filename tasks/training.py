@@ -30,10 +30,10 @@ from mlpaint.catalog import (
     Catalog,
     local_folder,
 )
-from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import render_label_grid
 from mlpaint.data.pendigits import load_pen_table
+from mlpaint.data.pins import N_CLASSES
 from mlpaint.features import FEATURE_CODE_VERSION, FeatureStage, apply_feature_stage
 from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.tracking import (

@@ -68,9 +68,9 @@ def mnist_from_mirrors(cache_dir: Path) -> Path:
     through the default mirror chain into the blob cache the first time (the decompressed
     bytes are pinned; the gzip wrapping is ours, which the product accepts, as mirrors
     recompress)."""
-    from mlpaint.data.catalog import MNIST_IDX_FILES
     from mlpaint.data.fetch import FetchContext, fetch_dataset
     from mlpaint.data.integrity import BlobCache, Pins
+    from mlpaint.data.pins import MNIST_IDX_FILES
 
     folder = cache_dir / "test-mnist"
     targets = {idx: folder / f"{idx.name}.gz" for idx in MNIST_IDX_FILES}

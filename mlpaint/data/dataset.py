@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.data.catalog import IMAGE_SIDE, N_CLASSES, N_FEATURES, Split
 from mlpaint.data.fetch import SplitFiles
 from mlpaint.data.formats import DataFormatError, read_csv_split, read_idx
 from mlpaint.data.integrity import atomic_folder
+from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES, N_FEATURES, Split
 
 PIXEL_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(N_FEATURES))
 LABEL_COLUMN = "label"

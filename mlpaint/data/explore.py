@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.data.catalog import N_CLASSES
 from mlpaint.data.dataset import SplitTable
+from mlpaint.data.pins import N_CLASSES
 
 
 @dataclass(frozen=True)

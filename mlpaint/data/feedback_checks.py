@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlpaint.data.catalog import IMAGE_SIDE, N_CLASSES
+from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES
 from mlpaint.feedback import (
     RECORDS,
     FeedbackError,

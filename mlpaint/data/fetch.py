@@ -21,14 +21,6 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mlpaint.data.catalog import (
-    DEFAULT_MIRRORS,
-    MNIST_IDX_FILES,
-    PICKLE_ARCHIVE_SHA256,
-    IdxFile,
-    Part,
-    Split,
-)
 from mlpaint.data.formats import DataFormatError, load_pickle_archive, write_idx
 from mlpaint.data.integrity import (
     BlobCache,
@@ -37,6 +29,14 @@ from mlpaint.data.integrity import (
     parse_sha256_pins,
     scratch_path,
     sha256_file,
+)
+from mlpaint.data.pins import (
+    DEFAULT_MIRRORS,
+    MNIST_IDX_FILES,
+    PICKLE_ARCHIVE_SHA256,
+    IdxFile,
+    Part,
+    Split,
 )
 from mlpaint.data.transports import (
     FetchError,

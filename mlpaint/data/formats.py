@@ -14,7 +14,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES, Split
+from mlpaint.data.pins import IMAGE_SIDE, N_FEATURES, Split
 
 IDX_UBYTE = 0x08
 IDX_IMAGES_MAGIC = 0x00000803

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlpaint.data.catalog import PINNED_SHA256
+from mlpaint.data.pins import PINNED_SHA256
 
 logger = logging.getLogger(__name__)
 

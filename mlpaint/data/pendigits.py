@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.data.catalog import N_CLASSES, PEN_TRAJECTORIES_NAME
 from mlpaint.data.dataset import row_hashes
 from mlpaint.data.fetch import (
     FetchContext,
@@ -40,6 +39,7 @@ from mlpaint.data.fetch import (
 )
 from mlpaint.data.formats import DataFormatError
 from mlpaint.data.integrity import IntegrityError, atomic_folder
+from mlpaint.data.pins import N_CLASSES, PEN_TRAJECTORIES_NAME
 from mlpaint.data.transports import FetchError, TransientFetchError
 
 logger = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 
-from mlpaint.data.catalog import IMAGE_SIDE, N_FEATURES
+from mlpaint.data.pins import IMAGE_SIDE, N_FEATURES
 from mlpaint.preprocess import ink_from_image, something_drawn, to_mnist
 from mlpaint.serving.schemas import DigitInput
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from mlpaint import treepredict, treeshap
 from mlpaint.bundle import LoadedBundle, current_pointer, load_bundle
-from mlpaint.data.catalog import N_CLASSES, N_FEATURES
+from mlpaint.data.pins import N_CLASSES, N_FEATURES
 from mlpaint.explain import ClassExplainer
 from mlpaint.training.algorithms import DigitModel
 

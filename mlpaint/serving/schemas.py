@@ -18,7 +18,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from mlpaint.data.catalog import N_CLASSES, N_FEATURES
+from mlpaint.data.pins import N_CLASSES, N_FEATURES
 
 MAX_BODY_BYTES = 1 << 20
 MAX_BATCH = 256

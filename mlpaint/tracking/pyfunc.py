@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import numpy as np
 
-from mlpaint.data.catalog import N_CLASSES, N_FEATURES
+from mlpaint.data.pins import N_CLASSES, N_FEATURES
 from mlpaint.training.algorithms import PIXEL_INPUT, DigitModel
 
 INPUT_NAME = "pixels"

@@ -26,8 +26,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
-from mlpaint.data.catalog import N_CLASSES
-from mlpaint.features import FeatureStage, apply_feature_stage, as_images
+from mlpaint.data.pins import N_CLASSES, as_images
+from mlpaint.features import FeatureStage, apply_feature_stage
 from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW
 from mlpaint.training.progress import WATCHED_METRICS, FitMonitor
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from mlpaint.data.catalog import N_CLASSES
+from mlpaint.data.pins import N_CLASSES
 
 LOG_LOSS_EPS = 1e-15
 

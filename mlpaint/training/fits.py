@@ -483,12 +483,15 @@ class ExperimentSummary:
                 self.final.drawn_evaluation.to_json()
                 if self.final and self.final.drawn_evaluation else None)}
                 if self.pen else None),
-            "low_confidence_below": self.low_confidence_below,
-            "low_confidence": ({"chosen": asdict(self.low_confidence.figures),
-                                "target_met": self.low_confidence.target_met,
+            # The threshold the final model carries; `chosen` only where folds chose it.
+            "low_confidence": ({"below": self.low_confidence_below,
+                                "chosen": asdict(self.low_confidence.figures)
+                                if self.low_confidence else None,
+                                "target_met": self.low_confidence.target_met
+                                if self.low_confidence else None,
                                 "drawn": asdict(self.drawn_low_confidence)
                                 if self.drawn_low_confidence else None}
-                               if self.low_confidence else None),
+                               if self.low_confidence_below is not None else None),
             "warm_start": asdict(self.warm_start) if self.warm_start else None,
         }
 

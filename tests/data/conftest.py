@@ -5,8 +5,8 @@ import hashlib
 
 import pytest
 
-from mlpaint.data.catalog import PEN_TRAJECTORIES_SHA256
 from mlpaint.data.pendigits import PenTable, packaged_pen_copy, parse_unipen
+from mlpaint.data.pins import PEN_TRAJECTORIES_SHA256
 
 
 @pytest.fixture(scope="session")

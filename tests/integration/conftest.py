@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from mlpaint.bundle import publish_bundle
-from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import row_keys, table_from_files
 from mlpaint.data.fetch import FetchContext, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.data.pins import Split
 from mlpaint.features import apply_feature_stage
 from mlpaint.publish import build_bundle_folder, explain_test_set
 from mlpaint.storage import LocalStore

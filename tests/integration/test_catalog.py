@@ -105,8 +105,8 @@ def test_features_stored_by_older_stage_code_are_made_again(catalog, tmp_path, m
     from prefect.logging import disable_run_logger
 
     import tasks.training as training
-    from mlpaint.data.catalog import Split
     from mlpaint.data.dataset import join_split, save_table
+    from mlpaint.data.pins import Split
     from mlpaint.features import FeatureStage
 
     rng = np.random.default_rng(0)

@@ -13,7 +13,7 @@ import boto3
 import pytest
 import requests
 
-from mlpaint.data.catalog import DEFAULT_MIRRORS, PUBLISHED_LABEL_COUNTS, Split
+from mlpaint.data.pins import DEFAULT_MIRRORS, PUBLISHED_LABEL_COUNTS, Split
 from mlpaint.processes import free_port
 from tests.conftest import REPO, run_cli, wait_for
 

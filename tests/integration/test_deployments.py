@@ -22,7 +22,7 @@ import pytest
 import requests
 
 from flows.steps import experiment_spec
-from mlpaint.data.catalog import Split
+from mlpaint.data.pins import Split
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.spec import ExperimentSpec, load_spec
 from tests.conftest import REPO, wait_for

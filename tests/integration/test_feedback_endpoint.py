@@ -18,7 +18,7 @@ import requests
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from mlpaint.data.catalog import Split
+from mlpaint.data.pins import Split
 from mlpaint.feedback import FeedbackStore
 from mlpaint.preprocess import image_to_mnist
 from mlpaint.processes import free_port, start_service, stop_service

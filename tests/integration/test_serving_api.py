@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mlpaint.data.catalog import Split
+from mlpaint.data.pins import Split
 from mlpaint.serving.app import create_app
 from tests.conftest import metric_samples
 from tests.integration.conftest import build_and_publish

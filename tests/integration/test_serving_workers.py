@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from mlpaint.data.catalog import Split
+from mlpaint.data.pins import Split
 from mlpaint.processes import free_port, start_service, stop_service
 from tests.conftest import metric_samples, wait_for
 from tests.integration.conftest import build_and_publish

@@ -8,10 +8,10 @@ import boto3
 import pytest
 import requests
 
-from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import FetchContext, SourcesExhaustedError, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.data.pins import Split
 from mlpaint.data.transports import RetryPolicy
 from mlpaint.processes import free_port
 from tests.conftest import make_tiny_mnist

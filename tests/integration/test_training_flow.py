@@ -261,6 +261,9 @@ def test_a_spec_without_folds_trains_the_final_model_alone_on_every_core(
     assert not any(key.startswith(("folds_", "heldout_drawn_")) for key in metrics)
     drawn = summary.drawn_low_confidence
     assert drawn.threshold == 0.77 and drawn.rows == summary.pen.drawn_rows
+    reported = summary.to_json()["low_confidence"]
+    assert (reported["below"], reported["chosen"], reported["drawn"]["rows"]) == (
+        0.77, None, summary.pen.drawn_rows)
     assert metrics["drawn_marked_share"] == pytest.approx(drawn.marked_share)
     import mlflow
 

@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 
-from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import (
     LABEL_COLUMN,
     join_split,
@@ -11,6 +10,7 @@ from mlpaint.data.dataset import (
     save_table,
 )
 from mlpaint.data.formats import DataFormatError
+from mlpaint.data.pins import Split
 
 
 def _join(images, labels):

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 
-from mlpaint.data.catalog import Split
 from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import (
     FetchContext,
@@ -18,6 +17,7 @@ from mlpaint.data.fetch import (
     parse_source,
 )
 from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.data.pins import Split
 from mlpaint.data.transports import RetryPolicy
 
 FAST = RetryPolicy(attempts=2, initial_backoff_s=0.01, max_backoff_s=0.02)

@@ -7,7 +7,6 @@ import struct
 import numpy as np
 import pytest
 
-from mlpaint.data.catalog import Split
 from mlpaint.data.formats import (
     DataFormatError,
     load_pickle_archive,
@@ -15,6 +14,7 @@ from mlpaint.data.formats import (
     read_idx,
     write_idx,
 )
+from mlpaint.data.pins import Split
 
 
 def _idx(path, array):

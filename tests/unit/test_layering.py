@@ -74,3 +74,17 @@ def test_the_library_has_no_import_cycles():
         if module not in finished:
             visit(module, [module], finished)
     assert cycles == []
+
+
+@pytest.mark.parametrize("module", ["flows.cli", "mlpaint.training.spec"])
+def test_parsing_a_command_or_a_spec_compiles_no_kernel(module):
+    """The command line and the spec (which every run form and CLI parse validates) import
+    no numba: its import alone costs a second, paid by every command before it does
+    anything. The kernels load when a feature stage or explanation first runs."""
+    import subprocess
+    import sys
+
+    loaded = subprocess.run(
+        [sys.executable, "-c", f"import sys, {module}; print('numba' in sys.modules)"],
+        capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+    assert loaded == "False"

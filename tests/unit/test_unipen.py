@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 
-from mlpaint.data.catalog import PEN_TRAJECTORIES_NAME
 from mlpaint.data.fetch import FetchContext
 from mlpaint.data.integrity import BlobCache, Pins
 from mlpaint.data.pendigits import (
@@ -20,6 +19,7 @@ from mlpaint.data.pendigits import (
     parse_unipen,
     save_pen_table,
 )
+from mlpaint.data.pins import PEN_TRAJECTORIES_NAME
 
 TWO_DIGITS = """.INCLUDE        dene.doc
 

@@ -13,7 +13,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
 
-from mlpaint.data.catalog import N_CLASSES
+from mlpaint.data.pins import N_CLASSES
 from mlpaint.serving.drawings import pixels_of_all
 from mlpaint.serving.model import ALL_LABELS, ServedModel, top_labels
 from mlpaint.serving.schemas import (

@@ -1,4 +1,5 @@
-"""What MNIST is, pinned: file names, hashes, shapes, and the default mirror chain.
+"""What each data set is, pinned: MNIST's file names, hashes, shapes and default mirror
+chain; MLDB's pickled archive; UCI's pen trajectories; the image geometry they share.
 
 The SHA-256 values are those of the *decompressed* published files. Mirrors recompress
 (gzip headers and levels differ), but the decompressed bytes are identical everywhere,
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+
+import numpy as np
 
 
 class Split(StrEnum):
@@ -80,6 +83,17 @@ PINNED_SHA256[PEN_TRAJECTORIES_NAME] = PEN_TRAJECTORIES_SHA256
 IMAGE_SIDE = 28
 N_FEATURES = IMAGE_SIDE * IMAGE_SIDE
 N_CLASSES = 10
+
+
+def as_images(pixels: np.ndarray) -> np.ndarray:
+    """N x 784 or N x 28 x 28 pixels as N x 28 x 28 (a view); anything else is refused."""
+    array = np.asarray(pixels)
+    if array.ndim == 2 and array.shape[1] == N_FEATURES:
+        return array.reshape(-1, IMAGE_SIDE, IMAGE_SIDE)
+    if array.ndim == 3 and array.shape[1:] == (IMAGE_SIDE, IMAGE_SIDE):
+        return array
+    raise ValueError(f"expected N x {N_FEATURES} or N x {IMAGE_SIDE} x {IMAGE_SIDE} pixels, "
+                     f"got {array.shape}")
 
 #: Published label counts, digit 0..9, used by data tests and `--json` consumers.
 PUBLISHED_LABEL_COUNTS: dict[Split, tuple[int, ...]] = {
