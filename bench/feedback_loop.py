@@ -26,11 +26,8 @@ labels before and after (the ~20% of them the run kept out as its wild test set 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -39,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from bench.robustness import pen_table
+from bench.robustness import data_url, pen_canvases, pen_table
 from bench.services import timed_run
+from bench.stack import stack_env
 from bench.warm_start import CORRECTIONS_SEED
 from mlpaint.processes import free_port, start_service, stop_service
 
@@ -49,33 +47,16 @@ REPO = Path(__file__).resolve().parents[1]
 BATCH = 20  # drawings per request, well under the API's body limit
 
 
-def _stack_env(workdir: Path) -> dict[str, str]:
-    env = {**os.environ, "MLPAINT_STACK_DIR": str(workdir / "stack"),
-           "PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
-           "PG_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port()),
-           "MLPAINT_CACHE_DIR": str(workdir / "cache")}
-    env.pop("PREFECT_API_URL", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return env
-
-
 def _correction_canvases(count: int) -> tuple[list[str], np.ndarray]:
     """PNG data URLs of `count` training writers' pen digits drawn as the page draws (a new
     seed), to choose the corrections from, and their labels."""
-    from mlpaint.drawing import DRAWN_TEST_STYLE, draw_on_canvas, drawn_test_rows, rendering_rng
+    from mlpaint.drawing import drawn_test_rows
 
     table = pen_table(None)
     training = np.setdiff1d(np.arange(len(table)), drawn_test_rows(table, 0.2))
     rows = np.random.default_rng(CORRECTIONS_SEED).choice(training, count, replace=False)
-    keys = table.row_keys
-    urls = []
-    for row in rows.tolist():
-        canvas = draw_on_canvas(table.strokes(row), DRAWN_TEST_STYLE,
-                                rendering_rng(CORRECTIONS_SEED, 0, keys[row]))
-        buffer = io.BytesIO()
-        canvas.save(buffer, format="PNG")
-        urls.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode())
-    return urls, table.labels[rows].astype(int)
+    return ([data_url(png) for png in pen_canvases(table, rows, CORRECTIONS_SEED)],
+            table.labels[rows].astype(int))
 
 
 def _read(server: str, drawings: list[str]) -> np.ndarray:
@@ -108,7 +89,7 @@ def run(workdir: Path, mnist: Path, corrections: int, candidates: int) -> dict:
     from mlpaint.tracking import REGISTERED_MODEL_NAME
     from mlpaint.training.spec import load_spec
 
-    env = _stack_env(workdir)
+    env = {**stack_env(workdir / "stack"), "MLPAINT_CACHE_DIR": str(workdir / "cache")}
     # The stack's PostgreSQL runs as `postgres`, who must reach its data folder.
     (workdir / "stack").mkdir(parents=True)
     for folder in (workdir, workdir / "stack"):
@@ -173,9 +154,8 @@ def run(workdir: Path, mnist: Path, corrections: int, candidates: int) -> dict:
 
             flow_run = _until(lambda: client.read_flow_runs(deployment_filter=DeploymentFilter(
                 id=DeploymentFilterId(any_=[triggered.id]))), "triggered run", 300)[0]
-            _until(lambda: client.read_flow_run(flow_run.id).state.type.value != "SCHEDULED"
-                   and client.read_flow_run(flow_run.id).state.type.value != "PENDING",
-                   "run start", 600)
+            _until(lambda: client.read_flow_run(flow_run.id).state.type.value
+                   not in ("SCHEDULED", "PENDING"), "run start", 600)
             started = time.monotonic()
             state = _until(lambda: (s := client.read_flow_run(flow_run.id).state).is_final()
                            and s, "run end", 3600, interval_s=5)

@@ -214,29 +214,31 @@ def pen_table(pen: Path | None):
                                 sha256="", verified=False)
 
 
-def drawn_test_canvases(pen: Path, test_share: float = 0.2
-                        ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """PNG canvases of the drawn test set (see the module's docstring), their labels and
-    writers, from the pen trajectories at `pen` (UNIPEN text, or the copy mlpaint ships)."""
-    from mlpaint.drawing import (
-        DRAWN_TEST_SEED,
-        DRAWN_TEST_STYLE,
-        draw_on_canvas,
-        drawn_test_rows,
-        rendering_rng,
-    )
+def pen_canvases(table, rows: np.ndarray, seed: int) -> list[bytes]:
+    """PNG canvases of `table`'s pen trajectories at `rows`, each drawn as the page draws a
+    stroke, in the drawn test set's pen style, rendered with `seed`."""
+    from mlpaint.drawing import DRAWN_TEST_STYLE, draw_on_canvas, rendering_rng
 
-    table = pen_table(pen)
-    rows = drawn_test_rows(table, test_share)
     keys = table.row_keys
     pngs = []
     for row in rows.tolist():
         canvas = draw_on_canvas(table.strokes(row), DRAWN_TEST_STYLE,
-                                rendering_rng(DRAWN_TEST_SEED, 0, keys[row]))
+                                rendering_rng(seed, 0, keys[row]))
         buffer = io.BytesIO()
         canvas.save(buffer, format="PNG")
         pngs.append(buffer.getvalue())
-    return pngs, table.labels[rows], table.writers[rows]
+    return pngs
+
+
+def drawn_test_canvases(pen: Path, test_share: float = 0.2
+                        ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """PNG canvases of the drawn test set (see the module's docstring), their labels and
+    writers, from the pen trajectories at `pen` (UNIPEN text, or the copy mlpaint ships)."""
+    from mlpaint.drawing import DRAWN_TEST_SEED, drawn_test_rows
+
+    table = pen_table(pen)
+    rows = drawn_test_rows(table, test_share)
+    return pen_canvases(table, rows, DRAWN_TEST_SEED), table.labels[rows], table.writers[rows]
 
 
 def decode_canvases(pngs: list[bytes]) -> tuple[np.ndarray, np.ndarray]:

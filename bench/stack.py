@@ -28,6 +28,17 @@ logger = logging.getLogger("bench.stack")
 REPO = Path(__file__).resolve().parents[1]
 
 
+def stack_env(state: Path) -> dict[str, str]:
+    """This process's environment for `infra/stack.sh` with its state in `state` and every
+    server on a free port, not pointed at any other server."""
+    env = {**os.environ, "MLPAINT_STACK_DIR": str(state),
+           "PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
+           "PG_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port())}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
 def run(runs: int) -> dict:
     script = str(REPO / "infra" / "stack.sh")
     times: dict[str, list[float]] = {"new_folder": [], "restart": []}
@@ -35,11 +46,7 @@ def run(runs: int) -> dict:
         # Not under a private temporary folder: PostgreSQL runs as `postgres` when root.
         state = Path(tempfile.mkdtemp(prefix="mlpaint-bench-stack-"))
         state.chmod(0o711)
-        env = {**os.environ, "MLPAINT_STACK_DIR": str(state),
-               "PREFECT_PORT": str(free_port()), "MLFLOW_PORT": str(free_port()),
-               "PG_PORT": str(free_port()), "PROMETHEUS_PORT": str(free_port())}
-        env.pop("PREFECT_API_URL", None)
-        env.pop("MLFLOW_TRACKING_URI", None)
+        env = stack_env(state)
         try:
             times["new_folder"].append(timed_run([script, "up"], env).seconds)
             timed_run([script, "down"], env)
