@@ -1,5 +1,5 @@
 """From the 100th correction on the page to the server answering with the new model, at full
-size on the stack (issue 32's target: ≤ 20 minutes).
+size on the stack.
 
     .venv/bin/python -m bench.feedback_loop --workdir /tmp/loop
 
