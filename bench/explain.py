@@ -1,5 +1,5 @@
 """Explanation benchmark: exact TreeSHAP of one model with LightGBM's pred_contrib, with
-shap.TreeExplainer, and with mlpaint.treeshap (what serving and publishing run), in one run.
+shap.TreeExplainer, and with mlpaint.model.treeshap (what serving and publishing run), in one run.
 
     .venv/bin/python -m bench.explain --model .mlpaint/bundles/versions/<version>/model \
         --rows 10000 --repeats 300
@@ -40,7 +40,7 @@ def _test_set(model, mnist: Path, rows: int):
 
 
 def _worker(variant: str, model_dir: Path, mnist: Path, rows: int) -> None:
-    from mlpaint.explain import ClassExplainer
+    from mlpaint.model.explain import ClassExplainer
     from mlpaint.training.algorithms import DigitModel
 
     model = DigitModel.load(model_dir)
@@ -72,7 +72,7 @@ def _latency(model_dir: Path, mnist: Path, repeats: int) -> dict:
     (interleaved, so the machine's noise falls on all of them alike), one thread each."""
     import shap
 
-    from mlpaint.explain import ClassExplainer
+    from mlpaint.model.explain import ClassExplainer
     from mlpaint.training.algorithms import DigitModel
 
     model = DigitModel.load(model_dir)

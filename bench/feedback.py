@@ -150,7 +150,7 @@ def bench_serve(args: argparse.Namespace) -> None:
 
 
 def _write_records(root: str, start: int, stop: int, seed: int) -> int:
-    from mlpaint.feedback import FeedbackRecord, FeedbackStore
+    from mlpaint.feedback.store import FeedbackRecord, FeedbackStore
 
     rng = np.random.default_rng(seed + start)
     store = FeedbackStore.at(root)
@@ -190,7 +190,7 @@ def bench_ingest(args: argparse.Namespace) -> None:
         npy = Path(scratch) / "arrays"
         npy.mkdir()
         snapshot_code = (
-            "from mlpaint.feedback import FeedbackSnapshot, FeedbackStore\n"
+            "from mlpaint.feedback.store import FeedbackSnapshot, FeedbackStore\n"
             f"s = FeedbackSnapshot.of(FeedbackStore.at({root!r}))\n"
             "print(s.pixels.shape, int(s.labels.sum()), s.digest[:12])\n"
             f"import numpy as np; np.save({str(npy / 'pixels.npy')!r}, s.pixels); "
@@ -231,7 +231,7 @@ def bench_ingest_s3(args: argparse.Namespace) -> None:
             for _ in range(args.runs):
                 for name, setting in (("1", "1"), ("threads", "feedback.READ_THREADS")):
                     run = _timed(
-                        "import mlpaint.feedback as feedback\n"
+                        "import mlpaint.feedback.store as feedback\n"
                         f"feedback.READ_THREADS = {setting}\n"
                         f"s = feedback.FeedbackSnapshot.of(feedback.FeedbackStore.at({root!r}))\n"
                         "print(len(s.ids), feedback.READ_THREADS)")

@@ -50,7 +50,7 @@ BATCH = 20  # drawings per request, well under the API's body limit
 def _correction_canvases(count: int) -> tuple[list[str], np.ndarray]:
     """PNG data URLs of `count` training writers' pen digits drawn as the page draws (a new
     seed), to choose the corrections from, and their labels."""
-    from mlpaint.drawing import drawn_test_rows
+    from mlpaint.images.drawing import drawn_test_rows
 
     table = pen_table(None)
     training = np.setdiff1d(np.arange(len(table)), drawn_test_rows(table, 0.2))
@@ -85,7 +85,7 @@ def run(workdir: Path, mnist: Path, corrections: int, candidates: int) -> dict:
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from mlpaint.feedback import feedback_row_hashes, wild_rows
+    from mlpaint.feedback.store import feedback_row_hashes, wild_rows
     from mlpaint.tracking import REGISTERED_MODEL_NAME
     from mlpaint.training.spec import load_spec
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bench.train import _load
-from mlpaint.features import apply_feature_stage
+from mlpaint.model.features import apply_feature_stage
 from mlpaint.training.algorithms import load_algorithms, train_model
 from mlpaint.training.progress import EveryTenth, FitMonitor
 from mlpaint.training.spec import ExperimentSpec

@@ -22,7 +22,7 @@ shrunk with a box filter (the browser's canvas anti-aliases its strokes the same
 PNG goes through `mlpaint.serving.drawings.decode_image`, the function `/v1/predict` decodes an
 image with (the drawing preprocessing and the "nothing drawn" check), then the bundle's
 feature stage and model, as the server runs them. These images are generated here, seeded,
-and never used for training; the training augmentation ("as drawn" in mlpaint/augment.py)
+and never used for training; the training augmentation ("as drawn" in mlpaint/images/augment.py)
 redraws digits too, but with a distance-transform pen at 84x84, not this renderer.
 
 `bare` rows score the first bundle's model without the app's drawing preprocessing: the
@@ -35,8 +35,8 @@ bitmaps, stored as 8x8 counts of ink), each enlarged to a 280x280 canvas dark on
 ways: as blocks (nearest) and smoothed (bilinear). They go through the same image path.
 
 A third table scores the drawn test set: the digits of the pen writers that no model trains
-on (`mlpaint.drawing.drawn_test_set`'s writers, seed and style), each drawn on the page's
-canvas by `mlpaint.drawing.draw_on_canvas` (the function training draws with), saved as PNG
+on (`mlpaint.images.drawing.drawn_test_set`'s writers, seed and style), each drawn on the page's
+canvas by `mlpaint.images.drawing.draw_on_canvas` (the function training draws with), saved as PNG
 and sent through the same image path: overall, per digit, per writer and the worst writer,
 and how the model's own "not sure" threshold (its card's `low_confidence_below`) splits it.
 
@@ -217,7 +217,7 @@ def pen_table(pen: Path | None):
 def pen_canvases(table, rows: np.ndarray, seed: int) -> list[bytes]:
     """PNG canvases of `table`'s pen trajectories at `rows`, each drawn as the page draws a
     stroke, in the drawn test set's pen style, rendered with `seed`."""
-    from mlpaint.drawing import DRAWN_TEST_STYLE, draw_on_canvas, rendering_rng
+    from mlpaint.images.drawing import DRAWN_TEST_STYLE, draw_on_canvas, rendering_rng
 
     keys = table.row_keys
     pngs = []
@@ -234,7 +234,7 @@ def drawn_test_canvases(pen: Path, test_share: float = 0.2
                         ) -> tuple[list[bytes], np.ndarray, np.ndarray]:
     """PNG canvases of the drawn test set (see the module's docstring), their labels and
     writers, from the pen trajectories at `pen` (UNIPEN text, or the copy mlpaint ships)."""
-    from mlpaint.drawing import DRAWN_TEST_SEED, drawn_test_rows
+    from mlpaint.images.drawing import DRAWN_TEST_SEED, drawn_test_rows
 
     table = pen_table(pen)
     rows = drawn_test_rows(table, test_share)

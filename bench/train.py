@@ -114,7 +114,7 @@ def _mldb_held_out(rows: int) -> np.ndarray:
 
 
 def part_accuracy(mnist: Path, save_dir: Path | None) -> list[dict]:
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.model.features import apply_feature_stage
     from mlpaint.training.algorithms import load_algorithms, train_model
 
     algorithms = load_algorithms()
@@ -153,7 +153,7 @@ def part_sweep(mnist: Path, rounds: int) -> list[dict]:
     """Official-test accuracy after 200..`rounds` rounds for each SWEEP setting."""
     import lightgbm as lgb
 
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.model.features import apply_feature_stage
     from mlpaint.training.algorithms import lightgbm_params
 
     train_x, train_y, test_x, test_y = _load(mnist)
@@ -190,7 +190,7 @@ SIZES = {  # tree shapes tried for `lgbm`, beside the shared settings; (params, 
 
 def _one_row_latency_ms(booster, row: np.ndarray, classes: list[int], repeats: int) -> float:
     """Median time to explain one row for `classes` through the serving path."""
-    from mlpaint.explain import ClassExplainer
+    from mlpaint.model.explain import ClassExplainer
     from mlpaint.training.algorithms import DigitModel
 
     explainer = ClassExplainer(DigitModel([booster], algorithm="lgbm", rounds=[0],
@@ -223,7 +223,7 @@ def _fit_with_checkpoints(params: dict, x: np.ndarray, y: np.ndarray, rounds: in
 def part_size(mnist: Path, repeats: int) -> list[dict]:
     """Held-out accuracy and one-row explanation latency by round count, per SIZES shape."""
 
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.model.features import apply_feature_stage
 
     train_x, train_y, _, _ = _load(mnist)
     features = apply_feature_stage("deskew", train_x)
@@ -291,8 +291,8 @@ def part_champion(mnist: Path, candidate: str, digits: int, repeats: int,
     spec's its own); `params` overrides LightGBM parameters."""
 
     from bench.robustness import decode_canvases, generate, real_handwriting, summarise
-    from mlpaint.augment import AugmentSpec, augment
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.images.augment import AugmentSpec, augment
+    from mlpaint.model.features import apply_feature_stage
 
     configs = REPO / "mlpaint/configs"
     if candidate in SHIPPED:  # exactly what the weekly deployment or `make run` trains
@@ -368,7 +368,7 @@ def _feature_maps(deskewed: np.ndarray, kind: str) -> np.ndarray:
 def part_maps(mnist: Path, rows: int = 20_000, rounds: int = 300) -> list[dict]:
     import lightgbm as lgb
 
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.model.features import apply_feature_stage
     from mlpaint.training.algorithms import lightgbm_params, load_algorithms
 
     train_x, train_y, _, _ = _load(mnist)
@@ -427,7 +427,7 @@ def part_params(mnist: Path, variants: list[str], rows: int, rounds: int,
     with augmentation (`--part champion --params`)."""
     import lightgbm as lgb
 
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.model.features import apply_feature_stage
     from mlpaint.training.algorithms import lightgbm_params, load_algorithms
 
     train_x, train_y, _, _ = _load(mnist)
@@ -597,7 +597,7 @@ def _bare_fits(mnist: Path, folds: int, stage: str) -> None:
 
     from mlpaint.data.dataset import row_hashes, row_keys
     from mlpaint.data.pins import Split
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.model.features import apply_feature_stage
     from mlpaint.training.algorithms import lightgbm_params, load_algorithms
     from mlpaint.training.fits import fit_threads
 
@@ -688,7 +688,7 @@ def _ratio_runs(mnist: Path, runs: int, folds: int, stage: str) -> dict:
 
 
 def main() -> None:
-    from mlpaint.features import FeatureStage
+    from mlpaint.model.features import FeatureStage
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=["accuracy", "default", "ratio", "sweep", "size",

@@ -10,7 +10,7 @@ feedback store, MNIST read from `--mnist`.
    trains) with `--publish-to`, so it is the registry's `champion`. Kept in the workdir: a
    second invocation with the same workdir reuses it (its fits are stored; the run is then
    quick and publishes nothing new).
-2. **Corrections**: `--corrections` drawings as the page draws them (mlpaint.drawing) of the
+2. **Corrections**: `--corrections` drawings as the page draws them (mlpaint.images.drawing) of the
    pen trajectories of training writers, rendered anew with a seed no training rendering
    uses, so none is a drawing any model trained on; the base's wrong answers first, then
    the rest, stored as people's corrections (label, the base's answer) in a feedback store.
@@ -57,8 +57,8 @@ def _scores(report: dict) -> dict:
 def write_corrections(store_folder: Path, model, count: int) -> dict:
     """`count` new renderings of training writers' pen digits as corrections of `model`'s
     answers: its wrong answers first."""
-    from mlpaint.drawing import DRAWN_TEST_STYLE, drawn_test_rows, render_rows
-    from mlpaint.feedback import FeedbackRecord, FeedbackStore
+    from mlpaint.feedback.store import FeedbackRecord, FeedbackStore
+    from mlpaint.images.drawing import DRAWN_TEST_STYLE, drawn_test_rows, render_rows
 
     table = pen_table(None)
     training_rows = np.setdiff1d(np.arange(len(table)), drawn_test_rows(table, 0.2))
@@ -82,7 +82,7 @@ def write_corrections(store_folder: Path, model, count: int) -> dict:
 def _read_right(model, corrections: dict, wild_share: float) -> dict:
     """The share of the corrections `model` reads as their labels: those a warm start
     trained on, and those its wild test set kept out (by the rule training uses)."""
-    from mlpaint.feedback import feedback_row_hashes, wild_rows
+    from mlpaint.feedback.store import feedback_row_hashes, wild_rows
 
     right = model.predict_pixels(corrections["pixels"]).argmax(axis=1) == corrections["labels"]
     wild = wild_rows(feedback_row_hashes(corrections["ids"]), wild_share)
@@ -102,7 +102,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     from mlflow import MlflowClient
 
-    from mlpaint.bundle import load_bundle
+    from mlpaint.publishing.bundle import load_bundle
     from mlpaint.tracking.publication import load_registered_model
     from mlpaint.training.spec import load_spec
 

@@ -99,7 +99,7 @@ def _run_data_fetch(args: argparse.Namespace) -> int:
 
 
 def _add_train_command(subcommands) -> None:
-    from mlpaint.feature_stages import FeatureStage
+    from mlpaint.model.feature_stages import FeatureStage
 
     train = subcommands.add_parser(
         "train", help="cross-fold LightGBM experiment tracked in MLflow",
@@ -254,7 +254,7 @@ def _add_monitor_command(subcommands) -> None:
 
 
 def _run_monitor(args: argparse.Namespace) -> int:
-    from mlpaint.monitoring import MonitorSpec
+    from mlpaint.feedback.monitoring import MonitorSpec
     from mlpaint.tracking import prepare_store_meanwhile, resolve_tracking_uri
 
     spec = MonitorSpec(feedback_store=args.feedback_store, bundle=args.bundle,
@@ -276,9 +276,9 @@ def _run_monitor(args: argparse.Namespace) -> int:
 
 
 def _run_history(args: argparse.Namespace) -> int:
-    from mlpaint.bundle import latest_history, read_latest
-    from mlpaint.catalog import default_bundle_destination
-    from mlpaint.storage import store_for
+    from mlpaint.publishing.bundle import latest_history, read_latest
+    from mlpaint.storage.catalog import default_bundle_destination
+    from mlpaint.storage.stores import store_for
 
     store = store_for(args.to or default_bundle_destination())
     entries = [entry.to_json() for entry in reversed(latest_history(store))]
@@ -296,9 +296,9 @@ def _run_history(args: argparse.Namespace) -> int:
 
 
 def _run_rollback(args: argparse.Namespace) -> int:
-    from mlpaint.bundle import local_user
-    from mlpaint.catalog import default_bundle_destination
-    from mlpaint.publish import rollback
+    from mlpaint.publishing.bundle import local_user
+    from mlpaint.publishing.rollback import rollback
+    from mlpaint.storage.catalog import default_bundle_destination
     from mlpaint.tracking import resolve_tracking_uri, tracking_client
 
     result = rollback(args.to or default_bundle_destination(),
@@ -316,8 +316,8 @@ def _run_rollback(args: argparse.Namespace) -> int:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from mlpaint.catalog import default_bundle_destination
-    from mlpaint.publish import PublishSpec
+    from mlpaint.publishing.spec import PublishSpec
+    from mlpaint.storage.catalog import default_bundle_destination
 
     spec = PublishSpec(  # validated here, before Prefect or any data is touched
         run_id=args.run_id, model_version=args.model_version,

@@ -9,10 +9,10 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.ingest import ingest_mnist
-from mlpaint.catalog import default_bundle_destination, default_feedback_store
 from mlpaint.data.fetch import IngestSpec
 from mlpaint.data.integrity import default_cache_dir
-from mlpaint.monitoring import MonitorReport, MonitorSpec
+from mlpaint.feedback.monitoring import MonitorReport, MonitorSpec
+from mlpaint.storage.catalog import default_bundle_destination, default_feedback_store
 from mlpaint.tracking import resolve_tracking_uri
 from tasks.monitor import announce_accuracy_drop, measure_live_use, record_monitor_run
 

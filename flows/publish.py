@@ -10,12 +10,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
-from mlpaint.bundle import PUBLISH_LOCK, local_user
-from mlpaint.catalog import BUILT_BUNDLES, default_bundle_destination, work_area
 from mlpaint.data.fetch import IngestSpec
 from mlpaint.data.integrity import default_cache_dir
-from mlpaint.publish import PublishReport, PublishSpec
-from mlpaint.storage import store_for
+from mlpaint.publishing.build import PublishReport
+from mlpaint.publishing.bundle import PUBLISH_LOCK, local_user
+from mlpaint.publishing.spec import PublishSpec
+from mlpaint.storage.catalog import BUILT_BUNDLES, default_bundle_destination, work_area
+from mlpaint.storage.stores import store_for
 from mlpaint.tracking import resolve_tracking_uri
 from tasks.data import fetch_pen_table
 from tasks.publish import (

@@ -21,10 +21,10 @@ from prefect.runtime import flow_run
 from flows.attempts import check_attempts
 from flows.ingest import ingest_mnist
 from flows.runners import ClusterOrThreadsTaskRunner
-from mlpaint.catalog import Catalog, sweep_stale_work
 from mlpaint.data.dataset import load_table
 from mlpaint.data.explore import DatasetReport
 from mlpaint.data.fetch import IngestSpec
+from mlpaint.storage.catalog import Catalog, sweep_stale_work
 from mlpaint.tracking import (
     end_open_runs,
     recording_resources,
@@ -161,7 +161,7 @@ def train_mnist(
                                  feedback_future, pen_future, base)
     if publish_to and summary.registered:
         from flows.publish import publish_model
-        from mlpaint.publish import PublishSpec
+        from mlpaint.publishing.spec import PublishSpec
 
         report = publish_model(PublishSpec(
             model_version=summary.registered.version, to=publish_to, sources=spec.sources,

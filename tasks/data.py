@@ -24,6 +24,7 @@ from mlpaint.data.pendigits import (
 )
 from mlpaint.data.pins import N_CLASSES, Split
 from mlpaint.data.transports import ProgressCallback
+from mlpaint.storage.manifest import is_whole
 from tasks.artifacts import create_png_artifact
 
 
@@ -100,7 +101,7 @@ def fetch_pen_table(sources: list[str] | None, cache_dir: Path) -> Path:
     context = FetchContext(Pins(), BlobCache(cache_dir), progress=_progress_factory(logger))
     fetched, origin = fetch_pen_trajectories(sources, context)
     folder = cache_dir / "tables" / pen_table_cache_key(fetched.sha256) / "pen"
-    if (folder / "meta.json").is_file():
+    if is_whole(folder):
         logger.info("pen trajectories from %s: table cached at %s", origin, folder)
         return folder
     table = read_pen_file(fetched.path, origin=origin, sha256=fetched.sha256,
@@ -116,7 +117,7 @@ def fetch_pen_table(sources: list[str] | None, cache_dir: Path) -> Path:
 def join_split_table(files: SplitFiles, cache_dir: Path) -> Path:
     """Parse and join one split into a table folder, cached by the hashes it was built from."""
     folder = cache_dir / "tables" / table_cache_key(files) / files.split.value
-    if (folder / "meta.json").is_file():
+    if is_whole(folder):
         get_run_logger().info("%s: table cached at %s", files.split.value, folder)
         return folder
     table = table_from_files(files)

@@ -11,11 +11,8 @@ import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
 
-from mlpaint.bundle import BundleIntegrityError, load_bundle
-from mlpaint.catalog import local_folder
 from mlpaint.data.dataset import load_table
-from mlpaint.feedback import FeedbackStore
-from mlpaint.monitoring import (
+from mlpaint.feedback.monitoring import (
     ACCURACY_DROPPED,
     MONITOR_EXPERIMENT,
     MonitorReport,
@@ -24,6 +21,9 @@ from mlpaint.monitoring import (
     monitor_report,
     write_plots,
 )
+from mlpaint.feedback.store import FeedbackStore
+from mlpaint.publishing.bundle import BundleIntegrityError, load_bundle
+from mlpaint.storage.catalog import local_folder
 from mlpaint.tracking import ensure_experiment, tracking_client
 from tasks.retries import SERVICE_CALL_RETRIES
 

@@ -13,8 +13,21 @@ import numpy as np
 from prefect import task
 from prefect.logging import get_run_logger
 
-from mlpaint.bundle import (
-    BundleInfo,
+from mlpaint.data.dataset import load_table, row_keys
+from mlpaint.data.integrity import atomic_path
+from mlpaint.data.pendigits import PenTable, load_pen_table
+from mlpaint.data.pins import Split
+from mlpaint.feedback.store import FeedbackSnapshot, FeedbackStore, wild_rows
+from mlpaint.images.drawing import DRAWING_CODE_VERSION, DrawnTestSet, drawn_set_of_writers
+from mlpaint.publishing.build import (
+    BuiltBundle,
+    build_bundle_folder,
+    built_bundle_key,
+    explain_test_set,
+    keep_built,
+    read_built,
+)
+from mlpaint.publishing.bundle import (
     BundleIntegrityError,
     LatestChange,
     PublishResult,
@@ -22,33 +35,23 @@ from mlpaint.bundle import (
     load_bundle,
     publish_bundle,
 )
-from mlpaint.catalog import place_in_cache
-from mlpaint.data.dataset import load_table, row_keys
-from mlpaint.data.integrity import atomic_path
-from mlpaint.data.pendigits import PenTable, load_pen_table
-from mlpaint.data.pins import Split
-from mlpaint.drawing import DRAWING_CODE_VERSION, DrawnTestSet, drawn_set_of_writers
-from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
-from mlpaint.publish import (
-    CHAMPION,
-    BuiltBundle,
+from mlpaint.publishing.gate import (
     DrawnScores,
     GateDecision,
     WildScores,
     accuracy,
-    build_bundle_folder,
     decide,
-    explain_test_set,
     gate_wild_share,
     held_out_writers,
     right_answers,
 )
-from mlpaint.storage import store_for
+from mlpaint.storage.stores import store_for
 from mlpaint.tracking import (
     REGISTERED_MODEL_NAME,
     tracking_client,
 )
 from mlpaint.tracking.publication import (
+    CHAMPION,
     CandidateRef,
     find_candidate,
     load_registered_model,
@@ -67,23 +70,6 @@ def resolve_candidate(run_id: str | None, model_version: str | None,
     return find_candidate(tracking_client(tracking_uri), run_id, model_version)
 
 
-#: Bump when a change to explaining or bundling makes earlier built bundles wrong to reuse.
-BUILD_CODE_VERSION = 1
-_BUILT = "built.json"
-
-
-def _build_key(candidate: CandidateRef, test_table_dir: str, data_fingerprint: dict,
-               per_digit: int) -> str:
-    """Everything a built bundle depends on: the registered version (its run's id pins the
-    model), the content-keyed test table, the fingerprints, the gallery size, the code."""
-    table = Path(test_table_dir)
-    material = json.dumps({"model": [candidate.name, candidate.version, candidate.run_id],
-                           "test_table": f"{table.parent.name}/{table.name}",
-                           "fingerprint": data_fingerprint, "per_digit": per_digit,
-                           "code": BUILD_CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
-
-
 @task(name="build-bundle")
 def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint: dict,
                  per_digit: int, built_dir: Path, work_dir: Path,
@@ -94,11 +80,12 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
     a publication that died after this step (at the gate, the upload, the registry) takes it
     from there instead of explaining 10,000 digits again."""
     logger = get_run_logger()
-    folder = built_dir / _build_key(candidate, test_table_dir, data_fingerprint, per_digit)
-    if (folder / _BUILT).is_file():
+    folder = built_dir / built_bundle_key((candidate.name, candidate.version, candidate.run_id),
+                                          Path(test_table_dir), data_fingerprint, per_digit)
+    if (kept := read_built(folder)) is not None:
         logger.info("reusing the bundle built for version %s by an earlier attempt (%s)",
                     candidate.version, folder)
-        return _read_built(folder)
+        return kept
     table = load_table(Path(test_table_dir))
     model = load_registered_model(candidate.name, candidate.version, tracking_uri)
     features = model.features(table.pixels)
@@ -115,17 +102,7 @@ def build_bundle(candidate: CandidateRef, test_table_dir: str, data_fingerprint:
         metrics={"test_accuracy": explanations.test_accuracy,
                  "test_rows": float(table.meta.rows)},
         data_fingerprint={**data_fingerprint, **table.meta.inputs_sha256})
-    (staging / _BUILT).write_text(json.dumps({"info": asdict(info),
-                                              "test_accuracy": explanations.test_accuracy}))
-    built_dir.mkdir(parents=True, exist_ok=True)
-    place_in_cache(staging, folder, marker=_BUILT)
-    return _read_built(folder)  # a concurrent run's, if it placed its bundle first
-
-
-def _read_built(folder: Path) -> BuiltBundle:
-    built = json.loads((folder / _BUILT).read_text())
-    return BuiltBundle(str(folder / "bundle"), BundleInfo(**built["info"]),
-                       built["test_accuracy"])
+    return keep_built(staging, folder, info, explanations.test_accuracy)
 
 
 @task(name="gate-against-champion", **SERVICE_CALL_RETRIES)

@@ -20,8 +20,14 @@ from prefect import task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 
-from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
-from mlpaint.catalog import (
+from mlpaint.data.dataset import load_table
+from mlpaint.data.explore import render_label_grid
+from mlpaint.data.pendigits import load_pen_table
+from mlpaint.data.pins import N_CLASSES
+from mlpaint.feedback.store import FeedbackSnapshot, FeedbackStore, wild_rows
+from mlpaint.images.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
+from mlpaint.model.features import FEATURE_CODE_VERSION, FeatureStage, apply_feature_stage
+from mlpaint.storage.catalog import (
     AUGMENTED,
     FEATURES,
     FEEDBACK_MATRICES,
@@ -30,12 +36,6 @@ from mlpaint.catalog import (
     Catalog,
     local_folder,
 )
-from mlpaint.data.dataset import load_table
-from mlpaint.data.explore import render_label_grid
-from mlpaint.data.pendigits import load_pen_table
-from mlpaint.data.pins import N_CLASSES
-from mlpaint.features import FEATURE_CODE_VERSION, FeatureStage, apply_feature_stage
-from mlpaint.feedback import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.tracking import (
     DatasetUse,
     RegisteredModel,

@@ -17,11 +17,12 @@ from mlpaint.data.fetch import SplitFiles
 from mlpaint.data.formats import DataFormatError, read_csv_split, read_idx
 from mlpaint.data.integrity import atomic_folder
 from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES, N_FEATURES, Split
+from mlpaint.storage.manifest import MANIFEST, verified_folder, write_manifest
 
 PIXEL_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(N_FEATURES))
 LABEL_COLUMN = "label"
 ROW_KEY_COLUMN = "row_key"
-TABLE_FORMAT_VERSION = 1
+TABLE_FORMAT_VERSION = 2
 
 
 def row_keys(split: Split, count: int) -> list[str]:
@@ -112,21 +113,24 @@ def join_split(split: Split, images: np.ndarray, labels: np.ndarray, *, origin: 
 
 
 def save_table(table: SplitTable, folder: Path) -> Path:
-    """Write the table to `folder` atomically (`atomic_folder`): tables are cached under a
-    key of the files they were built from."""
-    with atomic_folder(folder, marker="meta.json") as staging:
+    """Write the table to `folder` atomically (`atomic_folder`), its manifest last: tables
+    are cached under a key of the files they were built from, and verified when read."""
+    with atomic_folder(folder, marker=MANIFEST) as staging:
         np.save(staging / "pixels.npy", table.pixels)
         np.save(staging / "labels.npy", table.labels)
         np.save(staging / "row_hash.npy", table.row_hash)
         (staging / "meta.json").write_text(json.dumps(asdict(table.meta), indent=2))
+        write_manifest(staging)
     return folder
 
 
 def load_table(folder: Path, *, mmap: bool = True) -> SplitTable:
-    """Load a saved table; pixels are memory-mapped unless `mmap=False`."""
+    """Load a saved table, its files checked against its manifest (once per process);
+    pixels are memory-mapped unless `mmap=False`."""
     meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: not a saved table (no meta.json)")
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder}: not a saved table (no {MANIFEST})")
+    verified_folder(folder)
     meta = TableMeta(**json.loads(meta_path.read_text()))
     pixels = np.load(folder / "pixels.npy", mmap_mode="r" if mmap else None)
     labels = np.load(folder / "labels.npy")

@@ -41,6 +41,7 @@ from mlpaint.data.formats import DataFormatError
 from mlpaint.data.integrity import IntegrityError, atomic_folder
 from mlpaint.data.pins import N_CLASSES, PEN_TRAJECTORIES_NAME
 from mlpaint.data.transports import FetchError, TransientFetchError
+from mlpaint.storage.manifest import MANIFEST, verified_folder, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 UCI_PEN_ARCHIVE = ("https://archive.ics.uci.edu/static/public/81/"
                    "pen+based+recognition+of+handwritten+digits.zip#pendigits-orig.tra.Z")
 _PACKAGED_COPY = ("files", f"{PEN_TRAJECTORIES_NAME}.gz")
-PEN_TABLE_FORMAT_VERSION = 1
+PEN_TABLE_FORMAT_VERSION = 2
 
 
 def packaged_pen_copy() -> Path:
@@ -305,18 +306,21 @@ _ARRAYS = ("points", "stroke_ends", "digit_ends", "labels", "writers", "samples"
 
 
 def save_pen_table(table: PenTable, folder: Path) -> Path:
-    """Write the table to `folder` atomically (`atomic_folder`)."""
-    with atomic_folder(folder, marker="meta.json") as staging:
+    """Write the table to `folder` atomically (`atomic_folder`), its manifest last."""
+    with atomic_folder(folder, marker=MANIFEST) as staging:
         for name in _ARRAYS:
             np.save(staging / f"{name}.npy", getattr(table, name))
         (staging / "meta.json").write_text(json.dumps(asdict(table.meta), indent=2))
+        write_manifest(staging)
     return folder
 
 
 def load_pen_table(folder: Path) -> PenTable:
+    """A saved pen table, its files checked against its manifest (once per process)."""
     meta_path = folder / "meta.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{folder}: not a saved pen table (no meta.json)")
+    if not (folder / MANIFEST).is_file():
+        raise FileNotFoundError(f"{folder}: not a saved pen table (no {MANIFEST})")
+    verified_folder(folder)
     meta = PenTableMeta(**json.loads(meta_path.read_text()))
     table = PenTable(**{name: np.load(folder / f"{name}.npy") for name in _ARRAYS}, meta=meta)
     table.check()

@@ -23,7 +23,7 @@ from limits.strategies import MovingWindowRateLimiter
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mlpaint.feedback import FeedbackStore
+from mlpaint.feedback.store import FeedbackStore
 from mlpaint.serving.body_limit import BodySizeLimit
 from mlpaint.serving.events import FeedbackAnnouncer
 from mlpaint.serving.metrics import RequestMetrics, ServerMetrics

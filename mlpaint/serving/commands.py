@@ -106,12 +106,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from limits import parse as parse_rate
     from limits.storage import storage_from_string
 
-    from mlpaint.catalog import feedback_store_option
     from mlpaint.serving.app import (
         DEFAULT_FEEDBACK_RATE,
         DEFAULT_RATE_LIMIT_STORAGE,
         ServeSettings,
     )
+    from mlpaint.storage.catalog import feedback_store_option
 
     feedback_rate = args.feedback_rate or DEFAULT_FEEDBACK_RATE
     parse_rate(feedback_rate)  # a malformed rate fails here, not in every worker
@@ -172,8 +172,8 @@ def add_feedback_commands(subcommands) -> None:
 def _run_feedback(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mlpaint.catalog import default_feedback_store
-    from mlpaint.feedback import FeedbackStore, write_csv
+    from mlpaint.feedback.store import FeedbackStore, write_csv
+    from mlpaint.storage.catalog import default_feedback_store
 
     store = FeedbackStore.at(args.store or default_feedback_store())
     if args.feedback_command == "list":
@@ -222,7 +222,7 @@ def _run_feedback(args: argparse.Namespace) -> int:
         record_id, new = store.reject(args.id, args.reason)
         print(f"{record_id} rejected" + ("" if new else " (it already was)"))
     elif args.feedback_command == "check":
-        from mlpaint.data.feedback_checks import check_feedback_store
+        from mlpaint.feedback.checks import check_feedback_store
 
         report = check_feedback_store(store)
         print(json.dumps(report.to_json()) if args.json else "\n".join(report.lines()))
@@ -240,8 +240,8 @@ def _check_before_serving(bundle: str, cache_dir: str | None, feedback_store: st
     import socket
     from pathlib import Path
 
-    from mlpaint.bundle import current_pointer, load_bundle
-    from mlpaint.storage import store_for
+    from mlpaint.publishing.bundle import current_pointer, load_bundle
+    from mlpaint.storage.stores import store_for
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:

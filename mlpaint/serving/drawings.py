@@ -1,6 +1,6 @@
 """A request's digit as the model's input: 784 MNIST-like pixels, and whether anything was
 drawn. A drawing (a data URL) goes through the same preprocessing as training's "as drawn"
-augmentation (mlpaint.preprocess), so serving sees what training saw."""
+augmentation (mlpaint.images.preprocess), so serving sees what training saw."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fastapi import HTTPException
 from fastapi.concurrency import run_in_threadpool
 
 from mlpaint.data.pins import IMAGE_SIDE, N_FEATURES
-from mlpaint.preprocess import ink_from_image, something_drawn, to_mnist
+from mlpaint.images.preprocess import ink_from_image, something_drawn, to_mnist
 from mlpaint.serving.schemas import DigitInput
 
 MAX_IMAGE_SIDE = 4096

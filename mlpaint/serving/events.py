@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 
-from mlpaint.feedback import FeedbackRecord
+from mlpaint.feedback.store import FeedbackRecord
 
 logger = logging.getLogger(__name__)
 

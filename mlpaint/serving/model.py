@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint import treepredict, treeshap
-from mlpaint.bundle import LoadedBundle, current_pointer, load_bundle
 from mlpaint.data.pins import N_CLASSES, N_FEATURES
-from mlpaint.explain import ClassExplainer
+from mlpaint.model import treepredict, treeshap
+from mlpaint.model.explain import ClassExplainer
+from mlpaint.publishing.bundle import LoadedBundle, current_pointer, load_bundle
 from mlpaint.training.algorithms import DigitModel
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class ServedModel:
             model.boosters, N_CLASSES, dumps=dumps))
         explainer.explain(np.zeros((1, N_FEATURES), np.float32), [0])  # load the kernel
         # Scores come from the same trees walked in compiled code: LightGBM's predict call
-        # costs more than the walk for one row (mlpaint.treepredict). Before serving them,
+        # costs more than the walk for one row (mlpaint.model.treepredict). Before serving them,
         # they must reproduce the LightGBM scores publishing stored for the gallery digits.
         trees = treepredict.compile_trees(model.boosters, N_CLASSES, dumps=dumps)
         gallery = bundle.gallery()

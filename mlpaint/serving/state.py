@@ -14,7 +14,7 @@ from fastapi import Depends, HTTPException, Request
 from limits import RateLimitItem
 from limits.strategies import MovingWindowRateLimiter
 
-from mlpaint.feedback import FeedbackRecord, FeedbackStore
+from mlpaint.feedback.store import FeedbackRecord, FeedbackStore
 from mlpaint.serving.events import FeedbackAnnouncer
 from mlpaint.serving.metrics import ServerMetrics
 from mlpaint.serving.model import ModelHolder, ServedModel

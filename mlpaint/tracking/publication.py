@@ -9,7 +9,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlpaint.bundle import BUNDLE_ROOT_TAG, BUNDLE_VERSION_TAG
+from mlpaint.publishing.bundle import BUNDLE_ROOT_TAG, BUNDLE_VERSION_TAG
 from mlpaint.tracking.registry import REGISTERED_MODEL_NAME, RUN_INCOMPLETE, RUN_STATE_TAG
 from mlpaint.tracking.store import tracking_client
 from mlpaint.training.algorithms import MODEL_FORMAT_VERSION, DigitModel, ModelFormatError

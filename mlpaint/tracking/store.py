@@ -16,8 +16,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mlpaint.catalog import LOCAL_STORE_DIR
 from mlpaint.processes import sqlite_files_state
+from mlpaint.storage.catalog import LOCAL_STORE_DIR
 
 logger = logging.getLogger(__name__)
 

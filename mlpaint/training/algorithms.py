@@ -27,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from mlpaint.data.pins import N_CLASSES, as_images
-from mlpaint.features import FeatureStage, apply_feature_stage
+from mlpaint.model.features import FeatureStage, apply_feature_stage
 from mlpaint.training.confidence import DEFAULT_LOW_CONFIDENCE_BELOW
 from mlpaint.training.progress import WATCHED_METRICS, FitMonitor
 

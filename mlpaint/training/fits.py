@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.catalog import FITS, Catalog, local_folder, uri_name
 from mlpaint.data.integrity import IntegrityError
-from mlpaint.feature_stages import FeatureStage
+from mlpaint.model.feature_stages import FeatureStage
+from mlpaint.storage.catalog import FITS, Catalog, local_folder, uri_name
 from mlpaint.tracking import RegisteredModel, peak_rss_megabytes
 from mlpaint.training.algorithms import (
     BaggedBoostingConfig,

@@ -1,7 +1,7 @@
 """References to the matrices a training run reads: small, picklable values naming a
 finished folder in the catalog's store by URI, which tasks hand each other instead of the
 arrays themselves. Any process, a Dask worker on another machine included, loads one
-through its own verified local copy (`mlpaint.catalog.local_folder`)."""
+through its own verified local copy (`mlpaint.storage.catalog.local_folder`)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpaint.augment import fold_training_rows
-from mlpaint.catalog import local_folder
+from mlpaint.images.augment import fold_training_rows
+from mlpaint.storage.catalog import local_folder
 
 
 def _load_matrix(uri: str, row_info: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

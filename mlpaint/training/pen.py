@@ -9,16 +9,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mlpaint.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
 from mlpaint.data.pendigits import PenTable
-from mlpaint.drawing import (
+from mlpaint.images.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
+from mlpaint.images.drawing import (
     DRAWING_CODE_VERSION,
     DrawnTestSet,
     drawn_test_rows,
     drawn_test_set,
     render_rows,
 )
-from mlpaint.features import FEATURE_CODE_VERSION, FeatureStage
+from mlpaint.model.features import FEATURE_CODE_VERSION, FeatureStage
 from mlpaint.training.spec import PenSpec
 
 

@@ -22,9 +22,9 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mlpaint.augment import AugmentSpec
-from mlpaint.drawing import PenStyle
-from mlpaint.feature_stages import FeatureStage
+from mlpaint.images.augment import AugmentSpec
+from mlpaint.images.drawing import PenStyle
+from mlpaint.model.feature_stages import FeatureStage
 
 _RULE = re.compile(r"^\s*rowHash\(\)\s*%\s*(\d+)\s*(==|=|!=|<>|<=|>=|<|>)\s*(\d+)\s*$",
                    re.IGNORECASE)
@@ -101,7 +101,7 @@ FoldSpec = Annotated[MldbFolds | KFolds, Field(discriminator="kind")]
 
 
 class FeedbackSpec(BaseModel):
-    """Drawings people labelled on the page (mlpaint.feedback), added to training."""
+    """Drawings people labelled on the page (mlpaint.feedback.store), added to training."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     store: str | None = Field(None, description="a feedback store: a folder or "
@@ -114,7 +114,7 @@ class FeedbackSpec(BaseModel):
 
 class PenSpec(BaseModel):
     """Digits people drew with a stylus (UCI's pen-based digits: mlpaint.data.pendigits),
-    drawn as the page draws them (mlpaint.drawing) and added to training. The writers of
+    drawn as the page draws them (mlpaint.images.drawing) and added to training. The writers of
     `test_share` of them are the drawn test set: every model is scored on it, none trains
     on it, in any fold or the final fit."""
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from mlpaint.catalog import BASE_MODELS, Catalog, local_folder
+from mlpaint.storage.catalog import BASE_MODELS, Catalog, local_folder
 from mlpaint.tracking.publication import load_registered_model, version_with_alias
 from mlpaint.tracking.registry import REGISTERED_MODEL_NAME
 from mlpaint.tracking.store import tracking_client

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from mlpaint.data.feedback_checks import Check, check_feedback_store
-from mlpaint.drawing import PenStyle, draw_on_canvas
-from mlpaint.feedback import FeedbackRecord, FeedbackStore, record_id
+from mlpaint.feedback.checks import Check, check_feedback_store
+from mlpaint.feedback.store import FeedbackRecord, FeedbackStore, record_id
+from mlpaint.images.drawing import PenStyle, draw_on_canvas
 from mlpaint.serving.drawings import digit_of_drawing
 
 pytestmark = pytest.mark.data

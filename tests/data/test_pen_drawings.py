@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from mlpaint.data.pendigits import drawn_test_writers
-from mlpaint.drawing import PenStyle, drawn_digit
-from mlpaint.preprocess import MASS_CENTRE
+from mlpaint.images.drawing import PenStyle, drawn_digit
+from mlpaint.images.preprocess import MASS_CENTRE
 
 pytestmark = pytest.mark.data
 

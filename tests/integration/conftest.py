@@ -6,14 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mlpaint.bundle import publish_bundle
 from mlpaint.data.dataset import row_keys, table_from_files
 from mlpaint.data.fetch import FetchContext, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
 from mlpaint.data.pins import Split
-from mlpaint.features import apply_feature_stage
-from mlpaint.publish import build_bundle_folder, explain_test_set
-from mlpaint.storage import LocalStore
+from mlpaint.model.features import apply_feature_stage
+from mlpaint.publishing.build import build_bundle_folder, explain_test_set
+from mlpaint.publishing.bundle import publish_bundle
+from mlpaint.storage.stores import LocalStore
 from mlpaint.training.algorithms import GbdtConfig, train_model
 
 STAGE = "moments"  # the default spec's

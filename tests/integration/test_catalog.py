@@ -7,8 +7,8 @@ import boto3
 import numpy as np
 import pytest
 
-from mlpaint.catalog import MANIFEST, Catalog, local_folder, mirror_folder
 from mlpaint.data.integrity import IntegrityError
+from mlpaint.storage.catalog import MANIFEST, Catalog, local_folder, mirror_folder
 
 pytestmark = pytest.mark.integration
 
@@ -61,18 +61,18 @@ def test_a_damaged_file_is_named_not_read(catalog, tmp_path, monkeypatch):
         boto3.client("s3").put_object(Bucket="catalog-test",
                                       Key="runs/features/def/model/trees.txt", Body=b"tre")
         monkeypatch.setenv("MLPAINT_CACHE_DIR", str(tmp_path / "third-cache"))
-    with pytest.raises(IntegrityError, match=r"trees\.txt does not match"):
+    with pytest.raises(IntegrityError, match=r"trees\.txt: sha256 .* does not match"):
         local_folder(location)
     catalog.remove(location)
     assert not catalog.is_finished(location)
 
 
 def test_the_writer_reads_what_it_finished_without_hashing_it_again(catalog, monkeypatch):
-    import mlpaint.catalog as catalog_module
+    import mlpaint.storage.manifest as manifest_module
 
     hashed = []
-    real = catalog_module.sha256_file
-    monkeypatch.setattr(catalog_module, "sha256_file",
+    real = manifest_module.sha256_file
+    monkeypatch.setattr(manifest_module, "sha256_file",
                         lambda path: hashed.append(path.name) or real(path))
     location = _write(catalog, "ghi", np.ones(5, np.float32))
     assert sorted(hashed) == ["features.npy", "trees.txt"]  # once, to write the manifest
@@ -82,7 +82,7 @@ def test_the_writer_reads_what_it_finished_without_hashing_it_again(catalog, mon
     if catalog.remote:  # the damaged local copy is downloaded again
         assert (local_folder(location) / "model" / "trees.txt").read_text() == "tree"
     else:
-        with pytest.raises(IntegrityError, match=r"trees\.txt does not match"):
+        with pytest.raises(IntegrityError, match=r"trees\.txt: sha256 .* does not match"):
             local_folder(location)
 
 
@@ -107,7 +107,7 @@ def test_features_stored_by_older_stage_code_are_made_again(catalog, tmp_path, m
     import tasks.training as training
     from mlpaint.data.dataset import join_split, save_table
     from mlpaint.data.pins import Split
-    from mlpaint.features import FeatureStage
+    from mlpaint.model.features import FeatureStage
 
     rng = np.random.default_rng(0)
     table = save_table(join_split(Split.TRAIN, rng.integers(0, 256, (6, 28, 28), np.uint8),

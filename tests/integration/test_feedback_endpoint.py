@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from mlpaint.data.pins import Split
-from mlpaint.feedback import FeedbackStore
-from mlpaint.preprocess import image_to_mnist
+from mlpaint.feedback.store import FeedbackStore
+from mlpaint.images.preprocess import image_to_mnist
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.serving.app import create_app
 from tests.conftest import metric_samples, prefect_events, run_cli, wait_for

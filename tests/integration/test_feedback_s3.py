@@ -6,7 +6,7 @@ from concurrent.futures import ProcessPoolExecutor
 import boto3
 import pytest
 
-from mlpaint.feedback import FeedbackStore
+from mlpaint.feedback.store import FeedbackStore
 from tests.unit.test_feedback_store import _append, _record
 
 pytestmark = pytest.mark.integration

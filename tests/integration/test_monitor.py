@@ -11,9 +11,9 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from mlpaint.bundle import load_bundle
-from mlpaint.feedback import FeedbackRecord, FeedbackStore
-from mlpaint.monitoring import ACCURACY_DROPPED, MONITOR_EXPERIMENT
+from mlpaint.feedback.monitoring import ACCURACY_DROPPED, MONITOR_EXPERIMENT
+from mlpaint.feedback.store import FeedbackRecord, FeedbackStore
+from mlpaint.publishing.bundle import load_bundle
 from tests.conftest import official_test_digits, prefect_events, run_cli, wait_for
 
 pytestmark = pytest.mark.integration

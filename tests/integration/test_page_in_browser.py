@@ -152,7 +152,7 @@ def test_nothing_drawn_then_a_digit(server, browser):
 
 def test_right_and_wrong_are_stored_as_feedback(server, browser, bundle_root):
     """Feedback from the page lands in the server's default store, beside the bundles."""
-    from mlpaint.feedback import FeedbackStore
+    from mlpaint.feedback.store import FeedbackStore
 
     store = FeedbackStore.at(str(bundle_root / "feedback"))
     before = set(store.ids())

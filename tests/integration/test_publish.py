@@ -18,16 +18,16 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows import cli as flows_cli
 from flows.publish import publish_model
-from mlpaint.bundle import (
+from mlpaint.data.dataset import table_from_files
+from mlpaint.data.fetch import FetchContext, fetch_dataset
+from mlpaint.data.integrity import BlobCache, Pins
+from mlpaint.publishing.bundle import (
     BundleIntegrityError,
     load_bundle,
     read_latest,
 )
-from mlpaint.data.dataset import table_from_files
-from mlpaint.data.fetch import FetchContext, fetch_dataset
-from mlpaint.data.integrity import BlobCache, Pins
-from mlpaint.publish import PublishSpec
-from mlpaint.storage import S3Store, store_for
+from mlpaint.publishing.spec import PublishSpec
+from mlpaint.storage.stores import S3Store, store_for
 from mlpaint.tracking import ensure_experiment, log_digit_model
 from mlpaint.training.algorithms import DigitModel, GbdtConfig, train_model
 from tests.conftest import REPO, wait_for
@@ -226,8 +226,8 @@ def test_s3_destination(s3_env, tmp_path, registry, harness, monkeypatch):
 
 
 def test_history_and_rollback_on_s3(s3_env, tmp_path, registry, harness, monkeypatch):
-    from mlpaint.bundle import latest_history
-    from mlpaint.publish import RollbackError, rollback
+    from mlpaint.publishing.bundle import latest_history
+    from mlpaint.publishing.rollback import RollbackError, rollback
 
     boto3.client("s3").create_bucket(Bucket="history")
     first = _publish(registry, monkeypatch, model_version="1", to="s3://history/app",

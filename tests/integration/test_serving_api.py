@@ -346,9 +346,9 @@ def test_a_server_following_the_destination_swaps_back_on_a_rollback(small_model
                                                                      tmp_path):
     """A rollback moves LATEST only: the server swaps to the kept bundle on its next look,
     nothing is built or uploaded, and the history records both moves and the rollback."""
-    from mlpaint.bundle import latest_history
-    from mlpaint.publish import RollbackError, rollback
-    from mlpaint.storage import store_for
+    from mlpaint.publishing.bundle import latest_history
+    from mlpaint.publishing.rollback import RollbackError, rollback
+    from mlpaint.storage.stores import store_for
 
     first = build_and_publish(small_model, mnist_tables, tmp_path, "1", rows=300)
     second = build_and_publish(small_model, mnist_tables, tmp_path, "2", rows=300)

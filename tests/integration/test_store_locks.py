@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 import boto3
 import pytest
 
-from mlpaint.storage import LOCKS_FOLDER, LockTimeoutError, store_for
+from mlpaint.storage.stores import LOCKS_FOLDER, LockTimeoutError, store_for
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +68,7 @@ def test_a_holder_killed_outright_does_not_block_a_folder(tmp_path):
     uri = str(tmp_path / "bundles")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import time
-        from mlpaint.storage import store_for
+        from mlpaint.storage.stores import store_for
         with store_for({uri!r}).lock("publish"):
             print("held", flush=True)
             time.sleep(600)

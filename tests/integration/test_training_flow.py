@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 from prefect.testing.utilities import prefect_test_harness
 
 from flows.train import train_mnist
-from mlpaint.augment import AugmentSpec
-from mlpaint.bundle import load_bundle
+from mlpaint.images.augment import AugmentSpec
 from mlpaint.processes import free_port, start_service, stop_service
+from mlpaint.publishing.bundle import load_bundle
 from mlpaint.training.fits import fit_threads
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, KFolds, MldbFolds
 from tests.conftest import official_test_digits, run_cli
@@ -328,7 +328,7 @@ def test_mlflow_scoring_server_answers_pixels(harness, training_inputs, tracking
 def _feedback_store(root, mnist: str, count: int = 150):
     """A feedback store of `count` official test digits (rows 2000 on, labelled as MNIST
     labels them; the app "answered" every fourth wrongly), ten of them rejected."""
-    from mlpaint.feedback import FeedbackRecord, FeedbackStore
+    from mlpaint.feedback.store import FeedbackRecord, FeedbackStore
 
     pixels, labels = official_test_digits(mnist, 2000 + count)
     store = FeedbackStore.at(str(root))
@@ -345,7 +345,7 @@ def _feedback_store(root, mnist: str, count: int = 150):
 
 def test_feedback_trains_every_model_and_the_wild_set_scores_them(harness, training_inputs,
                                                                   tracking, tmp_path):
-    from mlpaint.feedback import feedback_row_hashes, wild_rows
+    from mlpaint.feedback.store import feedback_row_hashes, wild_rows
 
     store, rejected = _feedback_store(tmp_path / "feedback", training_inputs["source"])
     summary = train_mnist(ExperimentSpec(folds=MldbFolds(), limit=1500,

@@ -13,13 +13,13 @@ teaches them, which is why the training flow draws them."""
 import numpy as np
 import pytest
 
-from mlpaint.augment import AugmentSpec
 from mlpaint.data.dataset import table_from_files
 from mlpaint.data.fetch import FetchContext, fetch_dataset
 from mlpaint.data.integrity import BlobCache, Pins
 from mlpaint.data.pendigits import read_pen_file
-from mlpaint.drawing import PenStyle, drawn_digit
-from mlpaint.features import FeatureStage, apply_feature_stage
+from mlpaint.images.augment import AugmentSpec
+from mlpaint.images.drawing import PenStyle, drawn_digit
+from mlpaint.model.features import FeatureStage, apply_feature_stage
 from mlpaint.training.algorithms import GbdtConfig, train_model
 from mlpaint.training.pen import draw_pen_digits
 from mlpaint.training.spec import PenSpec

@@ -12,7 +12,7 @@ noise and still fails on a real regression."""
 import numpy as np
 import pytest
 
-from mlpaint.augment import change_stroke, warp
+from mlpaint.images.augment import change_stroke, warp
 from tests.conftest import official_test_digits
 from tests.model.conftest import RegisteredModel
 

@@ -1,5 +1,5 @@
-"""Small LightGBM models built to stress code that walks their trees (mlpaint.treeshap,
-mlpaint.treepredict): few features split again and again along a path, deep and shallow
+"""Small LightGBM models built to stress code that walks their trees (mlpaint.model.treeshap,
+mlpaint.model.treepredict): few features split again and again along a path, deep and shallow
 trees, ties on thresholds, several classes."""
 
 import lightgbm as lgb

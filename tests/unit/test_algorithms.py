@@ -148,7 +148,7 @@ def test_the_model_card_carries_the_feature_stage(separable, tmp_path):
 
 
 def test_pixels_go_through_the_models_own_stage(tmp_path):
-    from mlpaint.features import apply_feature_stage
+    from mlpaint.model.features import apply_feature_stage
 
     rng = np.random.default_rng(3)
     pixels = rng.integers(0, 256, size=(200, 784)).astype(np.uint8)

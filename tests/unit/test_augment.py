@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from mlpaint.augment import (
+from mlpaint.images.augment import (
     AffineAugment,
     AsDrawnAugment,
     AugmentSpec,

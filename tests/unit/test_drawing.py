@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlpaint.drawing import (
+from mlpaint.images.drawing import (
     CANVAS_SIDE,
     PAGE_PEN_WIDTH,
     PenStyle,
@@ -16,7 +16,7 @@ from mlpaint.drawing import (
     place_on_canvas,
     render_strokes,
 )
-from mlpaint.preprocess import ink_from_image
+from mlpaint.images.preprocess import ink_from_image
 
 STATIC = Path(__file__).resolve().parents[2] / "mlpaint" / "serving" / "static"
 

@@ -5,7 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from mlpaint.bundle import (
+from mlpaint.data.pendigits import drawn_test_writers
+from mlpaint.model.explain import AdditivityError, check_additivity, contributions, gallery_rows
+from mlpaint.publishing.build import build_bundle_folder, explain_test_set
+from mlpaint.publishing.bundle import (
     LATEST,
     BundleIntegrityError,
     load_bundle,
@@ -14,18 +17,14 @@ from mlpaint.bundle import (
     verify_folder,
     write_manifest,
 )
-from mlpaint.data.pendigits import drawn_test_writers
-from mlpaint.explain import AdditivityError, check_additivity, contributions, gallery_rows
-from mlpaint.publish import (
+from mlpaint.publishing.gate import (
     DrawnScores,
     WildScores,
-    build_bundle_folder,
     decide,
-    explain_test_set,
     gate_wild_share,
     held_out_writers,
 )
-from mlpaint.storage import LocalStore
+from mlpaint.storage.stores import LocalStore
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
 
 
@@ -250,7 +249,7 @@ def test_manifest_lists_every_file(tmp_path):
 
 @pytest.mark.parametrize("kind", ["single", "bagged"])
 def test_class_explainer_equals_the_full_computation(models, digits, kind):
-    from mlpaint.explain import ClassExplainer
+    from mlpaint.model.explain import ClassExplainer
 
     model = models[kind]
     features = digits[0][:30].astype(np.float32)
@@ -268,7 +267,7 @@ def test_contributions_too_large_for_float32_are_stored_as_float64():
     """A model whose raw scores run into the thousands (unregularised boosting on
     near-duplicate rows) has contributions float32 cannot hold to 1e-4 in sum; the gallery
     keeps those as float64, and ordinary ones as float32."""
-    from mlpaint.publish import _stored_contributions
+    from mlpaint.publishing.build import _stored_contributions
 
     rng = np.random.default_rng(0)
     ordinary = rng.normal(0, 0.05, (4, 10, 785))

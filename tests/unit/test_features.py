@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlpaint.features import MOMENT_EXTENT, FeatureStage, apply_feature_stage
+from mlpaint.model.features import MOMENT_EXTENT, FeatureStage, apply_feature_stage
 
 
 def _shape_of(image: np.ndarray) -> tuple[float, float, float, float, float]:
@@ -133,7 +133,7 @@ def test_shapes_are_checked():
 
 @pytest.mark.parametrize("stage", [FeatureStage.DESKEW, FeatureStage.MOMENTS])
 def test_a_large_matrix_split_across_threads_is_transformed_row_for_row(monkeypatch, stage):
-    import mlpaint.features as features_module
+    import mlpaint.model.features as features_module
 
     images = np.random.default_rng(2).integers(0, 256, (300, 28, 28)).astype(np.uint8)
     images[np.random.default_rng(3).random(images.shape) < 0.8] = 0

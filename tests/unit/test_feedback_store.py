@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlpaint import storage
 from mlpaint.data.formats import read_csv_split
-from mlpaint.feedback import FeedbackError, FeedbackRecord, FeedbackStore, write_csv
-from mlpaint.storage import LocalStore, sibling_uri
+from mlpaint.feedback.store import FeedbackError, FeedbackRecord, FeedbackStore, write_csv
+from mlpaint.storage import stores as storage
+from mlpaint.storage.stores import LocalStore, sibling_uri
 
 
 def _pixels(seed: int) -> np.ndarray:
@@ -126,7 +126,7 @@ def test_sibling_locations():
 
 
 def test_the_wild_set_is_a_stable_share_chosen_by_record():
-    from mlpaint.feedback import feedback_row_hashes, record_id, wild_rows
+    from mlpaint.feedback.store import feedback_row_hashes, record_id, wild_rows
 
     ids = [record_id(i % 10, i.to_bytes(4, "little")) for i in range(3000)]
     wild = wild_rows(feedback_row_hashes(ids), 0.2)
@@ -138,7 +138,7 @@ def test_the_wild_set_is_a_stable_share_chosen_by_record():
 
 
 def test_snapshot_leaves_rejected_records_out(tmp_path):
-    from mlpaint.feedback import FeedbackSnapshot
+    from mlpaint.feedback.store import FeedbackSnapshot
 
     store = FeedbackStore.at(str(tmp_path / "fb"))
     records = [_record(seed, seed % 10) for seed in range(6)]
@@ -157,7 +157,7 @@ def test_snapshot_leaves_rejected_records_out(tmp_path):
 
 def test_a_whole_store_is_read_in_order_at_most_read_ahead_records_ahead(tmp_path,
                                                                          monkeypatch):
-    from mlpaint import feedback
+    from mlpaint.feedback import store as feedback
 
     store = FeedbackStore.at(str(tmp_path / "fb"))
     records = [_record(seed, seed % 10) for seed in range(3 * feedback.READ_AHEAD)]

@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import grey_dilation
 
-from mlpaint.features import DRAWING_MEASURES, drawing_measures
-from mlpaint.feedback import FeedbackRecord
-from mlpaint.monitoring import (
+from mlpaint.feedback.monitoring import (
     MonitorSpec,
     accuracy_by_version,
     answers_of,
@@ -18,6 +16,8 @@ from mlpaint.monitoring import (
     recent_accuracy,
     top_corrections,
 )
+from mlpaint.feedback.store import FeedbackRecord
+from mlpaint.model.features import DRAWING_MEASURES, drawing_measures
 
 
 def _record(label, answered, version, at, seed):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mlpaint.preprocess import image_to_mnist, to_mnist
+from mlpaint.images.preprocess import image_to_mnist, to_mnist
 
 
 def _mnist_test_digits(shared_mnist, count):
@@ -84,7 +84,7 @@ def test_shape_is_checked():
 
 
 def test_something_drawn_tells_digits_from_dots_and_smudges():
-    from mlpaint.preprocess import something_drawn
+    from mlpaint.images.preprocess import something_drawn
 
     blank = np.zeros((280, 280))
     assert not something_drawn(blank)

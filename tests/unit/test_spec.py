@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from flows.steps import experiment_spec
-from mlpaint.augment import AugmentSpec
+from mlpaint.images.augment import AugmentSpec
 from mlpaint.training.spec import (
     ExperimentSpec,
     KFolds,

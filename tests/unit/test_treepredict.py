@@ -1,10 +1,10 @@
-"""mlpaint.treepredict against LightGBM's own raw scores: deep and shallow trees, ties on
+"""mlpaint.model.treepredict against LightGBM's own raw scores: deep and shallow trees, ties on
 thresholds, missing values both ways, single-leaf trees, bagged boosters, float32 input."""
 
 import numpy as np
 import pytest
 
-from mlpaint import treepredict
+from mlpaint.model import treepredict
 from tests.unit.lightgbm_models import STRESS_PARAMS, stress_data, train_booster
 
 
@@ -72,7 +72,7 @@ def test_bagged_boosters_score_as_their_mean(data):
 
 def test_one_dump_serves_both_compiled_structures(data):
     """Serving dumps a model's trees once for the scorer and the explainer alike."""
-    from mlpaint import treeshap
+    from mlpaint.model import treeshap
 
     x, y = data
     booster = train_booster(x, y, classes=4, num_leaves=15)

@@ -1,4 +1,4 @@
-"""mlpaint.treeshap against LightGBM's own pred_contrib and shap.TreeExplainer, on models
+"""mlpaint.model.treeshap against LightGBM's own pred_contrib and shap.TreeExplainer, on models
 built to stress it: few features split again and again along a path (merged conditions),
 deep trees, single-leaf trees, several classes."""
 
@@ -8,7 +8,7 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 
-from mlpaint import treeshap
+from mlpaint.model import treeshap
 from tests.unit.lightgbm_models import STRESS_PARAMS, stress_data, train_booster
 
 
@@ -89,7 +89,7 @@ _EXPLAIN_ONCE = """
 import sys
 import numpy as np
 import numba.np.ufunc.parallel as threading_layer
-from mlpaint import treeshap
+from mlpaint.model import treeshap
 paths = treeshap.FlatPaths(
     class_starts=np.array([0, 1]), path_starts=np.array([0, 1]), path_value=np.array([1.0]),
     feature=np.array([0], np.int32), lower=np.array([-np.inf]), upper=np.array([0.5]),

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from mlpaint.catalog import STALE_AFTER_SECONDS, sweep_stale_work, work_area
+from mlpaint.storage.catalog import STALE_AFTER_SECONDS, sweep_stale_work, work_area
 
 
 def test_a_work_area_is_its_own_and_is_removed_however_the_block_ends(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from mlpaint.feedback import FeedbackRecord
+from mlpaint.feedback.store import FeedbackRecord
 from mlpaint.serving.drawings import digit_of_drawing_soon, drawing_bytes, pixels_of
 from mlpaint.serving.schemas import FeedbackRequest, FeedbackResponse, error_responses
 from mlpaint.serving.state import Served

@@ -7,7 +7,7 @@ filled white; its pen draws black straight segments between successive pointer p
 `PAGE_PEN_WIDTH` wide, with round caps and joins. `render_strokes` draws the same segments
 (supersampled, then averaged down, for the browser's anti-aliased edge); `drawn_digit`
 places a trajectory on that canvas with a given pen, size, place and tilt and returns the
-28x28 digit that `mlpaint.preprocess` makes of it, as the server does of the page's PNG.
+28x28 digit that `mlpaint.images.preprocess` makes of it, as the server does of the page's PNG.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mlpaint.data.dataset import row_hashes
 from mlpaint.data.pendigits import PenTable, drawn_test_writers
 from mlpaint.data.pins import N_FEATURES
-from mlpaint.preprocess import image_to_mnist
+from mlpaint.images.preprocess import image_to_mnist
 
 #: Bumped whenever rendering changes what it draws, so stored renderings are made again.
 DRAWING_CODE_VERSION = "1"

@@ -4,7 +4,7 @@ Two places hold things:
 
 - **The store** (`Catalog.store`): a folder, or `s3://bucket/prefix` (boto3, honouring
   `AWS_ENDPOINT_URL`), chosen by `--store URI` or `$MLPAINT_STORE`. Training artefacts live
-  under it, each a folder written whole with a `manifest.json` of its files' SHA-256 hashes:
+  under it, each a folder written whole with its `manifest.json` (`mlpaint.storage.manifest`):
 
   | area          | what                                                  | written by          |
   |---------------|-------------------------------------------------------|---------------------|
@@ -33,20 +33,26 @@ MLflow's locations (tracking store, artifacts) are in `mlpaint.tracking.store`.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from mlpaint.data.integrity import IntegrityError, default_cache_dir, sha256_file
-from mlpaint.storage import sibling_uri, store_for
+from mlpaint.data.integrity import IntegrityError, default_cache_dir
+from mlpaint.storage.manifest import (
+    MANIFEST,
+    check_files,
+    parse_manifest,
+    remember_verified,
+    verified_folder,
+    write_manifest,
+)
+from mlpaint.storage.stores import sibling_uri, store_for
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +161,6 @@ def sweep_stale_work(cache_dir: Path, older_than_s: float = STALE_AFTER_SECONDS)
 
 # --- the store: finished folders by URI --------------------------------------------------------
 
-MANIFEST = "manifest.json"
 #: The store's areas (see the table at the top).
 TABLES, FEATURES, AUGMENTED, FEEDBACK_MATRICES, PEN_MATRICES, FITS, BASE_MODELS = (
     "tables", "features", "augmented", "feedback-matrices", "pen-matrices", "fits",
@@ -245,19 +250,17 @@ class Catalog:
         written last, so no reader takes a half-written folder for a finished one. A
         concurrent writer of the same content that finished first wins. Returns this
         machine's copy, ready to read."""
-        manifest = {str(path.relative_to(staging)): sha256_file(path)
-                    for path in sorted(staging.rglob("*")) if path.is_file()}
-        (staging / MANIFEST).write_text(json.dumps({"files": manifest}, indent=1))
+        manifest = write_manifest(staging)
         final = self._local_place(uri)
         if self.remote:
             store = store_for(uri)
-            for name in manifest:
+            for name in manifest["files"]:
                 store.put_file(name, staging / name)
             store.put_bytes(MANIFEST, (staging / MANIFEST).read_bytes())
         if place_in_cache(staging, final, marker=MANIFEST):
             # Hashed just now, by this process: its first reader here need not hash it
             # again (hashing the training features lies on the way to the first fit).
-            _remember_verified(final, (final / MANIFEST).read_bytes())
+            remember_verified(final)
         return final
 
     def remove(self, uri: str) -> None:
@@ -281,12 +284,6 @@ class Catalog:
         return uri
 
 
-# Folders this process has verified, with their files' sizes and modification times then: a
-# file changed since (damaged, replaced) is hashed again.
-_verified: set[tuple[str, bytes, tuple]] = set()
-_verify_lock = threading.Lock()
-
-
 def local_folder(uri: str) -> Path:
     """This machine's verified copy of the finished folder at `uri`: a local store's folder
     itself, or a remote folder downloaded once into the mirror. Every file is checked
@@ -299,11 +296,11 @@ def local_folder(uri: str) -> Path:
             if not folder.is_dir():
                 raise FileNotFoundError(f"{uri}: no such folder")
             return folder
-        return _verified_folder(folder, uri)
+        return verified_folder(folder, uri)
     folder = mirror_folder(uri)
     if (folder / MANIFEST).is_file():
         try:
-            return _verified_folder(folder, uri)
+            return verified_folder(folder, uri)
         except IntegrityError:
             logger.warning("%s: the local copy is damaged; downloading it again", folder)
             shutil.rmtree(folder, ignore_errors=True)
@@ -314,47 +311,14 @@ def local_folder(uri: str) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        for name in json.loads(manifest)["files"]:
+        for name in parse_manifest(manifest, uri)["files"]:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             if not store.get_file(name, staging / name):
-                raise IntegrityError(f"{uri}: {name} is listed in its manifest but missing")
+                raise IntegrityError(f"{uri}/{name}: missing (listed in its {MANIFEST})")
         (staging / MANIFEST).write_bytes(manifest)
-        _check_files(staging, manifest, uri)
+        check_files(staging, parse_manifest(manifest, uri), uri)
         place_in_cache(staging, folder, marker=MANIFEST)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("%s: downloaded to %s", uri, folder)
-    return _verified_folder(folder, uri)
-
-
-def _file_stats(folder: Path, manifest: bytes) -> tuple:
-    """The size and modification time of each file the manifest lists."""
-    stats = {name: (folder / name).stat() for name in json.loads(manifest)["files"]}
-    return tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
-
-
-def _remember_verified(folder: Path, manifest: bytes) -> None:
-    with _verify_lock:
-        _verified.add((str(folder), manifest, _file_stats(folder, manifest)))
-
-
-def _verified_folder(folder: Path, uri: str) -> Path:
-    manifest = (folder / MANIFEST).read_bytes()
-    try:
-        stats = _file_stats(folder, manifest)
-    except FileNotFoundError as exc:
-        raise IntegrityError(f"{uri}: {exc.filename} is listed in its manifest but "
-                             f"missing") from exc
-    with _verify_lock:  # threads reading one matrix hash it once, not once each
-        if (str(folder), manifest, stats) not in _verified:
-            _check_files(folder, manifest, uri)
-            _verified.add((str(folder), manifest, stats))
-    return folder
-
-
-def _check_files(folder: Path, manifest: bytes, uri: str) -> None:
-    for name, expected in json.loads(manifest)["files"].items():
-        path = folder / name
-        if not path.is_file() or sha256_file(path) != expected:
-            raise IntegrityError(f"{uri}: {name} does not match the SHA-256 its manifest "
-                                 f"records")
+    return verified_folder(folder, uri)

@@ -22,8 +22,8 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from mlpaint.data.pins import N_CLASSES
-from mlpaint.features import DRAWING_MEASURES, drawing_measures
-from mlpaint.feedback import FeedbackRecord
+from mlpaint.feedback.store import FeedbackRecord
+from mlpaint.model.features import DRAWING_MEASURES, drawing_measures
 
 #: The Prefect event the monitor flow emits when the last answers' accuracy is below the
 #: floor; an automation or a deployment trigger can act on it.

@@ -15,7 +15,7 @@ Each copy of a row goes through, in this order, each transform whose probability
 - **as drawn**: the digit re-rendered the way the drawing page holds it — thinned to its
   centre line, redrawn with a uniform round pen whose width is a random fraction of the
   digit's height, at three times the resolution — and brought back to 28x28 by the app's own
-  drawing preprocessing (`mlpaint.preprocess.to_mnist`), so training sees what serving sees.
+  drawing preprocessing (`mlpaint.images.preprocess.to_mnist`), so training sees what serving sees.
   Where on the canvas it was drawn does not matter: that function crops to the ink first.
 
 Geometry and stroke work on the whole stack at once; "as drawn" thins, measures and
@@ -177,7 +177,7 @@ def render_as_drawn(image: np.ndarray, stroke_fraction: float) -> np.ndarray:
     from scipy.ndimage import distance_transform_edt
     from skimage.morphology import skeletonize
 
-    from mlpaint.preprocess import to_mnist
+    from mlpaint.images.preprocess import to_mnist
 
     side = IMAGE_SIDE * _AS_DRAWN_UPSCALE
     large = np.asarray(Image.fromarray(image).resize((side, side), Image.Resampling.BILINEAR),

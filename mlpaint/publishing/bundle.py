@@ -27,21 +27,21 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from mlpaint.data.integrity import atomic_path, sha256_file
-from mlpaint.storage import LocalStore, ObjectStore, store_for
+from mlpaint.data.integrity import IntegrityError
+from mlpaint.storage import manifest as manifests
+from mlpaint.storage.manifest import MANIFEST
+from mlpaint.storage.stores import LocalStore, ObjectStore, store_for
 
 logger = logging.getLogger(__name__)
 
 # 2: the feature stage is read from the model's own card, no longer from bundle.json.
 BUNDLE_FORMAT_VERSION = 2
 LATEST = "LATEST"
-MANIFEST = "manifest.json"
 VERSIONS = "versions"
 HISTORY = "history"
 #: The lock a destination's publishers and rollbacks take: reading the champion, moving
@@ -52,7 +52,7 @@ PUBLISH_LOCK = "publish"
 PAUSE_BEFORE_POINTER_ENV = "MLPAINT_FAULT_PAUSE_BEFORE_POINTER"
 
 
-class BundleIntegrityError(Exception):
+class BundleIntegrityError(IntegrityError):
     """A bundle file is missing, altered or incomplete; the message names it."""
 
 
@@ -76,40 +76,17 @@ def bundle_version_id(model_version: str, created: float) -> str:
     return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(created)) + f"-v{model_version}"
 
 
-def _walk(folder: Path) -> Iterator[Path]:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            yield path
-
-
 def write_manifest(folder: Path) -> dict:
-    files = {str(p.relative_to(folder)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in _walk(folder) if p.name != MANIFEST}
-    manifest = {"format_version": BUNDLE_FORMAT_VERSION, "files": files}
-    with atomic_path(folder / MANIFEST) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    return manifest
+    """The bundle's manifest: the catalog's, with the bundle format's version."""
+    return manifests.write_manifest(folder, format_version=BUNDLE_FORMAT_VERSION)
 
 
 def verify_folder(folder: Path) -> dict:
     """Check every file the manifest names; a missing or altered file raises, naming it."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise BundleIntegrityError(f"{folder}: no {MANIFEST} (incomplete bundle)")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        raise BundleIntegrityError(f"{manifest_path}: unreadable manifest: {exc}") from exc
-    for name, expected in sorted(files.items()):
-        path = folder / name
-        if not path.is_file():
-            raise BundleIntegrityError(f"{path}: missing from the bundle")
-        actual = sha256_file(path)
-        if actual != expected["sha256"]:
-            raise BundleIntegrityError(f"{path}: sha256 {actual} does not match the manifest "
-                                       f"({expected['sha256']})")
-    return manifest
+        return manifests.verify_folder(folder)
+    except IntegrityError as exc:
+        raise BundleIntegrityError(str(exc)) from exc
 
 
 # --- pointer, upload, pruning, download -------------------------------------------------

@@ -1,6 +1,6 @@
 """Exact TreeSHAP explanations of a digit model, and what publishing precomputes from them.
 
-Serving and publishing explain with `ClassExplainer` (mlpaint.treeshap: path-dependent
+Serving and publishing explain with `ClassExplainer` (mlpaint.model.treeshap: path-dependent
 TreeSHAP computed leaf by leaf, only for the classes asked for). `contributions` is LightGBM's
 own `pred_contrib`, the reference: publishing checks the stored gallery against it, so a
 bundle never ships numbers LightGBM would not give. shap.TreeExplainer gives the same numbers
@@ -43,7 +43,7 @@ def contributions(model: DigitModel, features: np.ndarray, *, chunk_rows: int = 
 
 class ClassExplainer:
     """Exact per-class contributions of a DigitModel, computing only the classes asked for,
-    with mlpaint.treeshap (the same numbers as LightGBM's `pred_contrib`, computed leaf by
+    with mlpaint.model.treeshap (the same numbers as LightGBM's `pred_contrib`, computed leaf by
     leaf; bench/explain.py measures both beside shap.TreeExplainer)."""
 
     def __init__(self, model: DigitModel, *, parallel: bool = True, paths=None) -> None:
@@ -55,14 +55,14 @@ class ClassExplainer:
     def paths(self):
         """The model's root-to-leaf paths (all its boosters'), flattened on first use."""
         if self._paths is None:
-            from mlpaint import treeshap
+            from mlpaint.model import treeshap
 
             self._paths = treeshap.flatten(self.model.boosters, N_CLASSES)
         return self._paths
 
     def explain(self, features: np.ndarray, classes: list[int]) -> np.ndarray:
         """(rows, len(classes), 785): each asked class's 784 contributions, then its bias."""
-        from mlpaint import treeshap
+        from mlpaint.model import treeshap
 
         return treeshap.explain(self.paths, features, classes, parallel=self.parallel)
 

@@ -1,6 +1,6 @@
 """The feedback store: drawings people labelled on the page, kept for training and review.
 
-Layout under the store's root (a folder or `s3://bucket/prefix`, see mlpaint.storage):
+Layout under the store's root (a folder or `s3://bucket/prefix`, see mlpaint.storage.stores):
 
     records/<id>.json       one record: the label, the drawing as received (base64), its
                             28x28 preprocessing, what the app answered, when
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpaint.data.pins import N_CLASSES, N_FEATURES
-from mlpaint.storage import ObjectStore, store_for
+from mlpaint.storage.stores import ObjectStore, store_for
 
 FEEDBACK_FORMAT_VERSION = 1
 RECORDS = "records"

@@ -1,4 +1,4 @@
-"""The names of the feature stages, apart from their kernels (mlpaint.features): what only
+"""The names of the feature stages, apart from their kernels (mlpaint.model.features): what only
 names a stage (the CLI's choices, the experiment spec, a fit's record) then does not import
 numba and compile nothing, so `mlpaint --help` and a spec's validation start fast."""
 

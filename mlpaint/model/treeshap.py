@@ -83,7 +83,7 @@ def flatten(boosters: list, n_classes: int, *, dumps: list[list[dict]] | None = 
     several boosters (a bagged model) every leaf value is divided by their number, so the
     contributions are the mean of theirs, as the model's score is the mean of their scores.
     `dumps`: the boosters' `treepredict.dump_trees`, when already at hand."""
-    from mlpaint.treepredict import dump_trees
+    from mlpaint.model.treepredict import dump_trees
 
     scale = 1.0 / len(boosters)
     per_class: list[list[tuple[float, dict[int, list[float]]]]] = [[] for _ in range(n_classes)]

@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES
-from mlpaint.feedback import (
+from mlpaint.feedback.store import (
     RECORDS,
     FeedbackError,
     FeedbackRecord,
     FeedbackStore,
     record_id,
 )
-from mlpaint.preprocess import image_to_mnist, something_drawn
+from mlpaint.images.preprocess import image_to_mnist, something_drawn
 
 #: Grey levels a re-made digit may differ by per pixel and still be the same preprocessing:
 #: Pillow versions may round a resampled level differently, while a real change of the

@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit
 
 from mlpaint.data.pins import IMAGE_SIDE, N_FEATURES, as_images
-from mlpaint.feature_stages import FeatureStage
+from mlpaint.model.feature_stages import FeatureStage
 
 # Part of the key of every stored feature matrix (and of the augmented and feedback rows,
 # which go through a stage too): a matrix computed by older stage code is not read back as

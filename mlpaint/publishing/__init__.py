@@ -1,0 +1,4 @@
+"""Publishing a registered model: the bundle serving reads, its versions, LATEST pointer and
+history (`bundle`); building one with its explanations (`build`); the gate against the
+champion (`gate`); rollback (`rollback`); and the publish flow's parameter (`spec`). The
+registry's side of it is `mlpaint.tracking.publication`."""
