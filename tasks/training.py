@@ -25,8 +25,8 @@ from mlpaint.data.explore import render_label_grid
 from mlpaint.data.pendigits import load_pen_table
 from mlpaint.data.pins import N_CLASSES
 from mlpaint.feedback.store import FeedbackSnapshot, FeedbackStore, wild_rows
-from mlpaint.images.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
-from mlpaint.model.features import FEATURE_CODE_VERSION, FeatureStage, apply_feature_stage
+from mlpaint.images.augment import AugmentSpec, augment
+from mlpaint.model.features import FeatureStage, apply_feature_stage
 from mlpaint.storage.catalog import (
     AUGMENTED,
     FEATURES,
@@ -60,17 +60,17 @@ from mlpaint.training.fits import (
     fit_final,
     fit_fold,
 )
+from mlpaint.training.keys import augmented_key, features_key, feedback_key, pen_matrix_key
 from mlpaint.training.matrices import (
     PEN_SAMPLE_GRID,
-    PEN_WRITERS,
-    RECORD_IDS,
     SAMPLE_GRID,
     AugmentedMatrix,
     FeatureMatrix,
     FeedbackMatrix,
     PenMatrix,
+    pen_writers,
 )
-from mlpaint.training.pen import draw_pen_digits, pen_matrix_key, pen_rows_expected
+from mlpaint.training.pen import draw_pen_digits, pen_rows_expected
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, PenSpec
 from mlpaint.training.warm_start import WarmStartBase, resolve_base
 from tasks.artifacts import create_png_artifact
@@ -90,35 +90,19 @@ def prepare_features(table: str, stage: FeatureStage, limit: int | None,
                      catalog: Catalog) -> FeatureMatrix:
     """Apply the feature stage to a split (the table at URI `table`, its first `limit`
     rows), stored by table, stage, the stage code's version and limit."""
-    key = f"{_table_key(table, '-')}-{stage.value}-code{FEATURE_CODE_VERSION}-{limit or 'all'}"
-    location = catalog.location(FEATURES, key)
+    location = catalog.location(FEATURES, features_key(table, stage, limit))
     split = load_table(local_folder(table))
     rows = min(limit, split.meta.rows) if limit else split.meta.rows
     if catalog.is_finished(location):
         return FeatureMatrix(location, rows, stage.value)
     with catalog.staging(location) as staging:  # a killed run leaves no half-written matrix
-        np.save(staging / "features.npy", apply_feature_stage(stage, split.pixels[:rows]))
-        np.save(staging / "labels.npy", np.asarray(split.labels[:rows]))
-        np.save(staging / "row_hash.npy", np.asarray(split.row_hash[:rows]))
+        FeatureMatrix.write(staging, features=apply_feature_stage(stage, split.pixels[:rows]),
+                            labels=np.asarray(split.labels[:rows]),
+                            row_hash=np.asarray(split.row_hash[:rows]))
         catalog.finish(staging, location)
     get_run_logger().info("%s features of %d %s rows in %s", stage.value, rows,
                           split.meta.split, location)
     return FeatureMatrix(location, rows, stage.value)
-
-
-def _table_key(table: str, separator: str) -> str:
-    """A table's content key (`<input hashes' key><separator><split>`) from its URI."""
-    return separator.join(table.rstrip("/").rsplit("/", 2)[-2:])
-
-
-def _augmented_key(table: str, stage: FeatureStage, limit: int | None,
-                   augment_spec: AugmentSpec, seed: int) -> str:
-    material = json.dumps({"table": _table_key(table, "/"),
-                           "stage": stage.value, "limit": limit, "seed": seed,
-                           "augment": augment_spec.model_dump(mode="json"),
-                           "code": AUGMENT_CODE_VERSION,
-                           "feature_code": FEATURE_CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 @task(name="prepare-augmented-rows")
@@ -127,7 +111,7 @@ def prepare_augmented(table: str, stage: FeatureStage, limit: int | None,
     """Augmented copies of a split's (first `limit`) rows through the feature stage, stored
     by the table, the stage, the augmentation spec, the seed and the code's version."""
     location = catalog.location(AUGMENTED,
-                                _augmented_key(table, stage, limit, augment_spec, seed))
+                                augmented_key(table, stage, limit, augment_spec, seed))
     split = load_table(local_folder(table))
     rows = min(limit, split.meta.rows) if limit else split.meta.rows
     if catalog.is_finished(location):
@@ -135,9 +119,8 @@ def prepare_augmented(table: str, stage: FeatureStage, limit: int | None,
     start = time.perf_counter()
     pixels, source = augment(np.asarray(split.pixels[:rows]), augment_spec, seed)
     with catalog.staging(location) as staging:
-        np.save(staging / "features.npy", apply_feature_stage(stage, pixels))
-        np.save(staging / "labels.npy", np.asarray(split.labels[:rows])[source])
-        np.save(staging / "source_row.npy", source)
+        AugmentedMatrix.write(staging, features=apply_feature_stage(stage, pixels),
+                              labels=np.asarray(split.labels[:rows])[source], source_row=source)
         catalog.finish(staging, location)
     get_run_logger().info("%d augmented copies of %d %s rows in %.1f s, in %s",
                           augment_spec.copies, rows, split.meta.split,
@@ -154,13 +137,8 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
     logger = get_run_logger()
     snapshot = FeedbackSnapshot.of(FeedbackStore.at(feedback_spec.store))
     wild = wild_rows(snapshot.row_hash, feedback_spec.wild_share)
-    material = json.dumps({"digest": snapshot.digest, "stage": stage.value, "seed": seed,
-                           "wild_share": feedback_spec.wild_share,
-                           "augment": augment_spec.model_dump(mode="json"),
-                           "code": AUGMENT_CODE_VERSION,
-                           "feature_code": FEATURE_CODE_VERSION}, sort_keys=True)
-    location = catalog.location(FEEDBACK_MATRICES,
-                                hashlib.sha256(material.encode()).hexdigest()[:32])
+    location = catalog.location(FEEDBACK_MATRICES, feedback_key(
+        snapshot.digest, stage, feedback_spec.wild_share, augment_spec, seed))
     train_pixels, train_labels = snapshot.pixels[~wild], snapshot.labels[~wild]
     copies = augment_spec.copies if len(train_labels) else 0
     reference = FeedbackMatrix(location, snapshot.store, snapshot.digest,
@@ -172,16 +150,15 @@ def prepare_feedback(feedback_spec: FeedbackSpec, stage: FeatureStage,
             train_pixels = np.concatenate([train_pixels, extra_pixels])
             train_labels = np.concatenate([train_labels, train_labels[source]])
         with catalog.staging(location) as staging:
-            np.save(staging / "train_features.npy", apply_feature_stage(stage, train_pixels))
-            np.save(staging / "train_labels.npy", train_labels)
-            np.save(staging / "wild_features.npy",
-                    apply_feature_stage(stage, snapshot.pixels[wild]))
-            np.save(staging / "wild_labels.npy", snapshot.labels[wild])
+            ids = np.asarray(snapshot.ids, dtype=object)
+            FeedbackMatrix.write(
+                staging, train_features=apply_feature_stage(stage, train_pixels),
+                train_labels=train_labels,
+                wild_features=apply_feature_stage(stage, snapshot.pixels[wild]),
+                wild_labels=snapshot.labels[wild],
+                record_ids={"train": ids[~wild].tolist(), "wild": ids[wild].tolist()})
             render_label_grid(snapshot.pixels.reshape(-1, 28, 28), snapshot.labels,
                               staging / SAMPLE_GRID, title="feedback")
-            ids = np.asarray(snapshot.ids, dtype=object)
-            (staging / RECORD_IDS).write_text(json.dumps(
-                {"train": ids[~wild].tolist(), "wild": ids[wild].tolist()}))
             catalog.finish(staging, location)
     logger.info("feedback %s: %d records for training (%d rows with augmented copies), %d in "
                 "the wild test set, %d rejected left out", snapshot.store,
@@ -212,7 +189,7 @@ def prepare_pen(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: i
     if limit is not None and limit < len(table):
         table = table.head(limit)
     location = catalog.location(PEN_MATRICES, pen_matrix_key(
-        _table_key(pen_table, "/"), pen_spec, stage, limit, augment_spec, seed))
+        pen_table, pen_spec, stage, limit, augment_spec, seed))
     if not catalog.is_finished(location):
         start = time.perf_counter()
         drawings = draw_pen_digits(table, pen_spec, augment_spec, seed)
@@ -228,7 +205,7 @@ def prepare_pen(pen_table: str, pen_spec: PenSpec, stage: FeatureStage, limit: i
                               staging / PEN_SAMPLE_GRID, title="pen drawings")
             catalog.finish(staging, location)
         logger.info("pen drawings drawn in %.1f s", time.perf_counter() - start)
-    writers = json.loads((local_folder(location) / PEN_WRITERS).read_text())
+    writers = pen_writers(location)
     train_rows, rendered_rows = pen_rows_expected(table, pen_spec, augment_spec)
     reference = PenMatrix(location, table.meta.sha256, table.meta.origin, table.meta.verified,
                           train_rows, rendered_rows,

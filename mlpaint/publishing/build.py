@@ -3,7 +3,6 @@ serving will read them back, and the folder they are written to with the model."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -37,6 +36,7 @@ from mlpaint.storage.manifest import MANIFEST, verify_folder
 from mlpaint.storage.manifest import write_manifest as write_folder_manifest
 from mlpaint.training.algorithms import DigitModel
 from mlpaint.training.evaluation import evaluate
+from mlpaint.training.keys import content_key, table_key
 
 logger = logging.getLogger(__name__)
 
@@ -151,11 +151,9 @@ def built_bundle_key(model: tuple[str, str, str], test_table: Path, data_fingerp
     """Everything a built bundle depends on: the registered model (name, version and the
     run id that pins it), the content-keyed test table (its cache folder's last two parts),
     the data fingerprints, the gallery size, the code."""
-    material = json.dumps({"model": list(model),
-                           "test_table": f"{test_table.parent.name}/{test_table.name}",
-                           "fingerprint": data_fingerprint, "per_digit": per_digit,
-                           "code": BUILD_CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+    return content_key(model=list(model), test_table=table_key(str(test_table)),
+                       fingerprint=data_fingerprint, per_digit=per_digit,
+                       code=BUILD_CODE_VERSION)
 
 
 def read_built(folder: Path) -> BuiltBundle | None:

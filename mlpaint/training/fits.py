@@ -5,7 +5,6 @@ there by a rerun or retry, on whichever machine they run."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import numpy as np
 
 from mlpaint.data.integrity import IntegrityError
 from mlpaint.model.feature_stages import FeatureStage
-from mlpaint.storage.catalog import FITS, Catalog, local_folder, uri_name
+from mlpaint.storage.catalog import FITS, Catalog, local_folder
 from mlpaint.tracking import RegisteredModel, peak_rss_megabytes
 from mlpaint.training.algorithms import (
     BaggedBoostingConfig,
@@ -35,6 +34,7 @@ from mlpaint.training.confidence import (
     top_and_right,
 )
 from mlpaint.training.evaluation import Aggregate, Evaluation, LabelStatistics, evaluate
+from mlpaint.training.keys import final_fit_key, fold_fit_key
 from mlpaint.training.matrices import (
     AugmentedMatrix,
     FeatureMatrix,
@@ -268,49 +268,24 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
                      curve=tuple(monitor.curve))
 
 
-#: Bump when a change to training or evaluation makes earlier cached fits wrong to reuse.
-FIT_CODE_VERSION = "5"  # 5: folds score their held-out writers' drawings, rows kept
 MODEL, FIT_RECORD, CONFIDENCE_ROWS = "model", "fit.json", "confidence_rows.npz"
 
 
-def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-             matrices: list[str], base: WarmStartBase | None = None) -> str:
-    """What a fit's result depends on, hashed: its name, the spec (less the experiment's
-    name, where the data and feedback came from, and whether a final fit follows, none of
-    which changes this fit), the algorithm's configuration, the content-keyed folders of its
-    inputs, the model it continues and how (a warm start that found none to continue trains
-    what the spec without it would), and the code and LightGBM versions."""
-    import lightgbm
-
-    material = json.dumps({
-        "fit": name, "code": FIT_CODE_VERSION, "lightgbm": lightgbm.__version__,
-        "spec": spec.model_dump(mode="json", exclude={
-            "experiment": True, "sources": True, "final_fit": True, "feedback": {"store"},
-            "pen": {"sources"}, "warm_start": True}),
-        "config": config.model_dump(mode="json"),
-        "inputs": [uri_name(uri) for uri in matrices],
-        **({"warm_start": {"base": uri_name(base.location),
-                           **spec.warm_start.model_dump(mode="json", exclude={"alias"})}}
-           if base else {})}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+def _fold_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig, fold_index: int,
+              matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
+              feedback: FeedbackMatrix | None, pen: PenMatrix | None) -> str:
+    return fold_fit_key(spec, config, fold_index, [
+        matrix.folder, *(m.folder for m in (augmented, feedback, pen) if m is not None)])
 
 
-def fold_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-                 fold_index: int, matrix: FeatureMatrix, augmented: AugmentedMatrix | None,
-                 feedback: FeedbackMatrix | None, pen: PenMatrix | None = None) -> str:
-    """The key fold `fold_index`'s finished fit is stored under."""
-    inputs = [matrix.folder, *(m.folder for m in (augmented, feedback, pen) if m is not None)]
-    return _fit_key(f"fold-{fold_index}", spec, config, inputs)
-
-
-def final_fit_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
-                  train_matrix: FeatureMatrix, test_matrix: FeatureMatrix,
-                  augmented: AugmentedMatrix | None, feedback: FeedbackMatrix | None,
-                  pen: PenMatrix | None = None, base: WarmStartBase | None = None) -> str:
-    """The key the final model's finished fit is stored under."""
-    inputs = [train_matrix.folder, test_matrix.folder,
-              *(m.folder for m in (augmented, feedback, pen) if m is not None)]
-    return _fit_key("final", spec, config, inputs, base)
+def _final_key(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
+               train_matrix: FeatureMatrix, test_matrix: FeatureMatrix,
+               augmented: AugmentedMatrix | None, feedback: FeedbackMatrix | None,
+               pen: PenMatrix | None, base: WarmStartBase | None) -> str:
+    return final_fit_key(spec, config, [
+        train_matrix.folder, test_matrix.folder,
+        *(m.folder for m in (augmented, feedback, pen) if m is not None)],
+        base.location if base else None)
 
 
 def fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
@@ -319,11 +294,11 @@ def fits_to_train(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfi
                   feedback: FeedbackMatrix | None, pen: PenMatrix | None = None,
                   base: WarmStartBase | None = None) -> int:
     """How many of this experiment's fits have no finished fit stored to reuse."""
-    keys = [fold_fit_key(spec, config, i, train_matrix, augmented, feedback, pen)
+    keys = [_fold_key(spec, config, i, train_matrix, augmented, feedback, pen)
             for i in range(n_folds)]
     if spec.final_fit:
-        keys.append(final_fit_key(spec, config, train_matrix, test_matrix, augmented, feedback,
-                                  pen, base))
+        keys.append(_final_key(spec, config, train_matrix, test_matrix, augmented, feedback,
+                               pen, base))
     return sum(not catalog.is_finished(catalog.location(FITS, key)) for key in keys)
 
 
@@ -379,8 +354,8 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                                 pen_heldout=_pen_heldout_rows(pen, spec.folds, fold_index)
                                 if pen is not None else None, watchers=watchers)
 
-    return _reuse_or_fit(fold_fit_key(spec, config, fold_index, matrix, augmented, feedback,
-                                      pen), catalog, fit)
+    return _reuse_or_fit(_fold_key(spec, config, fold_index, matrix, augmented, feedback,
+                                   pen), catalog, fit)
 
 
 def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: ExperimentSpec,
@@ -409,8 +384,8 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
             test_name="official test set", watchers=watchers,
             continuation=base.continuation(spec.warm_start) if base else None)
 
-    return _reuse_or_fit(final_fit_key(spec, config, train_matrix, test_matrix, augmented,
-                                      feedback, pen, base), catalog, fit)
+    return _reuse_or_fit(_final_key(spec, config, train_matrix, test_matrix, augmented,
+                                    feedback, pen, base), catalog, fit)
 
 
 def choose_low_confidence(folds: list[FitResult]) -> ConfidenceChoice | None:

@@ -19,7 +19,12 @@ def _load_matrix(uri: str, row_info: str) -> tuple[np.ndarray, np.ndarray, np.nd
     """Features (memory-mapped), labels, and a per-row array (`row_info`) from a folder."""
     folder = local_folder(uri)
     return (np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "labels.npy"),
-            np.load(folder / row_info))
+            np.load(folder / f"{row_info}.npy"))
+
+
+def _write_arrays(folder: Path, **arrays: np.ndarray) -> None:
+    for name, array in arrays.items():
+        np.save(folder / f"{name}.npy", array)
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,13 @@ class FeatureMatrix:
     stage: str
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _load_matrix(self.folder, "row_hash.npy")
+        return _load_matrix(self.folder, "row_hash")
+
+    @staticmethod
+    def write(folder: Path, *, features: np.ndarray, labels: np.ndarray,
+              row_hash: np.ndarray) -> None:
+        """Write the files `load` reads."""
+        _write_arrays(folder, features=features, labels=labels, row_hash=row_hash)
 
 
 @dataclass(frozen=True)
@@ -45,7 +56,13 @@ class AugmentedMatrix:
     rows: int
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return _load_matrix(self.folder, "source_row.npy")
+        return _load_matrix(self.folder, "source_row")
+
+    @staticmethod
+    def write(folder: Path, *, features: np.ndarray, labels: np.ndarray,
+              source_row: np.ndarray) -> None:
+        """Write the files `load` reads."""
+        _write_arrays(folder, features=features, labels=labels, source_row=source_row)
 
 
 SAMPLE_GRID = "sample-grid-feedback.png"
@@ -83,6 +100,16 @@ class FeedbackMatrix:
         """The record ids of each part, `train` and `wild`."""
         return json.loads((local_folder(self.folder) / RECORD_IDS).read_text())
 
+    @staticmethod
+    def write(folder: Path, *, train_features: np.ndarray, train_labels: np.ndarray,
+              wild_features: np.ndarray, wild_labels: np.ndarray,
+              record_ids: dict[str, list[str]]) -> None:
+        """Write the files `load_train`, `load_wild` and `record_ids` read (the sample grid
+        is drawn into `folder` by the caller, at `SAMPLE_GRID`)."""
+        _write_arrays(folder, train_features=train_features, train_labels=train_labels,
+                      wild_features=wild_features, wild_labels=wild_labels)
+        (folder / RECORD_IDS).write_text(json.dumps(record_ids))
+
     def to_json(self) -> dict:
         return {"store": self.store, "digest": self.digest,
                 "train_records": self.train_records, "train_rows": self.train_rows,
@@ -91,6 +118,11 @@ class FeedbackMatrix:
 
 PEN_SAMPLE_GRID = "sample-grid-pen.png"
 PEN_WRITERS = "writers.json"
+
+
+def pen_writers(uri: str) -> dict[str, list[int]]:
+    """The writers of each part, `train` and `drawn`, of the pen matrix stored at `uri`."""
+    return json.loads((local_folder(uri) / PEN_WRITERS).read_text())
 
 
 @dataclass(frozen=True)
@@ -128,7 +160,7 @@ class PenMatrix:
 
     def writers(self) -> dict[str, list[int]]:
         """The writers of each part, `train` and `drawn`."""
-        return json.loads((local_folder(self.folder) / PEN_WRITERS).read_text())
+        return pen_writers(self.folder)
 
     @staticmethod
     def write(folder: Path, *, train_features: np.ndarray, train_labels: np.ndarray,
@@ -137,11 +169,9 @@ class PenMatrix:
               writers: dict[str, list[int]]) -> None:
         """Write the files `load_train`, `load_drawn` and `writers` read (the sample grid
         is drawn into `folder` by the caller, at `PEN_SAMPLE_GRID`)."""
-        for name, array in (("train_features", train_features), ("train_labels", train_labels),
-                            ("train_row_hash", train_row_hash),
-                            ("drawn_features", drawn_features), ("drawn_labels", drawn_labels),
-                            ("drawn_writers", drawn_writers)):
-            np.save(folder / f"{name}.npy", array)
+        _write_arrays(folder, train_features=train_features, train_labels=train_labels,
+                      train_row_hash=train_row_hash, drawn_features=drawn_features,
+                      drawn_labels=drawn_labels, drawn_writers=drawn_writers)
         (folder / PEN_WRITERS).write_text(json.dumps(writers))
 
     def to_json(self) -> dict:

@@ -3,22 +3,18 @@ and the spec, shared by the training flow's task and the benchmarks."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from mlpaint.data.pendigits import PenTable
-from mlpaint.images.augment import AUGMENT_CODE_VERSION, AugmentSpec, augment
+from mlpaint.images.augment import AugmentSpec, augment
 from mlpaint.images.drawing import (
-    DRAWING_CODE_VERSION,
     DrawnTestSet,
     drawn_test_rows,
     drawn_test_set,
     render_rows,
 )
-from mlpaint.model.features import FEATURE_CODE_VERSION, FeatureStage
 from mlpaint.training.spec import PenSpec
 
 
@@ -58,16 +54,3 @@ def pen_rows_expected(table: PenTable, pen: PenSpec, augment_spec: AugmentSpec
     at the start, are renderings rather than augmented copies."""
     rendered = (len(table) - len(drawn_test_rows(table, pen.test_share))) * pen.renderings
     return rendered * (1 + (augment_spec.copies if pen.renderings else 0)), rendered
-
-
-def pen_matrix_key(table_key: str, pen: PenSpec, stage: FeatureStage, limit: int | None,
-                   augment_spec: AugmentSpec, seed: int) -> str:
-    """What a stored pen matrix depends on: the table's content key, the stage, the row
-    limit, the seed, the augmentation, the pen spec (but where the trajectories came from and
-    how much they weigh in training) and the code of each step."""
-    material = json.dumps({"table": table_key, "stage": stage.value, "limit": limit,
-                           "seed": seed, "augment": augment_spec.model_dump(mode="json"),
-                           "pen": pen.model_dump(mode="json", exclude={"sources", "weight"}),
-                           "code": AUGMENT_CODE_VERSION, "drawing_code": DRAWING_CODE_VERSION,
-                           "feature_code": FEATURE_CODE_VERSION}, sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]

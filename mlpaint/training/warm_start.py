@@ -4,7 +4,6 @@ records of it."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from mlpaint.storage.catalog import BASE_MODELS, Catalog, local_folder
@@ -19,6 +18,7 @@ from mlpaint.training.algorithms import (
     ModelFormatError,
     continuation_problem,
 )
+from mlpaint.training.keys import base_model_key
 from mlpaint.training.spec import ExperimentSpec, WarmStartSpec
 
 
@@ -53,8 +53,7 @@ class WarmStartBase:
 def base_model_location(catalog: Catalog, run_id: str, version: str) -> str:
     """Where a registered version's model folder is kept in the store: a version of a run
     never changes, so its name is key enough."""
-    key = hashlib.sha256(f"{run_id}/{version}".encode()).hexdigest()[:32]
-    return catalog.location(BASE_MODELS, key)
+    return catalog.location(BASE_MODELS, base_model_key(run_id, version))
 
 
 def store_base_model(catalog: Catalog, location: str, model: DigitModel) -> None:

@@ -104,6 +104,7 @@ def test_features_stored_by_older_stage_code_are_made_again(catalog, tmp_path, m
     of reading one that serving's code would no longer produce."""
     from prefect.logging import disable_run_logger
 
+    import mlpaint.training.keys as keys
     import tasks.training as training
     from mlpaint.data.dataset import join_split, save_table
     from mlpaint.data.pins import Split
@@ -118,7 +119,7 @@ def test_features_stored_by_older_stage_code_are_made_again(catalog, tmp_path, m
         now = training.prepare_features.fn(str(table), FeatureStage.DESKEW, None, catalog)
         assert training.prepare_features.fn(str(table), FeatureStage.DESKEW, None,
                                             catalog).folder == now.folder  # reused
-        monkeypatch.setattr(training, "FEATURE_CODE_VERSION", "0")
+        monkeypatch.setattr(keys, "FEATURE_CODE_VERSION", "0")
         older = training.prepare_features.fn(str(table), FeatureStage.DESKEW, None, catalog)
     assert older.folder != now.folder
     assert catalog.is_finished(older.folder) and catalog.is_finished(now.folder)
