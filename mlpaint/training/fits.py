@@ -122,11 +122,20 @@ class FitResult:
         """Per drawing of `part`, `heldout` (a fold's held-out writers) or `drawn` (the
         drawn test set): the top probability and whether the top digit was right; empty
         when the fit scored none."""
-        path = local_folder(self.location) / CONFIDENCE_ROWS
-        if not path.is_file():
-            return np.zeros(0, np.float64), np.zeros(0, bool)
-        with np.load(path) as rows:
-            return rows[f"{part}_top"], rows[f"{part}_right"]
+        return read_confidence_rows(local_folder(self.location) / CONFIDENCE_ROWS, part)
+
+
+def read_confidence_rows(path: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
+    """`part`'s top probabilities and right answers as a fit stored them at `path`; empty
+    when it stored none (no such file, or a fit that scored the drawn test set but held out
+    no writer's drawings: one trained without pen renderings)."""
+    empty = np.zeros(0, np.float64), np.zeros(0, bool)
+    if not path.is_file():
+        return empty
+    with np.load(path) as rows:
+        if f"{part}_top" not in rows.files:
+            return empty
+        return rows[f"{part}_top"], rows[f"{part}_right"]
 
 
 def _pen_training_rows(pen: PenMatrix, folds, fold_index: int | None

@@ -85,3 +85,18 @@ def test_when_the_target_needs_too_many_marked_the_budget_is_spent_and_it_is_sai
 def test_a_threshold_needs_rows_to_be_chosen_on():
     with pytest.raises(ValueError, match="no scored drawings"):
         choose_threshold(np.zeros(0), np.zeros(0, bool))
+
+
+def test_folds_without_held_out_drawings_choose_no_threshold(tmp_path):
+    """A fold of a spec without pen renderings scores the drawn test set but holds out no
+    writer's drawings: it stored `drawn` rows only, and choosing the threshold on the folds'
+    held-out drawings finds none to choose on (the final model keeps the spec's)."""
+    from mlpaint.training.fits import read_confidence_rows
+
+    path = tmp_path / "confidence_rows.npz"
+    assert read_confidence_rows(path, "heldout")[0].size == 0  # no file at all
+    np.savez(path, drawn_top=np.array([0.9, 0.6]), drawn_right=np.array([True, False]))
+    top, right = read_confidence_rows(path, "drawn")
+    assert top.tolist() == [0.9, 0.6] and right.tolist() == [True, False]
+    top, right = read_confidence_rows(path, "heldout")
+    assert top.size == 0 and right.size == 0 and right.dtype == bool
