@@ -17,7 +17,7 @@ from mlpaint.data.fetch import SplitFiles
 from mlpaint.data.formats import DataFormatError, read_csv_split, read_idx
 from mlpaint.data.integrity import atomic_folder
 from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES, N_FEATURES, Split
-from mlpaint.storage.manifest import MANIFEST, verified_folder, write_manifest
+from mlpaint.storage.manifest import MANIFEST, is_whole, verified_folder, write_manifest
 
 PIXEL_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(N_FEATURES))
 LABEL_COLUMN = "label"
@@ -128,7 +128,7 @@ def load_table(folder: Path, *, mmap: bool = True) -> SplitTable:
     """Load a saved table, its files checked against its manifest (once per process);
     pixels are memory-mapped unless `mmap=False`."""
     meta_path = folder / "meta.json"
-    if not (folder / MANIFEST).is_file():
+    if not is_whole(folder):
         raise FileNotFoundError(f"{folder}: not a saved table (no {MANIFEST})")
     verified_folder(folder)
     meta = TableMeta(**json.loads(meta_path.read_text()))

@@ -41,7 +41,7 @@ from mlpaint.data.formats import DataFormatError
 from mlpaint.data.integrity import IntegrityError, atomic_folder
 from mlpaint.data.pins import N_CLASSES, PEN_TRAJECTORIES_NAME
 from mlpaint.data.transports import FetchError, TransientFetchError
-from mlpaint.storage.manifest import MANIFEST, verified_folder, write_manifest
+from mlpaint.storage.manifest import MANIFEST, is_whole, verified_folder, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +318,7 @@ def save_pen_table(table: PenTable, folder: Path) -> Path:
 def load_pen_table(folder: Path) -> PenTable:
     """A saved pen table, its files checked against its manifest (once per process)."""
     meta_path = folder / "meta.json"
-    if not (folder / MANIFEST).is_file():
+    if not is_whole(folder):
         raise FileNotFoundError(f"{folder}: not a saved pen table (no {MANIFEST})")
     verified_folder(folder)
     meta = PenTableMeta(**json.loads(meta_path.read_text()))

@@ -31,9 +31,8 @@ from mlpaint.publishing.bundle import (
     write_manifest,
 )
 from mlpaint.publishing.gate import GateDecision
+from mlpaint.storage import manifest as manifests
 from mlpaint.storage.catalog import place_in_cache
-from mlpaint.storage.manifest import MANIFEST, verify_folder
-from mlpaint.storage.manifest import write_manifest as write_folder_manifest
 from mlpaint.training.algorithms import DigitModel
 from mlpaint.training.evaluation import evaluate
 from mlpaint.training.keys import content_key, table_key
@@ -157,11 +156,11 @@ def built_bundle_key(model: tuple[str, str, str], test_table: Path, data_fingerp
 
 
 def read_built(folder: Path) -> BuiltBundle | None:
-    """The bundle kept in `folder` by an earlier attempt, verified; None if none was kept
-    whole there."""
-    if not (folder / MANIFEST).is_file():
+    """The bundle kept in `folder` by an earlier attempt, verified (once per process while
+    its files stay unchanged); None if none was kept whole there."""
+    if not manifests.is_whole(folder):
         return None
-    verify_folder(folder)
+    manifests.verified_folder(folder)
     built = json.loads((folder / BUILT).read_text())
     return BuiltBundle(str(folder / "bundle"), BundleInfo(**built["info"]),
                        built["test_accuracy"])
@@ -174,9 +173,10 @@ def keep_built(staging: Path, folder: Path, info: BundleInfo,
     concurrent run that kept the same bundle first wins; its copy is returned."""
     (staging / BUILT).write_text(json.dumps({"info": asdict(info),
                                              "test_accuracy": test_accuracy}))
-    write_folder_manifest(staging)
+    manifests.write_manifest(staging)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    place_in_cache(staging, folder, marker=MANIFEST)
+    if place_in_cache(staging, folder, marker=manifests.MANIFEST):
+        manifests.remember_verified(folder)  # hashed just now, by this process
     kept = read_built(folder)
     if kept is None:  # place_in_cache leaves a whole folder there, ours or the winner's
         raise IntegrityError(f"{folder}: no built bundle after placing one")

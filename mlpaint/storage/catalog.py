@@ -289,7 +289,7 @@ def local_folder(uri: str) -> Path:
     itself, or a remote folder downloaded once into the mirror. Every file is checked
     against the manifest the writer recorded (once per process and manifest), so a damaged
     or half-copied artefact raises `IntegrityError` instead of training or being served.
-    A folder without a manifest (a cache table on a local store) is taken as it is."""
+    A local folder without a manifest (written before folders had one) is taken as it is."""
     if not is_remote(uri):
         folder = Path(uri)
         if not (folder / MANIFEST).is_file():
@@ -310,13 +310,14 @@ def local_folder(uri: str) -> Path:
         raise FileNotFoundError(f"{uri}: no finished folder there (no {MANIFEST})")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    parsed = parse_manifest(manifest, uri)
     try:
-        for name in parse_manifest(manifest, uri)["files"]:
+        for name in parsed["files"]:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             if not store.get_file(name, staging / name):
                 raise IntegrityError(f"{uri}/{name}: missing (listed in its {MANIFEST})")
         (staging / MANIFEST).write_bytes(manifest)
-        check_files(staging, parse_manifest(manifest, uri), uri)
+        check_files(staging, parsed, uri)
         place_in_cache(staging, folder, marker=MANIFEST)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -95,17 +95,18 @@ _verified: set[tuple[str, bytes, tuple]] = set()
 _verify_lock = threading.Lock()
 
 
-def _file_stats(folder: Path, manifest: bytes) -> tuple:
+def _file_stats(folder: Path, manifest: dict) -> tuple:
     """The size and modification time of each file the manifest lists."""
-    stats = {name: (folder / name).stat() for name in json.loads(manifest)["files"]}
+    stats = {name: (folder / name).stat() for name in manifest["files"]}
     return tuple((name, stat.st_size, stat.st_mtime_ns) for name, stat in stats.items())
 
 
 def remember_verified(folder: Path) -> None:
     """Record `folder` as verified as it is now (this process has just hashed its files)."""
     manifest = (folder / MANIFEST).read_bytes()
+    stats = _file_stats(folder, parse_manifest(manifest, str(folder)))
     with _verify_lock:
-        _verified.add((str(folder), manifest, _file_stats(folder, manifest)))
+        _verified.add((str(folder), manifest, stats))
 
 
 def verified_folder(folder: Path, where: str | None = None) -> Path:
@@ -117,7 +118,7 @@ def verified_folder(folder: Path, where: str | None = None) -> Path:
     manifest = (folder / MANIFEST).read_bytes()
     parsed = parse_manifest(manifest, where)
     try:
-        stats = _file_stats(folder, manifest)
+        stats = _file_stats(folder, parsed)
     except FileNotFoundError as exc:
         raise IntegrityError(f"{exc.filename}: missing (listed in the {MANIFEST} of "
                              f"{where})") from exc

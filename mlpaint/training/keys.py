@@ -84,7 +84,7 @@ def pen_matrix_key(table: str, pen: PenSpec, stage: FeatureStage, limit: int | N
 
 def base_model_key(run_id: str, version: str) -> str:
     """A registered version's model: a version of a run never changes."""
-    return hashlib.sha256(f"{run_id}/{version}".encode()).hexdigest()[:32]
+    return content_key(run_id=run_id, version=version)
 
 
 def _fit_key(name: str, spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConfig,
