@@ -232,8 +232,9 @@ def _add_monitor_command(subcommands) -> None:
                     "answers against a floor (below it, over a full window, the Prefect "
                     "event mlpaint.monitor.accuracy-dropped), and how what people draw "
                     "differs from the training digits (ink, size, slant, the digits the "
-                    "served model reads and its confidence). Recorded as an MLflow run in "
-                    "the mlpaint-monitor experiment and as Prefect artifacts.")
+                    "served model reads and its confidence); with a Prometheus, every "
+                    "answer's traffic over a window. Recorded as an MLflow run in the "
+                    "mlpaint-monitor experiment and as Prefect artifacts.")
     monitor.add_argument("--feedback-store", metavar="URI",
                          help="default $MLPAINT_FEEDBACK_STORE, else `feedback` beside the "
                               "bundle destination")
@@ -248,6 +249,12 @@ def _add_monitor_command(subcommands) -> None:
                          help="training digits sampled as the drift's reference")
     monitor.add_argument("--source", action="append", default=None, metavar="URI",
                          help="MNIST source of the training digits")
+    monitor.add_argument("--prometheus", metavar="URL",
+                         help="a Prometheus scraping the servers: adds the share of \"not "
+                              "sure\" and \"nothing drawn\" answers, of answers people "
+                              "judged, and the p99 latency (default $MLPAINT_PROMETHEUS_URL)")
+    monitor.add_argument("--window", default="1d", metavar="DURATION",
+                         help="the Prometheus figures' window, such as 1d or 6h")
     monitor.add_argument("--cache-dir", metavar="DIR")
     monitor.add_argument("--json", action="store_true")
     monitor.set_defaults(handler=_run_monitor)
@@ -259,7 +266,8 @@ def _run_monitor(args: argparse.Namespace) -> int:
 
     spec = MonitorSpec(feedback_store=args.feedback_store, bundle=args.bundle,
                        last_answers=args.last, accuracy_floor=args.floor,
-                       reference_rows=args.reference_rows, sources=args.source)
+                       reference_rows=args.reference_rows, sources=args.source,
+                       prometheus_url=args.prometheus, prometheus_window=args.window)
     with temporary_api() as api_ready:
         tracking_store_ready = prepare_store_meanwhile(resolve_tracking_uri())
         from flows.monitor import monitor

@@ -1,5 +1,6 @@
 """The monitor flow: live accuracy per served bundle and day from people's answers, the
-drift of their drawings from the training digits, and an event when accuracy drops."""
+drift of their drawings from the training digits, every answer's traffic as Prometheus
+counted it (when one is named), and an event when accuracy drops."""
 
 from __future__ import annotations
 
@@ -14,7 +15,12 @@ from mlpaint.data.integrity import default_cache_dir
 from mlpaint.feedback.monitoring import MonitorReport, MonitorSpec
 from mlpaint.storage.catalog import default_bundle_destination, default_feedback_store
 from mlpaint.tracking import resolve_tracking_uri
-from tasks.monitor import announce_accuracy_drop, measure_live_use, record_monitor_run
+from tasks.monitor import (
+    announce_accuracy_drop,
+    measure_live_use,
+    read_live_traffic,
+    record_monitor_run,
+)
 
 
 @flow(name="monitor-mlpaint")
@@ -32,6 +38,8 @@ def monitor(spec: MonitorSpec | None = None, cache_dir: str | None = None) -> Mo
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     dataset = ingest_mnist(IngestSpec(sources=spec.sources), str(cache))
     report = measure_live_use(spec, store, bundle, dataset.tables["train"], cache)
+    if prometheus := spec.prometheus():
+        report = report.with_traffic(read_live_traffic(prometheus, spec.prometheus_window))
     run_id = record_monitor_run(report, resolve_tracking_uri())
     if report.recent.dropped:
         announce_accuracy_drop(report)

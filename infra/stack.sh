@@ -56,6 +56,8 @@ PROMETHEUS_PORT="${PROMETHEUS_PORT:-9090}"
 PROMETHEUS_BIN="${PROMETHEUS_BIN:-$(command -v prometheus || true)}"
 METRICS_TARGETS="${MLPAINT_METRICS_TARGETS:-127.0.0.1:8000}"
 SCRAPE_SECONDS="${PROMETHEUS_SCRAPE_SECONDS:-15}"
+# The monitor deployment's runs add what this Prometheus counted to their report.
+export MLPAINT_PROMETHEUS_URL="${MLPAINT_PROMETHEUS_URL:-http://127.0.0.1:${PROMETHEUS_PORT}}"
 export PREFECT_API_URL="http://127.0.0.1:${PREFECT_PORT}/api"
 export MLFLOW_TRACKING_URI="http://127.0.0.1:${MLFLOW_PORT}"
 export PREFECT_HOME="$STATE/prefect"

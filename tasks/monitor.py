@@ -22,6 +22,7 @@ from mlpaint.feedback.monitoring import (
     write_plots,
 )
 from mlpaint.feedback.store import FeedbackStore
+from mlpaint.feedback.traffic import TrafficFigures, live_traffic, percent
 from mlpaint.publishing.bundle import BundleIntegrityError, load_bundle
 from mlpaint.storage.catalog import local_folder
 from mlpaint.tracking import ensure_experiment, tracking_client
@@ -58,6 +59,18 @@ def measure_live_use(spec: MonitorSpec, store_uri: str, bundle_uri: str, train_t
                 "n/a" if report.recent.accuracy is None else f"{report.recent.accuracy:.1%}",
                 100 * spec.accuracy_floor, ": BELOW THE FLOOR" if report.recent.dropped else "")
     return report
+
+
+@task(name="read-live-traffic", **SERVICE_CALL_RETRIES)
+def read_live_traffic(prometheus_url: str, window: str) -> TrafficFigures:
+    """What Prometheus counted of the servers' answers and requests over `window`."""
+    traffic = live_traffic(prometheus_url, window)
+    get_run_logger().info(
+        "Prometheus at %s, last %s: about %.0f answers, %s of them \"not sure\", %s judged; "
+        "serving %s", prometheus_url, window, traffic.answers,
+        percent(traffic.answer_share("low_confidence")), percent(traffic.judged_share),
+        ", ".join(bundle for bundle, _ in traffic.serving) or "nothing scraped")
+    return traffic
 
 
 @task(name="record-monitor-run", **SERVICE_CALL_RETRIES)

@@ -265,6 +265,12 @@ def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], fl
             for sample in family.samples if sample.name == name}
 
 
+def counted_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    """`metric_samples` without the series still at 0 (the server starts every series it
+    can count at 0)."""
+    return {labels: value for labels, value in metric_samples(text, name).items() if value}
+
+
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300
             ) -> subprocess.CompletedProcess:
     mlpaint = str(Path(sys.executable).parent / "mlpaint")

@@ -17,7 +17,7 @@ from mlpaint.data.fetch import SplitFiles
 from mlpaint.data.formats import DataFormatError, read_csv_split, read_idx
 from mlpaint.data.integrity import atomic_folder
 from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES, N_FEATURES, Split
-from mlpaint.storage.manifest import MANIFEST, is_whole, verified_folder, write_manifest
+from mlpaint.storage.manifest import MANIFEST, is_whole, verify_folder_once, write_manifest
 
 PIXEL_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(N_FEATURES))
 LABEL_COLUMN = "label"
@@ -130,7 +130,7 @@ def load_table(folder: Path, *, mmap: bool = True) -> SplitTable:
     meta_path = folder / "meta.json"
     if not is_whole(folder):
         raise FileNotFoundError(f"{folder}: not a saved table (no {MANIFEST})")
-    verified_folder(folder)
+    verify_folder_once(folder)
     meta = TableMeta(**json.loads(meta_path.read_text()))
     pixels = np.load(folder / "pixels.npy", mmap_mode="r" if mmap else None)
     labels = np.load(folder / "labels.npy")

@@ -41,7 +41,7 @@ from mlpaint.data.formats import DataFormatError
 from mlpaint.data.integrity import IntegrityError, atomic_folder
 from mlpaint.data.pins import N_CLASSES, PEN_TRAJECTORIES_NAME
 from mlpaint.data.transports import FetchError, TransientFetchError
-from mlpaint.storage.manifest import MANIFEST, is_whole, verified_folder, write_manifest
+from mlpaint.storage.manifest import MANIFEST, is_whole, verify_folder_once, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def load_pen_table(folder: Path) -> PenTable:
     meta_path = folder / "meta.json"
     if not is_whole(folder):
         raise FileNotFoundError(f"{folder}: not a saved pen table (no {MANIFEST})")
-    verified_folder(folder)
+    verify_folder_once(folder)
     meta = PenTableMeta(**json.loads(meta_path.read_text()))
     table = PenTable(**{name: np.load(folder / f"{name}.npy") for name in _ARRAYS}, meta=meta)
     table.check()

@@ -14,8 +14,9 @@ reports.
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 
 import numpy as np
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mlpaint.data.pins import N_CLASSES
 from mlpaint.feedback.store import FeedbackRecord
+from mlpaint.feedback.traffic import TrafficFigures
 from mlpaint.model.features import DRAWING_MEASURES, drawing_measures
 
 #: The Prefect event the monitor flow emits when the last answers' accuracy is below the
@@ -34,6 +36,8 @@ MONITOR_EXPERIMENT = "mlpaint-monitor"
 # the bar is strict.
 DRIFT_P_VALUE = 0.001
 _HISTOGRAM_BINS = 20
+#: Where a deployment's monitor finds Prometheus (the stack sets it for its workers).
+PROMETHEUS_URL_ENV = "MLPAINT_PROMETHEUS_URL"
 
 
 class MonitorSpec(BaseModel):
@@ -59,6 +63,18 @@ class MonitorSpec(BaseModel):
     sources: list[str] | None = Field(None, description="MNIST sources of the training "
                                       "digits (default: the mirror chain)")
     seed: int = Field(0, description="the training digits' sample")
+    prometheus_url: str | None = Field(None, description="a Prometheus scraping the servers' "
+                                       "/metrics: the report adds every answer's traffic (not "
+                                       "sure, nothing drawn, the share people judged, p99 "
+                                       "latency) over the window (default "
+                                       f"${PROMETHEUS_URL_ENV}; none: the store alone)")
+    prometheus_window: str = Field("1d", pattern=r"^[1-9][0-9]*[smhdw]$", description="the "
+                                   "window of the Prometheus figures, a duration such as 1d "
+                                   "or 6h")
+
+    def prometheus(self) -> str | None:
+        """The Prometheus to ask: the spec's, else the environment's, else none."""
+        return self.prometheus_url or os.environ.get(PROMETHEUS_URL_ENV) or None
 
 
 @dataclass(frozen=True)
@@ -237,6 +253,10 @@ class MonitorReport:
     corrections: list[Correction]
     recent: RecentAccuracy
     drift: list[Drift] = field(default_factory=list)
+    traffic: TrafficFigures | None = None  # what Prometheus counted, when one was asked
+
+    def with_traffic(self, traffic: TrafficFigures) -> MonitorReport:
+        return replace(self, traffic=traffic)
 
     @property
     def accuracy(self) -> float | None:
@@ -250,7 +270,8 @@ class MonitorReport:
                 "by_version_and_day": [row.to_json() for row in self.by_version_and_day],
                 "corrections": [asdict(c) for c in self.corrections],
                 "recent": self.recent.to_json(),
-                "drift": [d.to_json() for d in self.drift]}
+                "drift": [d.to_json() for d in self.drift],
+                "traffic": self.traffic.to_json() if self.traffic else None}
 
     def metrics(self) -> dict[str, float]:
         """The run's figures for MLflow: overall and recent accuracy, each drift's p-value."""
@@ -263,6 +284,8 @@ class MonitorReport:
         for drift in self.drift:
             metrics[f"drift_{drift.measure}_statistic"] = drift.statistic
             metrics[f"drift_{drift.measure}_p_value"] = drift.p_value
+        if self.traffic:
+            metrics.update(self.traffic.metrics())
         return metrics
 
     def markdown(self) -> str:
@@ -293,6 +316,8 @@ class MonitorReport:
                       "|---|---|---|---|---|---|"]
             lines += [f"| {d.measure} | {d.reference:.3g} | {d.live:.3g} | {d.statistic:.3f} | "
                       f"{d.p_value:.2g} | {'yes' if d.drifted else 'no'} |" for d in self.drift]
+        if self.traffic:
+            lines += self.traffic.markdown()
         return "\n".join(lines)
 
 

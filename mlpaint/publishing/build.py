@@ -160,7 +160,7 @@ def read_built(folder: Path) -> BuiltBundle | None:
     its files stay unchanged); None if none was kept whole there."""
     if not manifests.is_whole(folder):
         return None
-    manifests.verified_folder(folder)
+    manifests.verify_folder_once(folder)
     built = json.loads((folder / BUILT).read_text())
     return BuiltBundle(str(folder / "bundle"), BundleInfo(**built["info"]),
                        built["test_accuracy"])

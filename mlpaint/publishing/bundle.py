@@ -81,7 +81,7 @@ def write_manifest(folder: Path) -> dict:
     return manifests.write_manifest(folder, format_version=BUNDLE_FORMAT_VERSION)
 
 
-def verify_folder(folder: Path) -> dict:
+def verify_bundle(folder: Path) -> dict:
     """Check every file the manifest names; a missing or altered file raises, naming it."""
     try:
         return manifests.verify_folder(folder)
@@ -171,7 +171,7 @@ def publish_bundle(staging: Path, store: ObjectStore, version: str, *, promote: 
     only then, if promoted, point LATEST at it and record why (`change`) in the history.
     Readers that follow LATEST never see a half-published bundle; a publisher killed mid-way
     leaves LATEST where it was."""
-    manifest = verify_folder(staging)
+    manifest = verify_bundle(staging)
     prefix = f"{VERSIONS}/{version}"
     for name in sorted(manifest["files"]):
         store.put_file(f"{prefix}/{name}", staging / name)
@@ -249,7 +249,7 @@ def _download_version(store: ObjectStore, version: str, destination: Path) -> Pa
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)
         (staging / MANIFEST).write_bytes(manifest_bytes)
-        verify_folder(staging)
+        verify_bundle(staging)
         try:
             staging.rename(destination)
         except OSError:  # already there: placed by a sibling process, or left from a past run
@@ -264,7 +264,7 @@ def _download_version(store: ObjectStore, version: str, destination: Path) -> Pa
 def _holds_verified_copy(folder: Path, manifest_bytes: bytes) -> bool:
     """Whether `folder` holds exactly the bundle this manifest describes, every file intact."""
     try:
-        return (folder / MANIFEST).read_bytes() == manifest_bytes and bool(verify_folder(folder))
+        return (folder / MANIFEST).read_bytes() == manifest_bytes and bool(verify_bundle(folder))
     except (OSError, BundleIntegrityError):
         return False
 
@@ -307,7 +307,7 @@ def load_bundle(uri: str, *, version: str | None = None, cache_dir: Path | None 
             store_key = hashlib.sha256(store.describe().encode()).hexdigest()[:16]
             destination = (cache_dir or default_cache_dir()) / "bundles" / store_key / version
             folder = _download_version(store, version, destination)
-    manifest = verify_folder(folder)
+    manifest = verify_bundle(folder)
     data = json.loads((folder / "bundle.json").read_text())
     if data.get("format_version") != BUNDLE_FORMAT_VERSION:
         raise BundleIntegrityError(

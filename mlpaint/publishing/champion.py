@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpaint.data.dataset import load_table
-from mlpaint.data.integrity import atomic_path
+from mlpaint.data.integrity import atomic_folder
 from mlpaint.data.pendigits import PenTable, load_pen_table
 from mlpaint.feedback.store import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.images.drawing import DRAWING_CODE_VERSION, DrawnTestSet, drawn_set_of_writers
@@ -33,6 +33,7 @@ from mlpaint.publishing.gate import (
     held_out_writers,
     right_answers,
 )
+from mlpaint.storage.manifest import MANIFEST, is_whole, verify_folder_once, write_manifest
 from mlpaint.tracking import REGISTERED_MODEL_NAME, tracking_client
 from mlpaint.tracking.publication import (
     CHAMPION,
@@ -147,19 +148,23 @@ def wild_scores(candidate_model: DigitModel, champion_model: DigitModel,
                       accuracy(champion_model, pixels, labels), share)
 
 
+_DRAWN_ARRAYS = ("pixels", "labels", "writers")  # DrawnTestSet's fields, in order
+
+
 def drawn_set(table: PenTable, writers: frozenset[int], cache_dir: Path) -> DrawnTestSet:
     """`drawn_set_of_writers`, kept in `cache_dir` by the trajectories, the writers and the
-    drawing code: every publication gates on it, and drawing thousands of digits takes
-    seconds."""
+    drawing code, as a folder written whole and verified when read (its manifest): every
+    publication gates on it, and drawing thousands of digits takes seconds."""
     key = content_key(pen=table.meta.sha256, writers=sorted(writers), code=DRAWING_CODE_VERSION)
-    path = cache_dir / "drawn-sets" / f"{key}.npz"
-    if path.is_file():
-        with np.load(path) as stored:
-            return DrawnTestSet(stored["pixels"], stored["labels"], stored["writers"])
+    folder = cache_dir / "drawn-sets" / key
+    if is_whole(folder):
+        verify_folder_once(folder)
+        return DrawnTestSet(*(np.load(folder / f"{name}.npy") for name in _DRAWN_ARRAYS))
     drawn = drawn_set_of_writers(table, writers)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as partial, partial.open("wb") as out:
-        np.savez(out, pixels=drawn.pixels, labels=drawn.labels, writers=drawn.writers)
+    with atomic_folder(folder, marker=MANIFEST) as staging:
+        for name in _DRAWN_ARRAYS:
+            np.save(staging / f"{name}.npy", getattr(drawn, name))
+        write_manifest(staging)
     return drawn
 
 

@@ -12,6 +12,12 @@ verdict: right, wrong or unknown, and the bundle it judged); which bundle and mo
 each worker serves; reloads that swapped or failed. Label values come from a fixed set (the
 route templates, digits, statuses) or from bundle versions, which change a few times a week,
 so the series stay few.
+
+Every answer, reload and feedback series the server can count, and the latency of the
+answering routes, starts at 0 (the feedback series when a bundle starts serving), as
+Prometheus' instrumentation guide advises: a series born at its first count hides that
+count from `increase()` and `rate()`, and the monitor's window figures would miss a new
+server's first "not sure".
 """
 
 from __future__ import annotations
@@ -36,6 +42,12 @@ MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: download takes up to seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 UNMATCHED_ROUTE = "unmatched"
+#: The endpoints that answer with digits (by name and route), and each answer's digit and
+#: status.
+ANSWERING_ROUTES = {"predict": "/v1/predict", "explain": "/v1/explain"}
+_ANSWER_LABELS = [(str(digit), status) for digit in range(10)
+                  for status in ("ok", "low_confidence")] + [("none", "nothing_drawn")]
+_VERDICTS = ("right", "wrong", "unknown")
 
 
 def multiprocess_mode() -> bool:
@@ -75,6 +87,12 @@ class ServerMetrics:
             "mlpaint_model_reloads", "Bundle reloads, by outcome (swapped, failed)",
             ["outcome"], **register)
         self._serving: tuple[str, str] | None = None
+        for endpoint, route in ANSWERING_ROUTES.items():
+            self.latency.labels("POST", route)
+            for digit, status in _ANSWER_LABELS:
+                self.predictions.labels(endpoint, digit, status)
+        for outcome in ("swapped", "failed"):
+            self.reloads.labels(outcome)
 
     def count_answers(self, endpoint: str, answers: Iterable[tuple[int | None, str]]) -> None:
         for digit, status in answers:
@@ -94,6 +112,8 @@ class ServerMetrics:
             self.count_reload(swapped=True)
         self._serving = (bundle_version, model_version)
         self.served.labels(*self._serving).set(1)
+        for verdict in _VERDICTS:
+            self.feedback.labels(verdict, bundle_version)
 
     def count_reload(self, swapped: bool) -> None:
         self.reloads.labels("swapped" if swapped else "failed").inc()

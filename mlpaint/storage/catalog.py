@@ -49,7 +49,7 @@ from mlpaint.storage.manifest import (
     check_files,
     parse_manifest,
     remember_verified,
-    verified_folder,
+    verify_folder_once,
     write_manifest,
 )
 from mlpaint.storage.stores import sibling_uri, store_for
@@ -296,11 +296,11 @@ def local_folder(uri: str) -> Path:
             if not folder.is_dir():
                 raise FileNotFoundError(f"{uri}: no such folder")
             return folder
-        return verified_folder(folder, uri)
+        return verify_folder_once(folder, uri)
     folder = mirror_folder(uri)
     if (folder / MANIFEST).is_file():
         try:
-            return verified_folder(folder, uri)
+            return verify_folder_once(folder, uri)
         except IntegrityError:
             logger.warning("%s: the local copy is damaged; downloading it again", folder)
             shutil.rmtree(folder, ignore_errors=True)
@@ -322,4 +322,4 @@ def local_folder(uri: str) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("%s: downloaded to %s", uri, folder)
-    return verified_folder(folder, uri)
+    return verify_folder_once(folder, uri)

@@ -109,7 +109,7 @@ def remember_verified(folder: Path) -> None:
         _verified.add((str(folder), manifest, stats))
 
 
-def verified_folder(folder: Path, where: str | None = None) -> Path:
+def verify_folder_once(folder: Path, where: str | None = None) -> Path:
     """`folder`, its files checked against its manifest once per process while they stay
     unchanged (a folder read by many tasks, or many threads, is hashed once)."""
     where = where or str(folder)

@@ -23,6 +23,8 @@ import requests
 
 from flows.steps import experiment_spec
 from mlpaint.data.pins import Split
+from mlpaint.feedback.monitoring import MONITOR_EXPERIMENT
+from mlpaint.feedback.traffic import live_traffic
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.spec import ExperimentSpec, load_spec
 from tests.conftest import REPO, wait_for
@@ -143,10 +145,13 @@ def _prometheus_query(prometheus: str, query: str) -> list[dict]:
 
 
 def test_prometheus_scrapes_the_server_and_counts_the_traffic_sent(stack, bundle_root,
-                                                                   mnist_tables, tmp_path):
+                                                                   mnist_tables, shared_mnist,
+                                                                   tmp_path):
     """The stack's Prometheus scrapes `mlpaint serve` where MLPAINT_METRICS_TARGETS says it
     listens: after 12 predictions and 5 explanations over two workers, a query over the
-    predictions counter returns exactly that traffic, by endpoint and digit."""
+    predictions counter returns exactly that traffic, by endpoint and digit, and the
+    monitor's Prometheus figures (`live_traffic`) count it too, as does the monitor
+    deployment's run."""
     port = int(stack["scraped"].rsplit(":", 1)[1])
     mlpaint = str(Path(sys.executable).parent / "mlpaint")
     server = start_service(
@@ -154,6 +159,10 @@ def test_prometheus_scrapes_the_server_and_counts_the_traffic_sent(stack, bundle
          "--workers", "2", "--watch-seconds", "0"], f"http://127.0.0.1:{port}/readyz",
         log=tmp_path / "serve.log", timeout_s=120)
     try:
+        # Prometheus has seen every answer series at 0 before the first answer.
+        wait_for(lambda: _prometheus_query(stack["prometheus"],
+                                           "count(mlpaint_predictions_total == 0)"),
+                 "Prometheus to scrape the new server", timeout_s=60, interval_s=1)
         test = mnist_tables[Split.TEST]
         pixels = [np.asarray(test.pixels[i]).tolist() for i in range(17)]
         for i in range(12):
@@ -176,9 +185,39 @@ def test_prometheus_scrapes_the_server_and_counts_the_traffic_sent(stack, bundle
             (stack["scraped"], "1")]
         explained = _prometheus_query(
             stack["prometheus"], 'sum by (digit) (mlpaint_predictions_total{endpoint="explain"})')
-        assert {r["metric"]["digit"]: int(float(r["value"][1])) for r in explained} == digits
+        assert {r["metric"]["digit"]: int(float(r["value"][1])) for r in explained
+                if float(r["value"][1])} == digits
+
+        # The monitor's view of the same traffic (its window figures are increase()
+        # estimates: every series started at 0, so none is lost, but they are extrapolated).
+        traffic = live_traffic(stack["prometheus"], "10m")
+        assert 17 <= traffic.answers < 17 * 1.2, traffic
+        assert traffic.answer_share("ok") + traffic.answer_share("low_confidence") == \
+            pytest.approx(1.0)
+        assert traffic.judged_share == 0.0 and traffic.failed_reloads == 0.0
+        served = requests.get(f"http://127.0.0.1:{port}/v1/model", timeout=5).json()
+        assert traffic.serving == [(served["bundle_version"], served["model_version"])]
+        assert 0 < traffic.predict_p99_seconds < 5, traffic
+        assert traffic.server_error_share == 0.0
+
+        # The monitor deployment, run by the stack's worker, asks the stack's Prometheus
+        # (MLPAINT_PROMETHEUS_URL, which the stack sets) and records what it counted.
+        with _prefect_client(stack["prefect"]) as client:
+            flow_run = client.create_flow_run_from_deployment(
+                client.read_deployment_by_name("monitor-mlpaint/monitor-hourly").id,
+                parameters={"spec": {"sources": [str(shared_mnist)],
+                                     "feedback_store": str(tmp_path / "feedback"),
+                                     "bundle": str(bundle_root / "bundles"),
+                                     "reference_rows": 500, "prometheus_window": "10m"}})
+            state = _wait_until_final(client, flow_run.id, timeout_s=240)
+            assert state.is_completed(), f"{state.type}: {state.message}"
     finally:
         stop_service(server)
+    [monitored] = [run for run in _mlflow_runs(stack, MONITOR_EXPERIMENT)
+                   if run["data"].get("metrics")]
+    metrics = {m["key"]: m["value"] for m in monitored["data"]["metrics"]}
+    assert 17 <= metrics["prometheus_answers"] < 17 * 1.2, metrics
+    assert metrics["prometheus_judged_share"] == 0.0 and "prometheus_predict_p99_seconds" in metrics
 
 
 def _form_field(page, label: str):

@@ -23,7 +23,7 @@ from mlpaint.feedback.store import FeedbackStore
 from mlpaint.images.preprocess import image_to_mnist
 from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.serving.app import create_app
-from tests.conftest import metric_samples, prefect_events, run_cli, wait_for
+from tests.conftest import counted_samples, prefect_events, run_cli, wait_for
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -161,8 +161,8 @@ def test_two_workers_posting_at_once_store_everything_once_and_tell_prefect(
                                          "bundle_version"} for e in events)
         # Both workers' stored posts, counted once each; the posts did not say what the
         # app had answered, so their verdict is unknown.
-        stored = metric_samples(requests.get(f"{url}/metrics", timeout=10).text,
-                                "mlpaint_feedback_total")
+        stored = counted_samples(requests.get(f"{url}/metrics", timeout=10).text,
+                                 "mlpaint_feedback_total")
         assert {dict(labels)["verdict"]: value for labels, value in stored.items()} == {
             "unknown": 80.0}
     finally:

@@ -12,7 +12,7 @@ import requests
 
 from mlpaint.data.pins import Split
 from mlpaint.processes import free_port, start_service, stop_service
-from tests.conftest import metric_samples, wait_for
+from tests.conftest import counted_samples, metric_samples, wait_for
 from tests.integration.conftest import build_and_publish
 
 pytestmark = pytest.mark.integration
@@ -61,7 +61,7 @@ def test_two_workers_serve_and_both_follow_latest(small_model, mnist_tables, tmp
         # /metrics, from whichever worker answers, counts both workers' requests.
         for _ in range(3):
             text = requests.get(f"{url}/metrics", timeout=10).text
-            answers = metric_samples(text, "mlpaint_predictions_total")
+            answers = counted_samples(text, "mlpaint_predictions_total")
             assert sum(answers.values()) == 20, answers
             assert {dict(labels)["endpoint"] for labels in answers} == {"predict"}
             served = metric_samples(text, "mlpaint_http_requests_total")
@@ -73,7 +73,7 @@ def test_two_workers_serve_and_both_follow_latest(small_model, mnist_tables, tmp
             by_version = {dict(labels)["bundle_version"]: value
                           for labels, value in info.items()}
             assert by_version == {next(iter(first)): 0.0, next(iter(second)): 1.0}, info
-            reloads = metric_samples(text, "mlpaint_model_reloads_total")
+            reloads = counted_samples(text, "mlpaint_model_reloads_total")
             assert reloads == {(("outcome", "swapped"),): 2.0}, reloads  # one per worker
     finally:
         stop_service(process)

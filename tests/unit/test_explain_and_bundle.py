@@ -14,7 +14,7 @@ from mlpaint.publishing.bundle import (
     load_bundle,
     publish_bundle,
     read_latest,
-    verify_folder,
+    verify_bundle,
     write_manifest,
 )
 from mlpaint.publishing.gate import (
@@ -213,7 +213,7 @@ def test_tampered_and_missing_files_are_named(tmp_path, models, digits):
     booster = folder / "model" / "booster-0.txt"
     booster.write_text(booster.read_text().replace("num_class=10", "num_class=10 "))
     with pytest.raises(BundleIntegrityError, match=r"booster-0\.txt: sha256 .* does not match"):
-        verify_folder(folder)
+        verify_bundle(folder)
     folder, _ = _bundle(tmp_path, models, digits, name="c")
     (folder / "explanations" / "mean_contributions.npy").unlink()
     with pytest.raises(BundleIntegrityError, match=r"mean_contributions\.npy: missing"):

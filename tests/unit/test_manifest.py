@@ -9,13 +9,12 @@ import pytest
 from mlpaint.data.dataset import join_split, load_table, save_table
 from mlpaint.data.integrity import IntegrityError, sha256_file
 from mlpaint.data.pins import Split
-from mlpaint.publishing.bundle import BundleIntegrityError
-from mlpaint.publishing.bundle import verify_folder as verify_bundle
+from mlpaint.publishing.bundle import BundleIntegrityError, verify_bundle
 from mlpaint.storage.manifest import (
     MANIFEST,
     is_whole,
-    verified_folder,
     verify_folder,
+    verify_folder_once,
     write_manifest,
 )
 
@@ -54,7 +53,7 @@ def test_a_damaged_folder_raises_naming_what_is_wrong(folder, damage, message):
     with pytest.raises(IntegrityError, match=message):
         verify_folder(folder)
     with pytest.raises(IntegrityError, match=message):
-        verified_folder(folder)
+        verify_folder_once(folder)
 
 
 def test_a_manifest_of_bare_hashes_is_read_the_same_way(folder):
@@ -75,12 +74,12 @@ def test_a_folder_is_hashed_again_only_when_a_file_changed(folder, monkeypatch):
     real = manifest_module.sha256_file
     monkeypatch.setattr(manifest_module, "sha256_file",
                         lambda path: hashed.append(path.name) or real(path))
-    verified_folder(folder)
-    verified_folder(folder)
+    verify_folder_once(folder)
+    verify_folder_once(folder)
     assert sorted(hashed) == ["scores.json", "trees.txt"]
     (folder / "scores.json").write_text("[]")
     with pytest.raises(IntegrityError, match=r"scores\.json"):
-        verified_folder(folder)
+        verify_folder_once(folder)
 
 
 def test_a_bundle_error_is_an_integrity_error(folder):
@@ -103,3 +102,25 @@ def test_a_cached_table_is_checked_when_loaded(tmp_path):
     np.save(folder / "labels.npy", (labels + 1) % 10)
     with pytest.raises(IntegrityError, match=r"labels\.npy: sha256"):
         load_table(folder)
+
+
+def test_the_gates_drawn_set_is_kept_whole_and_checked(tmp_path):
+    from mlpaint.data.pendigits import PenDigit, PenTable
+    from mlpaint.publishing.champion import drawn_set
+
+    stroke = np.array([[100, 400], [300, 400], [200, 50]])
+    table = PenTable.from_digits(
+        [PenDigit(label=7, writer=writer, sample=sample, strokes=(stroke + 10 * sample,))
+         for writer in (1, 2) for sample in range(3)], origin="test", sha256="0" * 64,
+        verified=False)
+    drawn = drawn_set(table, frozenset({2}), tmp_path)
+    (kept,) = (tmp_path / "drawn-sets").iterdir()
+    assert is_whole(kept) and drawn.pixels.shape == (3, 784) and set(drawn.writers) == {2}
+    again = drawn_set(table, frozenset({2}), tmp_path)
+    assert np.array_equal(again.pixels, drawn.pixels)
+    assert np.array_equal(again.labels, drawn.labels)
+    damaged = bytearray((kept / "pixels.npy").read_bytes())
+    damaged[-1] ^= 0xFF  # one pixel changed, the size kept
+    (kept / "pixels.npy").write_bytes(bytes(damaged))
+    with pytest.raises(IntegrityError, match=r"pixels\.npy: sha256"):
+        drawn_set(table, frozenset({2}), tmp_path)

@@ -17,6 +17,7 @@ from mlpaint.feedback.monitoring import (
     top_corrections,
 )
 from mlpaint.feedback.store import FeedbackRecord
+from mlpaint.feedback.traffic import traffic_figures, traffic_queries
 from mlpaint.model.features import DRAWING_MEASURES, drawing_measures
 
 
@@ -111,3 +112,58 @@ def test_drift_flags_what_moved_and_only_that():
     assert moved["width_px"].drifted and moved["confidence"].drifted
     assert not moved["height_px"].drifted and not moved["predicted_digit"].drifted
     assert sum(moved["ink"].live_counts) == 200 and sum(moved["ink"].reference_counts) == 400
+
+
+def _sample(value, **labels):
+    """One sample of an instant vector, as Prometheus' HTTP API answers it."""
+    return {"metric": labels, "value": [1733572800.0, str(value)]}
+
+
+def test_prometheus_figures_read_every_answer_and_verdict(records):
+    results = {
+        "answers": [_sample(80, status="ok"), _sample(15, status="low_confidence"),
+                    _sample(5, status="nothing_drawn")],
+        "feedback": [_sample(9, verdict="right", bundle_version="a"),
+                     _sample(1, verdict="wrong", bundle_version="a"),
+                     _sample(0, verdict="right", bundle_version="b"),
+                     _sample(0, verdict="wrong", bundle_version="b"),
+                     _sample(4, verdict="unknown", bundle_version="b")],
+        "requests": [_sample(118, status="200"), _sample(2, status="503")],
+        "failed_reloads": [_sample(1, outcome="failed")],
+        "predict_p99_seconds": [_sample("0.0125")],
+        "serving": [_sample(1, bundle_version="b", model_version="7")]}
+    traffic = traffic_figures("http://prometheus:9090", "1d", results)
+    assert traffic.answers == 100 and traffic.answer_share("low_confidence") == 0.15
+    assert traffic.judged_share == 0.1  # right and wrong, not labels without an answer
+    assert [(v.bundle_version, v.accuracy) for v in traffic.verdicts_by_version] == [
+        ("a", 0.9), ("b", None)]
+    assert traffic.server_error_share == pytest.approx(2 / 120)
+    assert (traffic.failed_reloads, traffic.predict_p99_seconds) == (1.0, 0.0125)
+    assert traffic.serving == [("b", "7")]
+    report = monitor_report("store", records, MonitorSpec(), [], None).with_traffic(traffic)
+    assert report.metrics()["prometheus_low_confidence_share"] == 0.15
+    assert report.to_json()["traffic"]["judged_share"] == 0.1
+    assert "| `a` | 10 | 90.0% |" in report.markdown()
+    assert "p99 12 ms" in report.markdown()
+
+
+def test_prometheus_figures_of_a_quiet_window():
+    """No answers: no shares, no p99 (Prometheus' quantile of nothing is NaN), and a p99
+    above the largest bucket is +Inf, reported as such and kept out of MLflow's metrics."""
+    empty = {"answers": [], "feedback": [], "requests": [], "failed_reloads": [],
+             "predict_p99_seconds": [_sample("NaN")], "serving": []}
+    quiet = traffic_figures("http://prometheus:9090", "1h", empty)
+    assert quiet.answer_share("ok") is None and quiet.judged_share is None
+    assert quiet.predict_p99_seconds is None and quiet.server_error_share is None
+    assert set(quiet.metrics()) == {"prometheus_answers", "prometheus_failed_reloads"}
+    slow = traffic_figures("http://prometheus:9090", "1h",
+                           {**empty, "predict_p99_seconds": [_sample("+Inf")]})
+    assert "prometheus_predict_p99_seconds" not in slow.metrics()
+    assert any("above the largest latency bucket" in line for line in slow.markdown())
+
+
+def test_the_prometheus_window_is_a_duration():
+    assert traffic_queries("6h")["answers"] == (
+        "sum by (status) (increase(mlpaint_predictions_total[6h]))")
+    with pytest.raises(ValueError, match="prometheus_window"):
+        MonitorSpec(prometheus_window="6 hours")
