@@ -188,10 +188,15 @@ def test_prometheus_scrapes_the_server_and_counts_the_traffic_sent(stack, bundle
         assert {r["metric"]["digit"]: int(float(r["value"][1])) for r in explained
                 if float(r["value"][1])} == digits
 
-        # The monitor's view of the same traffic (its window figures are increase()
-        # estimates: every series started at 0, so none is lost, but they are extrapolated).
+        # The monitor's view of the same traffic. Its window counts are increase()
+        # estimates: every series started at 0, so no answer is lost, but the count is
+        # extrapolated from the last scrape to the query's time, which here, seconds after
+        # the server started, can add up to one scrape interval's share of the series' life
+        # (at most about twice the count; over a day's window, under a percent). Shares are
+        # exact: every series of one server is scraped at the same times.
         traffic = live_traffic(stack["prometheus"], "10m")
-        assert 17 <= traffic.answers < 17 * 1.2, traffic
+        assert 17 <= traffic.answers <= 17 * 2.2, traffic
+        assert traffic.answer_share("nothing_drawn") == 0.0
         assert traffic.answer_share("ok") + traffic.answer_share("low_confidence") == \
             pytest.approx(1.0)
         assert traffic.judged_share == 0.0 and traffic.failed_reloads == 0.0
@@ -216,7 +221,7 @@ def test_prometheus_scrapes_the_server_and_counts_the_traffic_sent(stack, bundle
     [monitored] = [run for run in _mlflow_runs(stack, MONITOR_EXPERIMENT)
                    if run["data"].get("metrics")]
     metrics = {m["key"]: m["value"] for m in monitored["data"]["metrics"]}
-    assert 17 <= metrics["prometheus_answers"] < 17 * 1.2, metrics
+    assert 17 <= metrics["prometheus_answers"] <= 17 * 2.2, metrics
     assert metrics["prometheus_judged_share"] == 0.0 and "prometheus_predict_p99_seconds" in metrics
 
 
