@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-import httpx
+import requests
 
 _PREDICT_ROUTE = "/v1/predict"
 
@@ -170,12 +170,13 @@ class PrometheusError(RuntimeError):
 def query_prometheus(url: str, queries: dict[str, str], timeout_s: float = 30) -> dict[str, list]:
     """Each query's instant-vector result from Prometheus' HTTP API at `url`."""
     results = {}
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout_s) as client:
+    with requests.Session() as session:
         for name, query in queries.items():
             try:
-                response = client.get("/api/v1/query", params={"query": query})
+                response = session.get(f"{url.rstrip('/')}/api/v1/query",
+                                       params={"query": query}, timeout=timeout_s)
                 body = response.json()
-            except (httpx.HTTPError, ValueError) as exc:
+            except (requests.RequestException, ValueError) as exc:
                 raise PrometheusError(f"{url}: query {name} failed: {exc}") from exc
             if response.status_code != 200 or body.get("status") != "success":
                 raise PrometheusError(f"{url}: query {name} ({query}) answered "

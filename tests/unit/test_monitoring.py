@@ -167,3 +167,12 @@ def test_the_prometheus_window_is_a_duration():
         "sum by (status) (increase(mlpaint_predictions_total[6h]))")
     with pytest.raises(ValueError, match="prometheus_window"):
         MonitorSpec(prometheus_window="6 hours")
+
+
+def test_a_prometheus_that_does_not_answer_is_named():
+    from mlpaint.feedback.traffic import PrometheusError, live_traffic
+    from mlpaint.processes import free_port
+
+    nobody = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(PrometheusError, match=rf"{nobody}: query answers failed"):
+        live_traffic(nobody, "1h")
