@@ -13,11 +13,11 @@ each worker serves; reloads that swapped or failed. Label values come from a fix
 route templates, digits, statuses) or from bundle versions, which change a few times a week,
 so the series stay few.
 
-Every answer, reload and feedback series the server can count, and the latency of the
-answering routes, starts at 0 (the feedback series when a bundle starts serving), as
-Prometheus' instrumentation guide advises: a series born at its first count hides that
-count from `increase()` and `rate()`, and the monitor's window figures would miss a new
-server's first "not sure".
+Every answer, reload and feedback series the server can count, and the requests (success
+and server errors) and latency of the answering routes, start at 0 (the feedback series
+when a bundle starts serving), as Prometheus' instrumentation guide advises: a series born
+at its first count hides that count from `increase()` and `rate()`, and the monitor's
+window figures would miss a new server's first "not sure" or first error.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ ANSWERING_ROUTES = {"predict": "/v1/predict", "explain": "/v1/explain"}
 _ANSWER_LABELS = [(str(digit), status) for digit in range(10)
                   for status in ("ok", "low_confidence")] + [("none", "nothing_drawn")]
 _VERDICTS = ("right", "wrong", "unknown")
+# An answering route's success and its server errors (a fault, no model loaded): the first
+# error must count in increase() too. Refusals of a request (4xx) start at their first.
+_ANSWERING_STATUSES = ("200", "500", "503")
 
 
 def multiprocess_mode() -> bool:
@@ -89,6 +92,8 @@ class ServerMetrics:
         self._serving: tuple[str, str] | None = None
         for endpoint, route in ANSWERING_ROUTES.items():
             self.latency.labels("POST", route)
+            for status in _ANSWERING_STATUSES:
+                self.requests.labels("POST", route, status)
             for digit, status in _ANSWER_LABELS:
                 self.predictions.labels(endpoint, digit, status)
         for outcome in ("swapped", "failed"):

@@ -180,7 +180,10 @@ def test_metrics_count_requests_answers_and_the_served_bundle(bundle_root, mnist
     # Every answer a server can give is a series from its start, so Prometheus' increase()
     # sees the first one: 2 endpoints x (10 digits x 2 statuses + nothing drawn).
     assert len(metric_samples(scraped.text, "mlpaint_predictions_total")) == 42
-    requests_by_route = metric_samples(scraped.text, "mlpaint_http_requests_total")
+    # ... and so is each answering route's first server error.
+    assert metric_samples(scraped.text, "mlpaint_http_requests_total")[
+        (("method", "POST"), ("route", "/v1/explain"), ("status", "500"))] == 0.0
+    requests_by_route = counted_samples(scraped.text, "mlpaint_http_requests_total")
     assert requests_by_route == {
         (("method", "POST"), ("route", "/v1/predict"), ("status", "200")): 1.0,
         (("method", "POST"), ("route", "/v1/explain"), ("status", "200")): 1.0,
