@@ -7,9 +7,10 @@ bundle; and how the service itself did (the p99 latency of `/v1/predict`, server
 failed reloads). The monitor flow asks Prometheus these questions when its spec names a
 Prometheus URL and reports them beside the store's figures.
 
-Counts over the window come from PromQL's `increase()`, which extrapolates to the window's
-edges and cannot see a series' first increment (a counter is born at its first count):
-they are estimates, reported rounded. Shares of them are what the report leans on.
+Counts over the window come from PromQL's `increase()`, which cannot see a series' first
+count (the server starts its series at 0 for this: `mlpaint.serving.metrics`) and
+extrapolates from the last scrape to the window's end: they are estimates, reported
+rounded. Shares of them, unaffected, are what the report leans on.
 """
 
 from __future__ import annotations
