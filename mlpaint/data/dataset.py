@@ -15,9 +15,8 @@ import numpy as np
 
 from mlpaint.data.fetch import SplitFiles
 from mlpaint.data.formats import DataFormatError, read_csv_split, read_idx
-from mlpaint.data.integrity import atomic_folder
 from mlpaint.data.pins import IMAGE_SIDE, N_CLASSES, N_FEATURES, Split
-from mlpaint.storage.manifest import MANIFEST, is_whole, verify_folder_once, write_manifest
+from mlpaint.storage.manifest import MANIFEST, is_whole, save_arrays, verify_folder_once
 
 PIXEL_COLUMNS: tuple[str, ...] = tuple(f"pixel_{i}" for i in range(N_FEATURES))
 LABEL_COLUMN = "label"
@@ -115,13 +114,8 @@ def join_split(split: Split, images: np.ndarray, labels: np.ndarray, *, origin: 
 def save_table(table: SplitTable, folder: Path) -> Path:
     """Write the table to `folder` atomically (`atomic_folder`), its manifest last: tables
     are cached under a key of the files they were built from, and verified when read."""
-    with atomic_folder(folder, marker=MANIFEST) as staging:
-        np.save(staging / "pixels.npy", table.pixels)
-        np.save(staging / "labels.npy", table.labels)
-        np.save(staging / "row_hash.npy", table.row_hash)
-        (staging / "meta.json").write_text(json.dumps(asdict(table.meta), indent=2))
-        write_manifest(staging)
-    return folder
+    return save_arrays(folder, {"pixels": table.pixels, "labels": table.labels,
+                                "row_hash": table.row_hash}, asdict(table.meta))
 
 
 def load_table(folder: Path, *, mmap: bool = True) -> SplitTable:

@@ -38,10 +38,10 @@ from mlpaint.data.fetch import (
     fetch_object,
 )
 from mlpaint.data.formats import DataFormatError
-from mlpaint.data.integrity import IntegrityError, atomic_folder
+from mlpaint.data.integrity import IntegrityError
 from mlpaint.data.pins import N_CLASSES, PEN_TRAJECTORIES_NAME
 from mlpaint.data.transports import FetchError, TransientFetchError
-from mlpaint.storage.manifest import MANIFEST, is_whole, verify_folder_once, write_manifest
+from mlpaint.storage.manifest import MANIFEST, is_whole, load_arrays, save_arrays
 
 logger = logging.getLogger(__name__)
 
@@ -306,13 +306,9 @@ _ARRAYS = ("points", "stroke_ends", "digit_ends", "labels", "writers", "samples"
 
 
 def save_pen_table(table: PenTable, folder: Path) -> Path:
-    """Write the table to `folder` atomically (`atomic_folder`), its manifest last."""
-    with atomic_folder(folder, marker=MANIFEST) as staging:
-        for name in _ARRAYS:
-            np.save(staging / f"{name}.npy", getattr(table, name))
-        (staging / "meta.json").write_text(json.dumps(asdict(table.meta), indent=2))
-        write_manifest(staging)
-    return folder
+    """Write the table to `folder` atomically, its manifest last (`save_arrays`)."""
+    return save_arrays(folder, {name: getattr(table, name) for name in _ARRAYS},
+                       asdict(table.meta))
 
 
 def load_pen_table(folder: Path) -> PenTable:
@@ -320,9 +316,8 @@ def load_pen_table(folder: Path) -> PenTable:
     meta_path = folder / "meta.json"
     if not is_whole(folder):
         raise FileNotFoundError(f"{folder}: not a saved pen table (no {MANIFEST})")
-    verify_folder_once(folder)
-    meta = PenTableMeta(**json.loads(meta_path.read_text()))
-    table = PenTable(**{name: np.load(folder / f"{name}.npy") for name in _ARRAYS}, meta=meta)
+    arrays = load_arrays(folder, _ARRAYS)
+    table = PenTable(**arrays, meta=PenTableMeta(**json.loads(meta_path.read_text())))
     table.check()
     return table
 

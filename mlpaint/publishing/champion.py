@@ -14,10 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from mlpaint.data.dataset import load_table
-from mlpaint.data.integrity import atomic_folder
 from mlpaint.data.pendigits import PenTable, load_pen_table
 from mlpaint.feedback.store import FeedbackSnapshot, FeedbackStore, wild_rows
 from mlpaint.images.drawing import DRAWING_CODE_VERSION, DrawnTestSet, drawn_set_of_writers
@@ -33,7 +30,7 @@ from mlpaint.publishing.gate import (
     held_out_writers,
     right_answers,
 )
-from mlpaint.storage.manifest import MANIFEST, is_whole, verify_folder_once, write_manifest
+from mlpaint.storage.manifest import is_whole, load_arrays, save_arrays
 from mlpaint.tracking import REGISTERED_MODEL_NAME, tracking_client
 from mlpaint.tracking.publication import (
     CHAMPION,
@@ -148,7 +145,7 @@ def wild_scores(candidate_model: DigitModel, champion_model: DigitModel,
                       accuracy(champion_model, pixels, labels), share)
 
 
-_DRAWN_ARRAYS = ("pixels", "labels", "writers")  # DrawnTestSet's fields, in order
+_DRAWN_ARRAYS = ("pixels", "labels", "writers")  # DrawnTestSet's fields
 
 
 def drawn_set(table: PenTable, writers: frozenset[int], cache_dir: Path) -> DrawnTestSet:
@@ -158,13 +155,9 @@ def drawn_set(table: PenTable, writers: frozenset[int], cache_dir: Path) -> Draw
     key = content_key(pen=table.meta.sha256, writers=sorted(writers), code=DRAWING_CODE_VERSION)
     folder = cache_dir / "drawn-sets" / key
     if is_whole(folder):
-        verify_folder_once(folder)
-        return DrawnTestSet(*(np.load(folder / f"{name}.npy") for name in _DRAWN_ARRAYS))
+        return DrawnTestSet(**load_arrays(folder, _DRAWN_ARRAYS))
     drawn = drawn_set_of_writers(table, writers)
-    with atomic_folder(folder, marker=MANIFEST) as staging:
-        for name in _DRAWN_ARRAYS:
-            np.save(staging / f"{name}.npy", getattr(drawn, name))
-        write_manifest(staging)
+    save_arrays(folder, {name: getattr(drawn, name) for name in _DRAWN_ARRAYS})
     return drawn
 
 

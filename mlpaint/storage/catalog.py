@@ -47,6 +47,7 @@ from mlpaint.data.integrity import IntegrityError, default_cache_dir
 from mlpaint.storage.manifest import (
     MANIFEST,
     check_files,
+    is_whole,
     parse_manifest,
     remember_verified,
     verify_folder_once,
@@ -292,13 +293,13 @@ def local_folder(uri: str) -> Path:
     A local folder without a manifest (written before folders had one) is taken as it is."""
     if not is_remote(uri):
         folder = Path(uri)
-        if not (folder / MANIFEST).is_file():
+        if not is_whole(folder):
             if not folder.is_dir():
                 raise FileNotFoundError(f"{uri}: no such folder")
             return folder
         return verify_folder_once(folder, uri)
     folder = mirror_folder(uri)
-    if (folder / MANIFEST).is_file():
+    if is_whole(folder):
         try:
             return verify_folder_once(folder, uri)
         except IntegrityError:

@@ -16,7 +16,9 @@ import json
 import threading
 from pathlib import Path
 
-from mlpaint.data.integrity import IntegrityError, atomic_path, sha256_file
+import numpy as np
+
+from mlpaint.data.integrity import IntegrityError, atomic_folder, atomic_path, sha256_file
 
 MANIFEST = "manifest.json"
 
@@ -127,3 +129,23 @@ def verify_folder_once(folder: Path, where: str | None = None) -> Path:
             check_files(folder, parsed, where)
             _verified.add((str(folder), manifest, stats))
     return folder
+
+
+def save_arrays(folder: Path, arrays: dict[str, np.ndarray], meta: dict | None = None) -> Path:
+    """Write each array as `<name>.npy` (and `meta` as meta.json) to `folder` atomically
+    (`atomic_folder`), its manifest last: the folder is cached under a key of what it was
+    built from, and verified when read."""
+    with atomic_folder(folder, marker=MANIFEST) as staging:
+        for name, array in arrays.items():
+            np.save(staging / f"{name}.npy", array)
+        if meta is not None:
+            (staging / "meta.json").write_text(json.dumps(meta, indent=2))
+        write_manifest(staging)
+    return folder
+
+
+def load_arrays(folder: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `save_arrays` wrote, the folder checked against its manifest first (once
+    per process while its files stay unchanged)."""
+    verify_folder_once(folder)
+    return {name: np.load(folder / f"{name}.npy") for name in names}
