@@ -43,6 +43,7 @@ from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMa
 from mlpaint.training.spec import ExperimentSpec, SpecError, check_spec, plan_folds
 from mlpaint.training.warm_start import WarmStartBase
 from tasks.data import fetch_pen_table
+from tasks.progress import fits_stop_if_the_run_ends_early
 from tasks.training import (
     choose_low_confidence_threshold,
     log_data_inputs,
@@ -155,7 +156,8 @@ def train_mnist(
                                              config.params.items()},
                                           **(base.params() if base else {})},
                                          dataset.fingerprint, tracking_uri, flow_run.get_id())
-    with recording_resources(tracking_uri, parent_run_id, cache):
+    with recording_resources(tracking_uri, parent_run_id, cache), \
+            fits_stop_if_the_run_ends_early():
         summary = _train_and_log(spec, config, dataset, catalog, tracking_uri, parent_run_id,
                                  n_folds, train_matrix, test_matrix, augmented,
                                  feedback_future, pen_future, base)

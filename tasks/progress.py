@@ -1,19 +1,25 @@
 """Where a fit's progress (mlpaint.training.progress) is shown while it trains: a log line at
 every tenth of its rounds, a progress artifact on its task run (the Prefect UI shows a bar on
-the flow run's Artifacts tab), and a terminal bar when stderr is one (the CLI)."""
+the flow run's Artifacts tab), and a terminal bar when stderr is one (the CLI). And what
+stops a run's fits when the run ends early."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Callable, Iterator
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
 
 from mlpaint.training.progress import AtMostEvery, EveryTenth, FitProgress, ProgressWatcher
 
 # Each update of a progress artifact is a request to the Prefect API.
 ARTIFACT_UPDATE_SECONDS = 2.0
+# The flow runs of this process that ended early: their fits stop at their next round.
+_ENDED_FLOW_RUNS: set[str] = set()
 
 
 class _LogLine:
@@ -76,3 +82,24 @@ def fit_watchers() -> list[ProgressWatcher]:
     if sys.stderr.isatty():
         watchers.append(_TerminalBar())
     return watchers
+
+
+def fit_should_stop() -> Callable[[], bool]:
+    """For a fit trained in the current task run: true once its flow run has ended early
+    (`fits_stop_if_the_run_ends_early`)."""
+    run_id = flow_run.get_id()
+    return lambda: run_id in _ENDED_FLOW_RUNS
+
+
+@contextlib.contextmanager
+def fits_stop_if_the_run_ends_early() -> Iterator[None]:
+    """Around a flow's wait for its fits: whatever ends the wait (a SIGTERM, which Prefect
+    raises as TerminationSignal and by which a cancellation from the UI reaches a run's
+    process; Ctrl-C; a fit that failed) stops the run's other fits at their next round.
+    Python cannot interrupt a thread: without this the task runner's threads train every
+    remaining round, minutes to an hour, before the process can exit."""
+    try:
+        yield
+    except BaseException:
+        _ENDED_FLOW_RUNS.add(flow_run.get_id())
+        raise

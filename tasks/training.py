@@ -74,7 +74,7 @@ from mlpaint.training.pen import draw_pen_digits, pen_rows_expected
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, PenSpec
 from mlpaint.training.warm_start import WarmStartBase, resolve_base
 from tasks.artifacts import create_png_artifact
-from tasks.progress import fit_watchers
+from tasks.progress import fit_should_stop, fit_watchers
 from tasks.retries import SERVICE_CALL_RETRIES
 
 
@@ -242,7 +242,7 @@ def train_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
     """Fold `fold_index`'s model (`fit_fold`), or its finished fit stored by an earlier run;
     its progress in the log, on the run's Artifacts tab and on a terminal."""
     return fit_fold(matrix, spec, config, fold_index, threads, catalog, augmented, feedback,
-                    pen, watchers=fit_watchers())
+                    pen, watchers=fit_watchers(), should_stop=fit_should_stop())
 
 
 @task(name="train-final-model")
@@ -255,7 +255,8 @@ def train_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: E
     """The final model (`fit_final`; continuing `base` in a warm start), or its finished fit
     stored by an earlier run; its progress shown as a fold's is."""
     return fit_final(train_matrix, test_matrix, spec, config, threads, catalog, augmented,
-                     feedback, pen, watchers=fit_watchers(), base=base)
+                     feedback, pen, watchers=fit_watchers(), should_stop=fit_should_stop(),
+                     base=base)
 
 
 @task(name="choose-low-confidence")

@@ -10,7 +10,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from mlpaint.training.matrices import (
     PenMatrix,
     with_augmented,
 )
-from mlpaint.training.progress import CurvePoint, FitMonitor, ProgressWatcher
+from mlpaint.training.progress import CurvePoint, FitMonitor, FitStoppedError, ProgressWatcher
 from mlpaint.training.spec import ExperimentSpec, fold_sides, plan_folds
 from mlpaint.training.warm_start import WarmStartBase
 
@@ -197,6 +197,7 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
                      pen_heldout: HeldOutDrawings | None = None,
                      test_name: str = "held-out rows",
                      watchers: Sequence[ProgressWatcher] = (),
+                     should_stop: Callable[[], bool] | None = None,
                      continuation: Continuation | None = None) -> FitResult:
     """Train on `train` plus the feedback's training rows and `pen_train` (each weighted as
     its source says), score on `test`, on the feedback's wild test set, on the pen's drawn
@@ -204,8 +205,9 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     to `fit_dir/model`; the top probability and rightness of each drawing of the drawn test
     set (to measure the "not sure" threshold on) and of each `pen_heldout` row (to choose
     it on) to `fit_dir/CONFIDENCE_ROWS`. `watchers` hear of its progress every few rounds,
-    with the score on `test` (`test_name`, in words) as it trains. Given a `continuation`,
-    the fit grows that model instead of starting from nothing."""
+    with the score on `test` (`test_name`, in words) as it trains; once `should_stop`
+    answers true it raises `FitStoppedError` at its next round. Given a `continuation`, the fit
+    grows that model instead of starting from nothing."""
     extra, feedback_rows, pen_rows = [], 0, 0
     if feedback is not None and feedback.train_rows:
         features, labels = feedback.load_train()
@@ -215,6 +217,9 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
         extra.append((*pen_train, pen.weight))
         pen_rows = len(pen_train[1])
     train, weights = _with_extra_rows(train, extra)
+    if should_stop is not None and should_stop():
+        # A fit that was still queued when its run ended.
+        raise FitStoppedError(f"{name}: not started: its run is ending")
     logger.info("%s: training %s on %d rows (%d from feedback, %d pen renderings) with %d "
                 "thread(s)%s", name, algorithm, len(train[1]), feedback_rows, pen_rows, threads,
                 f", {continuation.rounds} rounds on top of a model of "
@@ -222,7 +227,7 @@ def _fit_and_evaluate(name: str, algorithm: str, config: GbdtConfig | BaggedBoos
     monitor = FitMonitor(name, continuation.rounds if continuation else config.total_rounds,
                          watchers,
                          watched=test_name if isinstance(config, GbdtConfig)
-                         else "each bag's held-out rows")
+                         else "each bag's held-out rows", should_stop=should_stop)
     start = time.perf_counter()
     model = train_model(algorithm, config, train[0], train[1], feature_stage=feature_stage,
                         seed=seed, num_threads=threads, weights=weights, monitor=monitor,
@@ -341,11 +346,13 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
              catalog: Catalog, augmented: AugmentedMatrix | None = None,
              feedback: FeedbackMatrix | None = None,
              pen: PenMatrix | None = None,
-             watchers: Sequence[ProgressWatcher] = ()) -> FitResult:
+             watchers: Sequence[ProgressWatcher] = (),
+             should_stop: Callable[[], bool] | None = None) -> FitResult:
     """One model on one fold's training rows (plus the augmented copies of those rows, the
     feedback's training rows and the pen renderings of the fold's training writers),
     evaluated on its testing rows, the wild set and the drawn test set; reused from the
-    store when this very fit has finished before. `watchers` hear of its progress."""
+    store when this very fit has finished before. `watchers` hear of its progress;
+    `should_stop` stops it (`FitStoppedError`)."""
     name = f"fold-{fold_index}"
 
     def fit(staging: Path) -> FitResult:
@@ -361,7 +368,8 @@ def fit_fold(matrix: FeatureMatrix, spec: ExperimentSpec,
                                 pen_train=_pen_training_rows(pen, spec.folds, fold_index)
                                 if pen is not None else None,
                                 pen_heldout=_pen_heldout_rows(pen, spec.folds, fold_index)
-                                if pen is not None else None, watchers=watchers)
+                                if pen is not None else None, watchers=watchers,
+                                should_stop=should_stop)
 
     return _reuse_or_fit(_fold_key(spec, config, fold_index, matrix, augmented, feedback,
                                    pen), catalog, fit)
@@ -373,13 +381,14 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
               feedback: FeedbackMatrix | None = None,
               pen: PenMatrix | None = None,
               watchers: Sequence[ProgressWatcher] = (),
+              should_stop: Callable[[], bool] | None = None,
               base: WarmStartBase | None = None) -> FitResult:
     """One model on every training row (and every augmented copy, the feedback's training
     rows and every training writer's pen renderings), scored on the official test set, the
     wild set and the drawn test set; reused from the store when this very fit has finished
     before. `watchers` hear of its progress (its curve: the official test set's score, to
-    watch, never to choose a round on). Given a `base`, the fit continues that model's
-    boosting as `spec.warm_start` says."""
+    watch, never to choose a round on); `should_stop` stops it. Given a `base`, the fit
+    continues that model's boosting as `spec.warm_start` says."""
     def fit(staging: Path) -> FitResult:
         features, labels, _ = train_matrix.load()
         test_features, test_labels, _ = test_matrix.load()
@@ -390,7 +399,7 @@ def fit_final(train_matrix: FeatureMatrix, test_matrix: FeatureMatrix, spec: Exp
             seed=spec.seed, threads=threads, eval_train=spec.eval_train,
             fit_dir=staging, feedback=feedback, pen=pen,
             pen_train=_pen_training_rows(pen, spec.folds, None) if pen is not None else None,
-            test_name="official test set", watchers=watchers,
+            test_name="official test set", watchers=watchers, should_stop=should_stop,
             continuation=base.continuation(spec.warm_start) if base else None)
 
     return _reuse_or_fit(_final_key(spec, config, train_matrix, test_matrix, augmented,

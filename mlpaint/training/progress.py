@@ -4,7 +4,9 @@ Prefect progress artifact, a terminal bar), and kept as the fit's learning curve
 
 `FitMonitor` is a LightGBM callback. The rows it watches are scored by LightGBM itself, as a
 validation set (the trees it adds each round are applied to them, and the metrics computed),
-which does not change what is trained: nothing here stops a fit early.
+which does not change what is trained. The one thing that ends a fit early is its run
+ending (`should_stop`): a fit trained in a thread cannot be interrupted otherwise, and would
+train every remaining round before its process could exit.
 """
 
 from __future__ import annotations
@@ -82,20 +84,27 @@ def _duration(seconds: float) -> str:
 ProgressWatcher = Callable[[FitProgress], None]
 
 
+class FitStoppedError(RuntimeError):
+    """A fit stopped between two rounds because the run it belongs to is ending."""
+
+
 class FitMonitor:
     """A LightGBM callback reporting a fit's progress to `watchers` every `report_every`
     rounds and at its last round, and keeping the learning curve (`curve`).
 
     A fit of several boosting runs (the bags of bagged boosting) counts its rounds across
-    them: `start_stage(rounds_before)` before each run."""
+    them: `start_stage(rounds_before)` before each run. `should_stop` is asked after every
+    round; once it answers true the fit raises `FitStoppedError`."""
 
     order = 40  # after LightGBM's own callbacks (record_evaluation is 20)
     before_iteration = False
 
     def __init__(self, fit: str, rounds_total: int, watchers: Sequence[ProgressWatcher] = (),
                  *, watched: str = "watched rows", report_every: int | None = None,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.fit = fit
+        self.should_stop = should_stop
         self.rounds_total = rounds_total
         self.watchers = list(watchers)
         self.watched = watched
@@ -110,6 +119,9 @@ class FitMonitor:
 
     def __call__(self, env: Any) -> None:
         done = self.rounds_before + env.iteration + 1
+        if self.should_stop is not None and self.should_stop():
+            raise FitStoppedError(f"{self.fit}: stopped after round {done} of {self.rounds_total}: "
+                             "its run is ending")
         if done % self.report_every and done != self.rounds_total \
                 and env.iteration + 1 != env.end_iteration:
             return

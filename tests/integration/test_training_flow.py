@@ -4,8 +4,10 @@ slice of the real MNIST (a few thousand rows, few rounds)."""
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.publishing.bundle import load_bundle
 from mlpaint.training.fits import fit_threads
 from mlpaint.training.spec import ExperimentSpec, FeedbackSpec, KFolds, MldbFolds
-from tests.conftest import official_test_digits, run_cli
+from tests.conftest import official_test_digits, run_cli, wait_for
 from tests.servers.dask_cluster import dask_cluster
 
 pytestmark = pytest.mark.integration
@@ -765,3 +767,40 @@ def test_cli_train_on_a_remote_dask_worker_through_an_s3_store(
     predicted = np.asarray(mlflow.pyfunc.load_model(
         report["registered_model"]["model_uri"]).predict(pixels.astype(np.float32)))
     assert (predicted.argmax(axis=1) == labels).mean() > 0.8
+
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_terminated_run_stops_its_fits_at_their_next_round(training_inputs, cli_env,
+                                                              tmp_path, stop):
+    """SIGTERM (a cancellation from the Prefect UI reaches a run's process as one) or Ctrl-C
+    while fits train: each fit stops at its next round, the command ends and says so, instead
+    of the fits' threads training every remaining round first (minutes here, more than an
+    hour for a champion's fit)."""
+    algorithms = tmp_path / "long.yaml"
+    # Rounds enough to keep these fits busy for many minutes.
+    algorithms.write_text("lgbm:\n  kind: gbdt\n  rounds: 200000\n  params: {learning_rate: "
+                          "0.001, num_leaves: 15, min_data_in_leaf: 10, max_bin: 31}\n")
+    env = {**cli_env, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
+    log = tmp_path / "train.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [mlpaint, "train", "--source", training_inputs["source"], "--limit", "1000",
+             "--algorithms", str(algorithms), "--augment-copies", "0", "--folds", "2",
+             "--cache-dir", str(tmp_path / "cache")],
+            env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            wait_for(lambda: log.read_text().count(": training lgbm on") >= 2
+                     or process.poll() is not None, "the fits to train", timeout_s=300)
+            time.sleep(3)
+            assert process.poll() is None, log.read_text()[-3000:]
+            process.send_signal(stop)
+            # Bounds a hang: the fits had nearly all their rounds still to train.
+            process.wait(timeout=120)
+        finally:
+            process.kill()
+    text = log.read_text()
+    assert process.returncode != 0, text[-3000:]
+    assert "stopped after round" in text, text[-3000:]
+    assert "round 200000 of 200000" not in text

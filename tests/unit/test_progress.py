@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
-from mlpaint.training.progress import AtMostEvery, EveryTenth, FitMonitor, FitProgress
+from mlpaint.training.progress import (
+    AtMostEvery,
+    EveryTenth,
+    FitMonitor,
+    FitProgress,
+    FitStoppedError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +59,24 @@ def test_watching_a_fit_does_not_change_what_it_trains(blobs):
                           num_threads=1, monitor=FitMonitor("final", 20),
                           watched_rows=(watched_x, watched_y))
     assert np.array_equal(plain.raw_scores(watched_x), watched.raw_scores(watched_x))
+
+
+@pytest.mark.parametrize("config", [
+    GbdtConfig(rounds=1000, params=PARAMS),
+    BaggedBoostingConfig(bags=3, bag_train_fraction=0.7, min_rounds=2, max_rounds=1000,
+                         params=PARAMS)], ids=["gbdt", "bagged"])
+def test_a_fit_stops_at_the_round_after_its_run_ends(blobs, config):
+    """The stop is asked after every round, not only at reports: the fit ends at the round
+    after the one during which its run ended."""
+    train_x, train_y, watched_x, watched_y = blobs
+    heard: list[FitProgress] = []
+    rounds_done = itertools.count(1)
+    monitor = FitMonitor("fold-2", config.total_rounds, [heard.append], report_every=100,
+                         should_stop=lambda: next(rounds_done) > 12)
+    with pytest.raises(FitStoppedError, match="fold-2: stopped after round 13 of "):
+        train_model("lgbm", config, train_x, train_y, feature_stage="raw", seed=0,
+                    num_threads=1, monitor=monitor, watched_rows=(watched_x, watched_y))
+    assert heard == []  # it stopped long before its first report
 
 
 def test_bagged_boosting_counts_its_rounds_across_its_bags(blobs):
