@@ -120,8 +120,8 @@ class FitMonitor:
     def __call__(self, env: Any) -> None:
         done = self.rounds_before + env.iteration + 1
         if self.should_stop is not None and self.should_stop():
-            raise FitStoppedError(f"{self.fit}: stopped after round {done} of {self.rounds_total}: "
-                             "its run is ending")
+            raise FitStoppedError(f"{self.fit}: stopped after round {done} of "
+                                  f"{self.rounds_total}: its run is ending")
         if done % self.report_every and done != self.rounds_total \
                 and env.iteration + 1 != env.end_iteration:
             return

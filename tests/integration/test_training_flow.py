@@ -769,14 +769,13 @@ def test_cli_train_on_a_remote_dask_worker_through_an_s3_store(
     assert (predicted.argmax(axis=1) == labels).mean() > 0.8
 
 
-
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_terminated_run_stops_its_fits_at_their_next_round(training_inputs, cli_env,
                                                               tmp_path, stop):
     """SIGTERM (a cancellation from the Prefect UI reaches a run's process as one) or Ctrl-C
-    while fits train: each fit stops at its next round, the command ends and says so, instead
-    of the fits' threads training every remaining round first (minutes here, more than an
-    hour for a champion's fit)."""
+    while fits train: each fit stops at its next round and the command ends, its flow run's
+    end recorded, instead of the fits' threads training every remaining round first (minutes
+    here, more than an hour for a champion's fit)."""
     algorithms = tmp_path / "long.yaml"
     # Rounds enough to keep these fits busy for many minutes.
     algorithms.write_text("lgbm:\n  kind: gbdt\n  rounds: 200000\n  params: {learning_rate: "
