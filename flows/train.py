@@ -14,7 +14,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
@@ -43,7 +43,7 @@ from mlpaint.training.matrices import AugmentedMatrix, FeatureMatrix, FeedbackMa
 from mlpaint.training.spec import ExperimentSpec, SpecError, check_spec, plan_folds
 from mlpaint.training.warm_start import WarmStartBase
 from tasks.data import fetch_pen_table
-from tasks.progress import fits_stop_if_the_run_ends_early
+from tasks.progress import as_completed_waking, fits_stop_if_the_run_ends_early
 from tasks.training import (
     choose_low_confidence_threshold,
     log_data_inputs,
@@ -209,8 +209,8 @@ def _train_and_log(spec: ExperimentSpec, config: GbdtConfig | BaggedBoostingConf
     fold_futures = [train_fold.submit(train_matrix, spec, config, i, threads, catalog,
                                       augmented, feedback, pen)
                     for i in range(n_folds)]
-    for done, future in enumerate(as_completed([*fold_futures, *filter(None, [final_future])]),
-                                  start=1):
+    for done, future in enumerate(
+            as_completed_waking([*fold_futures, *filter(None, [final_future])]), start=1):
         if future is not final_future:
             log_fold_run(future.result(), parent_run_id, tracking_uri)
         update_progress_artifact(progress_id, 100.0 * done / n_fits)

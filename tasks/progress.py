@@ -1,16 +1,19 @@
 """Where a fit's progress (mlpaint.training.progress) is shown while it trains: a log line at
 every tenth of its rounds, a progress artifact on its task run (the Prefect UI shows a bar on
 the flow run's Artifacts tab), and a terminal bar when stderr is one (the CLI). And what
-stops a run's fits when the run ends early."""
+stops a run's fits when the run ends early, and a wait for them that a signal can end."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
@@ -20,6 +23,13 @@ from mlpaint.training.progress import AtMostEvery, EveryTenth, FitProgress, Prog
 ARTIFACT_UPDATE_SECONDS = 2.0
 # The flow runs of this process that ended early: their fits stop at their next round.
 _ENDED_FLOW_RUNS: set[str] = set()
+# How often a wait for fits wakes. The kernel may hand a process's SIGINT or SIGTERM to any
+# of its threads; when a fit's thread takes it, Python runs the handler (KeyboardInterrupt,
+# Prefect's TerminationSignal) only once the main thread runs again, which a wait without
+# a timeout never does while the fits train.
+WAKE_SECONDS = 0.5
+
+R = TypeVar("R")
 
 
 class _LogLine:
@@ -103,3 +113,19 @@ def fits_stop_if_the_run_ends_early() -> Iterator[None]:
     except BaseException:
         _ENDED_FLOW_RUNS.add(flow_run.get_id())
         raise
+
+
+def as_completed_waking(futures: Sequence[PrefectFuture[R]]) -> Iterator[PrefectFuture[R]]:
+    """Each future as it completes, like `prefect.futures.as_completed`, but waking every
+    WAKE_SECONDS, so that Ctrl-C or SIGTERM ends the wait at once whichever thread the
+    kernel gave the signal to (prefect's waits on an event without a timeout)."""
+    finished: queue.SimpleQueue[PrefectFuture[R]] = queue.SimpleQueue()
+    unique = list(dict.fromkeys(futures))
+    for future in unique:
+        future.add_done_callback(finished.put)
+    for _ in unique:
+        done = None
+        while done is None:
+            with contextlib.suppress(queue.Empty):
+                done = finished.get(timeout=WAKE_SECONDS)
+        yield done

@@ -1,9 +1,15 @@
 """A fit's progress: what its watchers hear while it trains, and its learning curve."""
 
 import itertools
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from prefect.futures import PrefectConcurrentFuture
 
 from mlpaint.training.algorithms import BaggedBoostingConfig, GbdtConfig, train_model
 from mlpaint.training.progress import (
@@ -13,6 +19,7 @@ from mlpaint.training.progress import (
     FitProgress,
     FitStoppedError,
 )
+from tasks.progress import WAKE_SECONDS, as_completed_waking
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +134,53 @@ def test_at_most_every_holds_back_reports_that_come_too_soon():
         now[0] = at
         watch(_progress(done, 10))
     assert passed == [1, 4, 10]  # the last one always
+
+
+def test_the_wait_for_fits_ends_on_a_signal_a_fit_thread_received():
+    """The kernel may hand a process's signal to any thread. Delivered to a fit's thread,
+    it reaches the main thread's wait for the fits within a wake interval, not when a fit
+    ends (prefect's `as_completed` waits here until the fit returns, 20 s)."""
+    class SignalledError(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise SignalledError
+
+    started, release = threading.Event(), threading.Event()
+    fit_thread: list[int] = []
+
+    def fit() -> int:
+        fit_thread.append(threading.get_ident())
+        started.set()
+        release.wait(20)
+        return 1
+
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = PrefectConcurrentFuture(uuid.uuid4(), pool.submit(fit))
+            assert started.wait(10)
+            threading.Timer(0.3, signal.pthread_kill, (fit_thread[0], signal.SIGUSR1)).start()
+            began = time.monotonic()
+            try:
+                with pytest.raises(SignalledError):
+                    list(as_completed_waking([future]))
+                assert time.monotonic() - began < 0.3 + 2 * WAKE_SECONDS + 1
+            finally:
+                release.set()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_wait_for_fits_yields_each_future_once_as_it_completes():
+    gates = [threading.Event() for _ in range(3)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        futures = [PrefectConcurrentFuture(uuid.uuid4(), pool.submit(gate.wait, 10))
+                   for gate in gates]
+        order = []
+        waiting = as_completed_waking([*futures, futures[0]])
+        for index in (2, 0, 1):
+            gates[index].set()
+            order.append(next(waiting))
+        assert order == [futures[2], futures[0], futures[1]]
+        assert list(waiting) == []
