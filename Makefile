@@ -37,8 +37,12 @@ serve: setup ## serve the published bundle: the drawing page at http://127.0.0.1
 fetch: setup ## only fetch, verify, join and explore MNIST (the default mirror chain)
 	$(BIN)/mlpaint data fetch
 
+# Most tests wait on the services they start, so two pytest workers share the cores (a
+# file's tests on one worker, sharing its fixtures); the stack's tests, whose fault tests
+# wait out heartbeats and retries, run after them, alone.
 test: setup browser postgres prometheus redis lint ## lint, then the whole suite (it starts its own HTTP, S3, PostgreSQL, Prefect, MLflow, Prometheus, Redis and MLPaint servers)
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not stack" --numprocesses 2 --dist loadfile
+	$(BIN)/pytest -m stack
 
 browser: ## Debian's chromium for the browser tests (Playwright drives it; it cannot download one)
 	@test -x /usr/bin/chromium || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }

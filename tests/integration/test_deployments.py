@@ -29,7 +29,7 @@ from mlpaint.processes import free_port, start_service, stop_service
 from mlpaint.training.spec import ExperimentSpec, load_spec
 from tests.conftest import REPO, wait_for
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.stack]
 
 TINY_ALGORITHMS = """
 lgbm:
