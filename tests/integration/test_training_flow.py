@@ -769,6 +769,13 @@ def test_cli_train_on_a_remote_dask_worker_through_an_s3_store(
     assert (predicted.argmax(axis=1) == labels).mean() > 0.8
 
 
+# Replaces itself with the command (argv[1:]) once SIGINT's disposition is the default again:
+# exec keeps a default or ignored disposition as it is.
+_EXEC_WITH_DEFAULT_SIGINT = ("import os, signal, sys; "
+                             "signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                             "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_terminated_run_stops_its_fits_at_their_next_round(training_inputs, cli_env,
                                                               tmp_path, stop):
@@ -784,10 +791,13 @@ def test_a_terminated_run_stops_its_fits_at_their_next_round(training_inputs, cl
     mlpaint = os.path.join(os.path.dirname(sys.executable), "mlpaint")
     log = tmp_path / "train.log"
     with log.open("w") as stderr:
+        # Started with Ctrl-C's default disposition, as a terminal starts a command: a suite
+        # run in the background (a shell's `&` without job control) hands every process it
+        # starts SIGINT ignored, and a command that inherits that ignores Ctrl-C on purpose.
         process = subprocess.Popen(
-            [mlpaint, "train", "--source", training_inputs["source"], "--limit", "1000",
-             "--algorithms", str(algorithms), "--augment-copies", "0", "--folds", "2",
-             "--cache-dir", str(tmp_path / "cache")],
+            [sys.executable, "-c", _EXEC_WITH_DEFAULT_SIGINT, mlpaint, "train", "--source",
+             training_inputs["source"], "--limit", "1000", "--algorithms", str(algorithms),
+             "--augment-copies", "0", "--folds", "2", "--cache-dir", str(tmp_path / "cache")],
             env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         try:
             wait_for(lambda: log.read_text().count(": training lgbm on") >= 2
