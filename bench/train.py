@@ -611,6 +611,7 @@ def _bare_fits(mnist: Path, folds: int, stage: str) -> None:
     threads = fit_threads(min(n_fits, os.cpu_count() or 1))
 
     def fit(fold: int) -> float:
+        started = time.monotonic()
         if fold < folds:
             train_rows = residue != np.uint64(fold)
             x, y, tx, ty = (features[train_rows], train_y[train_rows], features[~train_rows],
@@ -622,7 +623,9 @@ def _bare_fits(mnist: Path, folds: int, stage: str) -> None:
         booster = lgb.train(params, lgb.Dataset(x, y, params=params),
                             num_boost_round=config.rounds)
         # Scored with the fit's threads, as the flow scores its fits (see fits.py).
-        return float((booster.predict(tx, num_threads=threads).argmax(1) == ty).mean())
+        accuracy = float((booster.predict(tx, num_threads=threads).argmax(1) == ty).mean())
+        logger.info("bare fit %s: %.1f s", fold, time.monotonic() - started)
+        return accuracy
 
     # The final fit first, as the flow submits it.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
